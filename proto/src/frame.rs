@@ -52,9 +52,8 @@ impl Header {
             return Err(DecodeError::UnsupportedVersion { found: version });
         }
         let kind_byte = b.get_u8();
-        let kind = FrameKind::from_u8(kind_byte).ok_or(DecodeError::UnknownKind {
-            found: kind_byte,
-        })?;
+        let kind =
+            FrameKind::from_u8(kind_byte).ok_or(DecodeError::UnknownKind { found: kind_byte })?;
         let flags = b.get_u16_le();
         let reserved = b.get_u16_le();
         if flags != 0 || reserved != 0 {
@@ -222,12 +221,11 @@ impl Decoder {
         let mut body = buf.split_to(frame_len).freeze();
         body.advance(HEADER_LEN);
         let meta_bytes = body.split_to(header.meta_len as usize);
-        let meta = Meta::read(header.kind, &meta_bytes).map_err(|source| {
-            DecodeError::Malformed {
+        let meta =
+            Meta::read(header.kind, &meta_bytes).map_err(|source| DecodeError::Malformed {
                 kind: header.kind,
                 source,
-            }
-        })?;
+            })?;
         Ok(Some(Frame {
             meta,
             meta_bytes,

@@ -100,7 +100,12 @@ impl ConvId {
         const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
         const PRIME: u64 = 0x0000_0100_0000_01b3;
         let mut h = OFFSET;
-        for b in self.hi.to_le_bytes().into_iter().chain(self.lo.to_le_bytes()) {
+        for b in self
+            .hi
+            .to_le_bytes()
+            .into_iter()
+            .chain(self.lo.to_le_bytes())
+        {
             h ^= u64::from(b);
             h = h.wrapping_mul(PRIME);
         }

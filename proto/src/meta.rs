@@ -68,7 +68,10 @@ impl FrameKind {
     /// Whether frames of this kind carry a payload. For the others a non-empty payload is
     /// a malformed frame.
     pub fn has_payload(self) -> bool {
-        matches!(self, FrameKind::Send | FrameKind::Deliver | FrameKind::Signal)
+        matches!(
+            self,
+            FrameKind::Send | FrameKind::Deliver | FrameKind::Signal
+        )
     }
 }
 
@@ -831,10 +834,7 @@ mod tests {
     fn error_codes_match_the_schema() {
         for code in ErrorCode::ALL {
             let generated = wire::ErrorCode(code.as_u16());
-            assert_eq!(
-                generated.variant_name(),
-                Some(format!("{code:?}").as_str())
-            );
+            assert_eq!(generated.variant_name(), Some(format!("{code:?}").as_str()));
             assert_eq!(ErrorCode::from_u16(code.as_u16()), code);
         }
         assert_eq!(wire::ErrorCode::ENUM_VALUES.len(), ErrorCode::ALL.len());
