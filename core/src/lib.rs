@@ -3,3 +3,17 @@
 #![forbid(unsafe_code)]
 
 pub use imgate_proto as proto;
+
+pub mod auth;
+pub mod connection;
+pub mod conv;
+pub mod dedupe;
+pub mod limits;
+pub mod log;
+pub mod mesh;
+pub mod shard;
+pub mod time;
+pub mod timer;
+
+pub use limits::Limits;
+pub use time::Instant;

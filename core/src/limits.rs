@@ -1,0 +1,130 @@
+//! Every bound in imgate, in one place, with the reason for its default.
+//!
+//! Over a bound means backpressure or rejection, never growth. The values are fields of
+//! [`Limits`] so that a deployment (and a test) can set them; the defaults are sized for
+//! one shard of a gateway on a small machine holding tens of thousands of connections.
+
+use std::time::Duration;
+
+/// The bounds one shard enforces.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest frame (header + meta + payload) accepted from a client. 256 KiB: IM
+    /// messages are small (media goes to object storage), and this caps the receive buffer
+    /// a connection can make the gateway hold.
+    pub frame_bytes_max: u32,
+    /// Largest message payload. 64 KiB: a long text with rich formatting fits; larger
+    /// bodies belong in object storage. Sends over it are Nacked `PayloadTooLarge`.
+    pub payload_bytes_max: u32,
+    /// Largest token in an Auth frame. 4 KiB: generous for a JWT with a few claims.
+    pub token_bytes_max: usize,
+    /// Outbound bytes queued for a connection (not yet written to its socket) above which
+    /// it is degraded: signals are dropped and pushes become Notify. 256 KiB is about a
+    /// thousand 200-byte deliveries, seconds of traffic for a busy group member.
+    pub outbound_soft_bytes: usize,
+    /// Outbound bytes at which the connection is closed as a slow consumer at once.
+    /// 1 MiB: four times the soft budget, room for replies to its own Pulls.
+    pub outbound_hard_bytes: usize,
+    /// How long a connection may stay over the soft budget before it is closed as a slow
+    /// consumer. 10 s: a phone switching networks recovers within this.
+    pub slow_consumer_grace: Duration,
+    /// Sends a connection may have awaiting their Ack. 256: pipelining beyond this buys
+    /// no throughput (group commit already batches) and bounds per-connection state.
+    pub inflight_sends_max: usize,
+    /// (sender, client_msg_id) pairs remembered per shard for dedupe. 262,144 entries
+    /// (about 25 MiB) cover several minutes of retries at thousands of messages per second.
+    pub dedupe_window_entries: usize,
+    /// Messages of each conversation kept in memory to serve Sync and Pull. 256 covers
+    /// the typical reconnect gap of a chat.
+    pub hot_messages_per_conv: usize,
+    /// Payload bytes of the hot tier per shard. 64 MiB; the oldest messages go first.
+    pub hot_bytes_per_shard: usize,
+    /// Members of one group. 100,000: a large chat room; above this, use a broadcast channel.
+    pub group_members_max: usize,
+    /// Member count above which a group switches to read diffusion (Notify + Pull). 500,
+    /// as in the large-group designs of production IM systems: pushing to more members per
+    /// message costs more than letting them pull.
+    pub read_diffusion_threshold: usize,
+    /// Messages sent for one Pull at most. 200: one screen of history several times over.
+    pub pull_limit_max: u32,
+    /// Messages replayed per conversation for one Sync before the rest is left to Pull
+    /// (listed in SyncDone.more). 100: a reconnect should not flood a phone.
+    pub sync_batch_per_conv: u32,
+    /// Cursors in one Sync. 4096 conversations per device.
+    pub sync_cursors_max: usize,
+    /// Time from connect to a valid Auth. 10 s: a slow mobile TLS handshake and login fit.
+    pub auth_timeout: Duration,
+    /// The interval at which a client must send something (Ping when idle). A peer is
+    /// declared dead after two intervals of silence. 30 s: mobile NAT timeouts.
+    pub heartbeat_interval: Duration,
+    /// Clock skew allowed when checking a token's `exp`. 30 s.
+    pub token_leeway: Duration,
+    /// Ephemeral signals waiting to be written to one connection; latest wins per
+    /// (sender, conversation), and beyond this many the newest are dropped. 64.
+    pub pending_signals_max: usize,
+    /// Largest payload of an ephemeral signal. 1 KiB: typing and presence carry little.
+    pub signal_bytes_max: usize,
+    /// Connections one shard holds; beyond, new ones get `TooManyConnections`. 100,000:
+    /// above what one core serves well; the process-wide file limit usually binds first.
+    pub connections_max: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            frame_bytes_max: 256 * 1024,
+            payload_bytes_max: 64 * 1024,
+            token_bytes_max: 4096,
+            outbound_soft_bytes: 256 * 1024,
+            outbound_hard_bytes: 1024 * 1024,
+            slow_consumer_grace: Duration::from_secs(10),
+            inflight_sends_max: 256,
+            dedupe_window_entries: 256 * 1024,
+            hot_messages_per_conv: 256,
+            hot_bytes_per_shard: 64 * 1024 * 1024,
+            group_members_max: 100_000,
+            read_diffusion_threshold: 500,
+            pull_limit_max: 200,
+            sync_batch_per_conv: 100,
+            sync_cursors_max: 4096,
+            auth_timeout: Duration::from_secs(10),
+            heartbeat_interval: Duration::from_secs(30),
+            token_leeway: Duration::from_secs(30),
+            pending_signals_max: 64,
+            signal_bytes_max: 1024,
+            connections_max: 100_000,
+        }
+    }
+}
+
+impl Limits {
+    /// Checks that the bounds are consistent with each other.
+    pub fn validate(&self) -> Result<(), String> {
+        let frame_overhead = 512; // header + the largest Send meta, with room to spare
+        if (self.payload_bytes_max as usize + frame_overhead) > self.frame_bytes_max as usize {
+            return Err(format!(
+                "payload_bytes_max {} does not fit in frame_bytes_max {}",
+                self.payload_bytes_max, self.frame_bytes_max
+            ));
+        }
+        if self.payload_bytes_max as usize > crate::log::PAYLOAD_BYTES_PER_RECORD_MAX {
+            return Err("payload_bytes_max does not fit in one log record".into());
+        }
+        if self.group_members_max > crate::log::GROUP_MEMBERS_PER_RECORD_MAX {
+            return Err("group_members_max does not fit in one log record".into());
+        }
+        if self.outbound_soft_bytes >= self.outbound_hard_bytes {
+            return Err("outbound_soft_bytes must be below outbound_hard_bytes".into());
+        }
+        if self.inflight_sends_max == 0 || self.dedupe_window_entries == 0 {
+            return Err("inflight_sends_max and dedupe_window_entries must be positive".into());
+        }
+        if self.hot_messages_per_conv == 0 || self.pull_limit_max == 0 {
+            return Err("hot_messages_per_conv and pull_limit_max must be positive".into());
+        }
+        if self.sync_batch_per_conv == 0 {
+            return Err("sync_batch_per_conv must be positive".into());
+        }
+        Ok(())
+    }
+}

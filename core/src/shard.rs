@@ -1,0 +1,1848 @@
+//! The shard engine: one per executor, holding its connections, the conversations it owns,
+//! their dedupe window and hot tier, and the home registry of the users hashed to it.
+//!
+//! # Driving a shard
+//!
+//! A driver (the glommio gateway, the turmoil sim, a test) owns the sockets, the log file,
+//! the clock and the channels to other shards. Each turn of its loop it:
+//!
+//! 1. feeds inputs: [`Shard::handle_open`], [`Shard::handle_bytes`],
+//!    [`Shard::handle_written`], [`Shard::handle_closed`], [`Shard::handle_timeout`],
+//!    [`Shard::handle_durable`], [`Shard::handle_log_failed`], [`Shard::handle_shard_msg`],
+//!    [`Shard::handle_command`], [`Shard::handle_drain`], each with the current time;
+//! 2. drains [`Shard::poll_effect`]: appends bytes to the log (in order, each tagged with
+//!    its [`Lsn`]), carries [`ShardMsg`]s to their shards (FIFO per pair of shards), and
+//!    answers commands;
+//! 3. drains [`Shard::poll_transmit`]: writes each connection's chunks with one vectored
+//!    write, then reports bytes written with `handle_written`; a transmit marked `close`
+//!    is written and then the socket closed (core has already forgotten the connection);
+//! 4. arms one timer for [`Shard::poll_timeout`].
+//!
+//! The log contract: the driver makes appended bytes durable (write + fdatasync) in append
+//! order, and calls `handle_durable(lsn)` when every append up to `lsn` is durable; one
+//! sync may serve many appends (group commit). If a write or sync fails, it truncates the
+//! log back to the last durable length and calls `handle_log_failed`: every append not yet
+//! durable is then Nacked, and their seqs are handed out again (nothing was acked or
+//! delivered for them, I5).
+//!
+//! Before any of this, [`Shard::recover`] replays the shard's log records.
+//!
+//! # Invariants
+//! - I1/I5: Ack and Deliver are produced only in `handle_durable`, for records whose
+//!   append is durable.
+//! - I2: a (sender, client_msg_id) in the dedupe window never gets a second seq.
+//! - I3: seqs of a conversation are handed out by its owner only, consecutively.
+//! - I4: a connection's push stream per conversation passes its [`ConvCursor`]: only the
+//!   next seq is sent; a gap is filled by a Replay from the owner before anything later.
+//! - I6: every queue here is bounded by a field of [`Limits`].
+
+use crate::auth::TokenVerifier;
+use crate::connection::{Admit, Connection, ConvCursor, Phase, SyncProgress};
+use crate::conv::Conversation;
+use crate::dedupe::{FixedState, Sequenced, Window};
+use crate::limits::Limits;
+use crate::log::{encode_record, Record, StoredMessage};
+use crate::mesh::{
+    Command, CommandError, ConnId, ConnRef, ReplayBatch, ReplayPurpose, ShardId, ShardMsg,
+};
+use crate::proto::meta::{self, Meta, Priority};
+use crate::proto::{ConvId, ConvKind, Decoder, DeviceId, Encoder, ErrorCode, Frame, Seq, UserId};
+use crate::time::Instant;
+use crate::timer::{self, Wheel};
+use bytes::{Bytes, BytesMut};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+
+/// A log append's number, increasing by one per [`Effect::Append`] since start.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Lsn(pub u64);
+
+/// Configuration of one shard.
+#[derive(Clone, Debug)]
+pub struct ShardConfig {
+    /// This shard.
+    pub id: ShardId,
+    /// Shards in the gateway. Conversation ownership depends on it, so it must not change
+    /// while logs exist.
+    pub shard_count: u16,
+    /// Bounds.
+    pub limits: Limits,
+}
+
+/// An output for the driver, other than socket writes.
+#[derive(Debug)]
+pub enum Effect {
+    /// Append these framed log records, then report durability of `lsn`.
+    Append { lsn: Lsn, bytes: Vec<u8> },
+    /// Carry `msg` to shard `to`.
+    ToShard { to: ShardId, msg: ShardMsg },
+    /// The command submitted with `token` finished.
+    CommandDone {
+        token: u64,
+        result: Result<(), CommandError>,
+    },
+}
+
+/// Bytes to write to one connection.
+#[derive(Debug)]
+pub struct Transmit {
+    /// The connection.
+    pub conn: ConnId,
+    /// Chunks to write in order (one vectored write).
+    pub chunks: Vec<Bytes>,
+    /// After writing, close the connection: core has already dropped it.
+    pub close: bool,
+}
+
+/// Why recovery refused a log.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum RecoveryError {
+    /// A record belongs to a conversation another shard owns: the shard count changed.
+    #[error(
+        "record of {conv} belongs to shard {owner}, not this one (was the shard count changed?)"
+    )]
+    NotOwned { conv: ConvId, owner: u16 },
+    /// A conversation's seqs in the log are not consecutive.
+    #[error("{conv}: seq {found} follows {last}")]
+    SeqGap { conv: ConvId, last: Seq, found: Seq },
+    /// A message or change for a group that was never created.
+    #[error("record for group {0} that was never created")]
+    UnknownGroup(ConvId),
+}
+
+/// Counters for metrics. Monotonic except `connections`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ShardStats {
+    /// Connections held now.
+    pub connections: u64,
+    /// Connections refused at the limit or while draining.
+    pub refused: u64,
+    /// Frames received.
+    pub frames_in: u64,
+    /// Bytes received.
+    pub bytes_in: u64,
+    /// Bytes handed to the driver to write.
+    pub bytes_out: u64,
+    /// Acks sent to clients.
+    pub acks: u64,
+    /// Nacks sent to clients.
+    pub nacks: u64,
+    /// Deliver frames queued to connections.
+    pub deliveries: u64,
+    /// Connections closed as slow consumers.
+    pub slow_consumer_closes: u64,
+    /// Failed authentications.
+    pub auth_failures: u64,
+    /// Messages made durable by this shard (as owner).
+    pub messages_stored: u64,
+}
+
+#[derive(Debug)]
+struct Slot {
+    generation: u32,
+    conn: Option<Connection>,
+}
+
+#[derive(Debug)]
+enum Pending {
+    Message {
+        msg: StoredMessage,
+        waiters: Vec<(ConnRef, u32)>,
+    },
+    Command {
+        command: Command,
+        reply_to: ShardId,
+        token: u64,
+    },
+}
+
+/// The engine of one shard.
+pub struct Shard {
+    id: ShardId,
+    shard_count: u16,
+    limits: Limits,
+    verifier: TokenVerifier,
+    decoder: Decoder,
+    encoder: Encoder,
+    now: Instant,
+    draining: bool,
+
+    slots: Vec<Slot>,
+    free: Vec<u32>,
+    wheel: Wheel<ConnId>,
+    /// Authenticated sessions on this shard, by user.
+    local: HashMap<UserId, Vec<(DeviceId, ConnId)>, FixedState>,
+    /// Home registry: where each (user, device) homed here is logged in, and since when.
+    homes: HashMap<(UserId, DeviceId), (ConnRef, Instant), FixedState>,
+
+    convs: HashMap<ConvId, Conversation, FixedState>,
+    dedupe: Window,
+    /// Hot messages in append order, for the shard-wide byte budget.
+    hot_order: VecDeque<(ConvId, Seq)>,
+    hot_bytes: usize,
+    hot_count: usize,
+
+    next_lsn: u64,
+    append_buf: Vec<u8>,
+    pending: VecDeque<(Lsn, Pending)>,
+
+    effects: VecDeque<Effect>,
+    local_inbox: VecDeque<ShardMsg>,
+    closing: VecDeque<Transmit>,
+    dirty: Vec<ConnId>,
+    stats: ShardStats,
+}
+
+impl Shard {
+    /// A shard with no state; call [`Shard::recover`] before traffic.
+    pub fn new(config: ShardConfig, verifier: TokenVerifier) -> Shard {
+        assert!(config.id.0 < config.shard_count, "shard id out of range");
+        if let Err(e) = config.limits.validate() {
+            panic!("invalid limits: {e}");
+        }
+        Shard {
+            id: config.id,
+            shard_count: config.shard_count,
+            decoder: Decoder::new(config.limits.frame_bytes_max),
+            dedupe: Window::new(config.limits.dedupe_window_entries),
+            limits: config.limits,
+            verifier,
+            encoder: Encoder::new(),
+            now: Instant::default(),
+            draining: false,
+            slots: Vec::new(),
+            free: Vec::new(),
+            wheel: Wheel::default(),
+            local: HashMap::default(),
+            homes: HashMap::default(),
+            convs: HashMap::default(),
+            hot_order: VecDeque::new(),
+            hot_bytes: 0,
+            hot_count: 0,
+            next_lsn: 1,
+            append_buf: Vec::new(),
+            pending: VecDeque::new(),
+            effects: VecDeque::new(),
+            local_inbox: VecDeque::new(),
+            closing: VecDeque::new(),
+            dirty: Vec::new(),
+            stats: ShardStats::default(),
+        }
+    }
+
+    /// This shard's id.
+    pub fn id(&self) -> ShardId {
+        self.id
+    }
+
+    /// Counters for metrics.
+    pub fn stats(&self) -> &ShardStats {
+        &self.stats
+    }
+
+    /// The shard that owns `conv`: its stable hash over the shard count.
+    pub fn owner_of(conv: ConvId, shard_count: u16) -> ShardId {
+        ShardId((conv.stable_hash() % u64::from(shard_count)) as u16)
+    }
+
+    /// The home shard of `user`, which tracks where its devices are logged in.
+    pub fn home_of(user: UserId, shard_count: u16) -> ShardId {
+        ShardId((user.0.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 32) as u16 % shard_count)
+    }
+
+    /// Rebuilds seqs, dedupe window, membership and hot tier from this shard's log
+    /// records, oldest first. Call once, before any other input.
+    pub fn recover(
+        &mut self,
+        records: impl IntoIterator<Item = Record>,
+    ) -> Result<(), RecoveryError> {
+        for record in records {
+            match record {
+                Record::Message(msg) => {
+                    self.check_owned(msg.conv)?;
+                    let conv = match self.convs.get_mut(&msg.conv) {
+                        Some(c) => c,
+                        None => match msg.conv.kind() {
+                            Some(ConvKind::Direct(..)) => self
+                                .convs
+                                .entry(msg.conv)
+                                .or_insert_with(|| Conversation::new(msg.conv, Vec::new())),
+                            _ => return Err(RecoveryError::UnknownGroup(msg.conv)),
+                        },
+                    };
+                    if msg.seq != conv.last_seq.next() {
+                        return Err(RecoveryError::SeqGap {
+                            conv: msg.conv,
+                            last: conv.last_seq,
+                            found: msg.seq,
+                        });
+                    }
+                    conv.last_seq = msg.seq;
+                    self.dedupe.insert(
+                        (msg.sender, msg.client_msg_id),
+                        Sequenced {
+                            conv: msg.conv,
+                            seq: msg.seq,
+                            durable: true,
+                        },
+                    );
+                    self.push_hot(msg);
+                }
+                Record::GroupCreated { group, members } => {
+                    self.check_owned(group)?;
+                    self.apply_command(&Command::CreateGroup { group, members });
+                }
+                Record::MembersAdded { group, members } => {
+                    self.check_owned(group)?;
+                    if !self.convs.contains_key(&group) {
+                        return Err(RecoveryError::UnknownGroup(group));
+                    }
+                    self.apply_command(&Command::AddMembers { group, members });
+                }
+                Record::MembersRemoved { group, members } => {
+                    self.check_owned(group)?;
+                    if !self.convs.contains_key(&group) {
+                        return Err(RecoveryError::UnknownGroup(group));
+                    }
+                    self.apply_command(&Command::RemoveMembers { group, members });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn check_owned(&self, conv: ConvId) -> Result<(), RecoveryError> {
+        let owner = Shard::owner_of(conv, self.shard_count);
+        if owner != self.id {
+            return Err(RecoveryError::NotOwned {
+                conv,
+                owner: owner.0,
+            });
+        }
+        Ok(())
+    }
+
+    // ---------------------------------------------------------------------------------
+    // Inputs
+    // ---------------------------------------------------------------------------------
+
+    /// A connection was accepted. Returns its id, or the bytes of an Error frame to write
+    /// before closing it when the shard is full or draining.
+    pub fn handle_open(&mut self, now: Instant) -> Result<ConnId, Bytes> {
+        self.now = now;
+        if self.draining || self.stats.connections as usize >= self.limits.connections_max {
+            self.stats.refused += 1;
+            let (code, message) = if self.draining {
+                (ErrorCode::ShuttingDown, "the gateway is draining")
+            } else {
+                (ErrorCode::TooManyConnections, "the gateway is full")
+            };
+            return Err(self
+                .encoder
+                .encode_to_bytes(&error_meta(code, message, 0), &[]));
+        }
+        let conn = Connection::new(now, now + self.limits.auth_timeout);
+        let id = match self.free.pop() {
+            Some(index) => {
+                let slot = &mut self.slots[index as usize];
+                slot.conn = Some(conn);
+                ConnId {
+                    index,
+                    generation: slot.generation,
+                }
+            }
+            None => {
+                let index = u32::try_from(self.slots.len()).expect("connections_max fits u32");
+                self.slots.push(Slot {
+                    generation: 0,
+                    conn: Some(conn),
+                });
+                ConnId {
+                    index,
+                    generation: 0,
+                }
+            }
+        };
+        self.stats.connections += 1;
+        self.arm(id);
+        Ok(id)
+    }
+
+    /// Bytes arrived on `conn`; whole frames are taken off the front of `buf`. On a
+    /// protocol error the connection is closed with an Error frame.
+    pub fn handle_bytes(&mut self, now: Instant, conn: ConnId, buf: &mut BytesMut) {
+        self.now = now;
+        let before = buf.len();
+        loop {
+            if self.conn(conn).is_none() {
+                break;
+            }
+            match self.decoder.decode(buf) {
+                Ok(Some(frame)) => {
+                    self.stats.frames_in += 1;
+                    self.handle_frame(conn, frame);
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    let message = e.to_string();
+                    self.close(conn, e.code(), &message);
+                    buf.clear();
+                    break;
+                }
+            }
+        }
+        self.stats.bytes_in += (before - buf.len()) as u64;
+        self.finish();
+    }
+
+    /// The driver wrote `n` bytes of `conn`'s transmits to its socket.
+    pub fn handle_written(&mut self, now: Instant, conn: ConnId, n: usize) {
+        self.now = now;
+        let soft = self.limits.outbound_soft_bytes;
+        if let Some(c) = self.conn_mut(conn) {
+            c.outbox.written(n);
+            if c.outbox.backlog() <= soft {
+                c.degraded_since = None;
+            }
+        }
+        self.finish();
+    }
+
+    /// The peer closed `conn`, or its socket failed.
+    pub fn handle_closed(&mut self, now: Instant, conn: ConnId) {
+        self.now = now;
+        if self.conn(conn).is_some() {
+            self.forget(conn);
+        }
+        self.finish();
+    }
+
+    /// Time passed; fires due deadlines.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.now = now;
+        while let Some((tick, ids)) = self.wheel.pop_due(now) {
+            for id in ids {
+                let live = self.conn(id).is_some_and(|c| c.timer_tick == Some(tick));
+                if live {
+                    if let Some(c) = self.conn_mut(id) {
+                        c.timer_tick = None;
+                    }
+                    self.check_deadlines(id);
+                }
+            }
+        }
+        self.finish();
+    }
+
+    /// Every append up to `lsn` is durable.
+    pub fn handle_durable(&mut self, now: Instant, lsn: Lsn) {
+        self.now = now;
+        let mut batches: BTreeMap<ConvId, Vec<StoredMessage>> = BTreeMap::new();
+        while self.pending.front().is_some_and(|(l, _)| *l <= lsn) {
+            let Some((_, pending)) = self.pending.pop_front() else {
+                break;
+            };
+            match pending {
+                Pending::Message { msg, waiters } => {
+                    let key = (msg.sender, msg.client_msg_id);
+                    self.dedupe.mark_durable(&key);
+                    for (to, req) in waiters {
+                        self.route(
+                            to.shard,
+                            ShardMsg::Acked {
+                                to,
+                                req,
+                                client_msg_id: msg.client_msg_id,
+                                conv: msg.conv,
+                                seq: msg.seq,
+                            },
+                        );
+                    }
+                    self.stats.messages_stored += 1;
+                    // The hot tier keeps its own compact copy: the payload received may
+                    // be a slice of a large receive buffer that should not stay pinned.
+                    let mut hot = msg.clone();
+                    hot.payload = Bytes::copy_from_slice(&msg.payload);
+                    self.push_hot(hot);
+                    batches.entry(msg.conv).or_default().push(msg);
+                }
+                Pending::Command {
+                    command,
+                    reply_to,
+                    token,
+                } => {
+                    self.apply_command(&command);
+                    self.route(
+                        reply_to,
+                        ShardMsg::CommandDone {
+                            token,
+                            result: Ok(()),
+                        },
+                    );
+                }
+            }
+        }
+        for (conv_id, msgs) in batches {
+            self.fan_out(conv_id, msgs);
+        }
+        self.finish();
+    }
+
+    /// The driver could not make appends durable and has truncated the log back to its
+    /// last durable length. Every append not yet durable is failed.
+    pub fn handle_log_failed(&mut self, now: Instant) {
+        self.now = now;
+        // Records still being batched were never handed out; they fail with the rest.
+        self.append_buf.clear();
+        let failed: Vec<_> = self.pending.drain(..).collect();
+        for (_, pending) in failed {
+            match pending {
+                Pending::Message { msg, waiters } => {
+                    self.dedupe.remove_pending(&(msg.sender, msg.client_msg_id));
+                    if let Some(conv) = self.convs.get_mut(&msg.conv) {
+                        // Hand the seqs out again: nothing was acked or delivered for them.
+                        conv.last_seq = conv.durable_seq;
+                    }
+                    for (to, req) in waiters {
+                        self.route(
+                            to.shard,
+                            ShardMsg::Nacked {
+                                to,
+                                req,
+                                client_msg_id: msg.client_msg_id,
+                                conv: msg.conv,
+                                code: ErrorCode::StorageFailed,
+                                message: "the message could not be made durable; retry",
+                            },
+                        );
+                    }
+                }
+                Pending::Command {
+                    reply_to, token, ..
+                } => self.route(
+                    reply_to,
+                    ShardMsg::CommandDone {
+                        token,
+                        result: Err(CommandError::StorageFailed),
+                    },
+                ),
+            }
+        }
+        self.finish();
+    }
+
+    /// A message from another shard (or from this one, looped back by the driver).
+    pub fn handle_shard_msg(&mut self, now: Instant, msg: ShardMsg) {
+        self.now = now;
+        self.on_shard_msg(msg);
+        self.finish();
+    }
+
+    /// A group command from the admin interface; answered by an
+    /// [`Effect::CommandDone`] with `token` once durable (or refused).
+    pub fn handle_command(&mut self, now: Instant, command: Command, token: u64) {
+        self.now = now;
+        let owner = Shard::owner_of(command.group(), self.shard_count);
+        self.route(
+            owner,
+            ShardMsg::Command {
+                command,
+                reply_to: self.id,
+                token,
+            },
+        );
+        self.finish();
+    }
+
+    /// Stop accepting connections and close every connection with GoAway. In-flight
+    /// appends still complete; their senders resend on reconnect and dedupe answers.
+    pub fn handle_drain(&mut self, now: Instant) {
+        self.now = now;
+        self.draining = true;
+        let ids: Vec<ConnId> = self
+            .slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.conn.is_some())
+            .map(|(i, s)| ConnId {
+                index: i as u32,
+                generation: s.generation,
+            })
+            .collect();
+        for id in ids {
+            let goaway = Meta::GoAway(meta::GoAway {
+                code: ErrorCode::ShuttingDown,
+                message: "the gateway is shutting down".into(),
+                reconnect_after_ms: 1000,
+            });
+            self.close_with(id, &goaway);
+        }
+        self.finish();
+    }
+
+    // ---------------------------------------------------------------------------------
+    // Outputs
+    // ---------------------------------------------------------------------------------
+
+    /// The next effect, in the order produced.
+    pub fn poll_effect(&mut self) -> Option<Effect> {
+        self.effects.pop_front()
+    }
+
+    /// The next connection with bytes to write.
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        if let Some(t) = self.closing.pop_front() {
+            return Some(t);
+        }
+        while let Some(id) = self.dirty.pop() {
+            let encoder = &mut self.encoder;
+            let Some(c) = self
+                .slots
+                .get_mut(id.index as usize)
+                .filter(|s| s.generation == id.generation)
+                .and_then(|s| s.conn.as_mut())
+            else {
+                continue;
+            };
+            c.dirty = false;
+            for (conv, latest_seq) in std::mem::take(&mut c.notifies) {
+                c.outbox.push(
+                    encoder,
+                    &Meta::Notify(meta::Notify { conv, latest_seq }),
+                    Bytes::new(),
+                );
+            }
+            for (signal, payload) in std::mem::take(&mut c.signals) {
+                c.outbox.push(encoder, &Meta::Signal(signal), payload);
+            }
+            if c.outbox.is_empty() {
+                continue;
+            }
+            let chunks = c.outbox.take();
+            self.stats.bytes_out += chunks.iter().map(|b| b.len() as u64).sum::<u64>();
+            return Some(Transmit {
+                conn: id,
+                chunks,
+                close: false,
+            });
+        }
+        None
+    }
+
+    /// When the driver must next call [`Shard::handle_timeout`].
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.wheel.next_deadline()
+    }
+
+    // ---------------------------------------------------------------------------------
+    // Connections
+    // ---------------------------------------------------------------------------------
+
+    fn conn(&self, id: ConnId) -> Option<&Connection> {
+        self.slots
+            .get(id.index as usize)
+            .filter(|s| s.generation == id.generation)
+            .and_then(|s| s.conn.as_ref())
+    }
+
+    fn conn_mut(&mut self, id: ConnId) -> Option<&mut Connection> {
+        self.slots
+            .get_mut(id.index as usize)
+            .filter(|s| s.generation == id.generation)
+            .and_then(|s| s.conn.as_mut())
+    }
+
+    fn me(&self, conn: ConnId) -> ConnRef {
+        ConnRef {
+            shard: self.id,
+            conn,
+        }
+    }
+
+    /// Queues a frame on a live connection and enforces the outbound budget.
+    fn push(&mut self, id: ConnId, meta: &Meta, payload: Bytes) {
+        let now = self.now;
+        let (soft, hard) = (
+            self.limits.outbound_soft_bytes,
+            self.limits.outbound_hard_bytes,
+        );
+        let encoder = &mut self.encoder;
+        let Some(c) = self
+            .slots
+            .get_mut(id.index as usize)
+            .filter(|s| s.generation == id.generation)
+            .and_then(|s| s.conn.as_mut())
+        else {
+            return;
+        };
+        if !c.dirty {
+            self.dirty.push(id);
+        }
+        c.push(encoder, meta, payload);
+        let backlog = c.outbox.backlog();
+        if backlog > hard {
+            self.stats.slow_consumer_closes += 1;
+            self.close(
+                id,
+                ErrorCode::SlowConsumer,
+                "outbound queue over its hard budget",
+            );
+        } else if backlog > soft && c.degraded_since.is_none() {
+            c.degraded_since = Some(now);
+            self.arm(id);
+        }
+    }
+
+    fn is_degraded(&self, id: ConnId) -> bool {
+        self.conn(id).is_some_and(|c| c.degraded_since.is_some())
+    }
+
+    /// Closes a connection with an Error frame.
+    fn close(&mut self, id: ConnId, code: ErrorCode, message: &str) {
+        let meta = error_meta(code, message, 0);
+        self.close_with(id, &meta);
+    }
+
+    /// Queues `last` as the connection's final frame, hands its bytes to the driver with
+    /// `close`, and forgets the connection.
+    fn close_with(&mut self, id: ConnId, last: &Meta) {
+        let encoder = &mut self.encoder;
+        let Some(c) = self
+            .slots
+            .get_mut(id.index as usize)
+            .filter(|s| s.generation == id.generation)
+            .and_then(|s| s.conn.as_mut())
+        else {
+            return;
+        };
+        c.outbox.push(encoder, last, Bytes::new());
+        let chunks = c.outbox.take();
+        self.stats.bytes_out += chunks.iter().map(|b| b.len() as u64).sum::<u64>();
+        self.closing.push_back(Transmit {
+            conn: id,
+            chunks,
+            close: true,
+        });
+        self.forget(id);
+    }
+
+    /// Drops a connection's state; its id is never valid again.
+    fn forget(&mut self, id: ConnId) {
+        let Some(slot) = self.slots.get_mut(id.index as usize) else {
+            return;
+        };
+        let Some(conn) = slot.conn.take() else {
+            return;
+        };
+        slot.generation = slot.generation.wrapping_add(1);
+        self.free.push(id.index);
+        self.stats.connections -= 1;
+        if let Phase::Active { user, device, .. } = conn.phase {
+            if let Some(list) = self.local.get_mut(&user) {
+                list.retain(|&(_, c)| c != id);
+                if list.is_empty() {
+                    self.local.remove(&user);
+                }
+            }
+            let home = Shard::home_of(user, self.shard_count);
+            self.route(
+                home,
+                ShardMsg::Logout {
+                    user,
+                    device,
+                    conn: self.me(id),
+                },
+            );
+        }
+    }
+
+    /// Files the connection's earliest deadline in the wheel if it is earlier than the
+    /// entry it has.
+    fn arm(&mut self, id: ConnId) {
+        let (hb, grace) = (
+            self.limits.heartbeat_interval,
+            self.limits.slow_consumer_grace,
+        );
+        let Some(c) = self.conn_mut(id) else {
+            return;
+        };
+        let mut deadline = match c.phase {
+            Phase::AwaitingAuth { deadline } => deadline,
+            // Filed one tick early so that the check fires within two intervals.
+            Phase::Active { .. } => Instant::from_millis(
+                (c.last_rx + hb * 2)
+                    .as_millis()
+                    .saturating_sub(timer::TICK_MS),
+            ),
+        };
+        if let Some(since) = c.degraded_since {
+            deadline = deadline.min(since + grace);
+        }
+        let tick = timer::tick_of(deadline);
+        if c.timer_tick.is_none_or(|t| tick < t) {
+            c.timer_tick = Some(tick);
+            self.wheel.insert(tick, id);
+        }
+    }
+
+    fn check_deadlines(&mut self, id: ConnId) {
+        let now = self.now;
+        let (hb, grace) = (
+            self.limits.heartbeat_interval,
+            self.limits.slow_consumer_grace,
+        );
+        let soft = self.limits.outbound_soft_bytes;
+        let Some(c) = self.conn(id) else {
+            return;
+        };
+        match c.phase {
+            Phase::AwaitingAuth { deadline } if now >= deadline => {
+                self.stats.auth_failures += 1;
+                self.close(
+                    id,
+                    ErrorCode::AuthTimeout,
+                    "no valid Auth within the auth deadline",
+                );
+                return;
+            }
+            Phase::Active { .. }
+                if now.as_millis() + timer::TICK_MS >= (c.last_rx + hb * 2).as_millis() =>
+            {
+                self.close(
+                    id,
+                    ErrorCode::HeartbeatTimeout,
+                    "no frame within two heartbeat intervals",
+                );
+                return;
+            }
+            _ => {}
+        }
+        if let Some(since) = c.degraded_since {
+            if now >= since + grace && c.outbox.backlog() > soft {
+                self.stats.slow_consumer_closes += 1;
+                self.close(
+                    id,
+                    ErrorCode::SlowConsumer,
+                    "outbound queue over its budget for longer than the grace period",
+                );
+                return;
+            }
+        }
+        self.arm(id);
+    }
+
+    // ---------------------------------------------------------------------------------
+    // Frames from clients
+    // ---------------------------------------------------------------------------------
+
+    fn handle_frame(&mut self, id: ConnId, frame: Frame) {
+        let now = self.now;
+        let Some(c) = self.conn_mut(id) else {
+            return;
+        };
+        c.last_rx = now;
+        let identity = c.identity();
+        let Some((user, device)) = identity else {
+            match frame.meta {
+                Meta::Auth(auth) => self.on_auth(id, &auth.token),
+                _ => {
+                    self.stats.auth_failures += 1;
+                    self.close(id, ErrorCode::NotAuthenticated, "authenticate first");
+                }
+            }
+            return;
+        };
+        match frame.meta {
+            Meta::Send(send) => self.on_send(id, user, device, send, frame.payload),
+            Meta::DeliveryAck(ack) => {
+                if let Some(c) = self.conn_mut(id) {
+                    if let Some(cursor) = c.convs.get_mut(&ack.conv) {
+                        cursor.acked = cursor.acked.max(ack.seq.min(cursor.sent));
+                    }
+                }
+            }
+            Meta::Sync(sync) => self.on_sync(id, user, sync),
+            Meta::Pull(pull) => self.on_pull(id, user, pull),
+            Meta::Signal(signal) => {
+                if frame.payload.len() > self.limits.signal_bytes_max {
+                    let e = error_meta(ErrorCode::PayloadTooLarge, "signal payload too large", 0);
+                    self.push(id, &e, Bytes::new());
+                } else if signal.conv.kind().is_some() {
+                    let owner = Shard::owner_of(signal.conv, self.shard_count);
+                    self.route(
+                        owner,
+                        ShardMsg::Signal {
+                            from: self.me(id),
+                            sender: user,
+                            sender_device: device,
+                            conv: signal.conv,
+                            kind: signal.kind,
+                            payload: frame.payload,
+                        },
+                    );
+                }
+            }
+            Meta::Ping(ping) => self.push(
+                id,
+                &Meta::Pong(meta::Pong { nonce: ping.nonce }),
+                Bytes::new(),
+            ),
+            Meta::Pong(_) => {}
+            Meta::Auth(_) => self.close(
+                id,
+                ErrorCode::AlreadyAuthenticated,
+                "this connection is already authenticated",
+            ),
+            other => {
+                let message = format!("{:?} frames are sent by the gateway only", other.kind());
+                self.close(id, ErrorCode::UnexpectedFrame, &message);
+            }
+        }
+    }
+
+    fn on_auth(&mut self, id: ConnId, token: &str) {
+        let now = self.now;
+        let identity = match self.verifier.verify(token, now) {
+            Ok(identity) => identity,
+            Err(e) => {
+                self.stats.auth_failures += 1;
+                let message = e.to_string();
+                self.close(id, e.code(), &message);
+                return;
+            }
+        };
+        let (user, device) = (identity.user, identity.device);
+        if let Some(c) = self.conn_mut(id) {
+            c.phase = Phase::Active {
+                user,
+                device,
+                since: now,
+            };
+        }
+        self.local.entry(user).or_default().push((device, id));
+        let ok = Meta::AuthOk(meta::AuthOk {
+            user,
+            device,
+            heartbeat_ms: u32::try_from(self.limits.heartbeat_interval.as_millis())
+                .unwrap_or(u32::MAX),
+            max_frame_bytes: self.limits.frame_bytes_max,
+            max_payload_bytes: self.limits.payload_bytes_max,
+        });
+        self.push(id, &ok, Bytes::new());
+        self.arm(id);
+        let home = Shard::home_of(user, self.shard_count);
+        self.route(
+            home,
+            ShardMsg::Login {
+                user,
+                device,
+                conn: self.me(id),
+                at: now,
+            },
+        );
+    }
+
+    fn on_send(
+        &mut self,
+        id: ConnId,
+        user: UserId,
+        device: DeviceId,
+        send: meta::Send,
+        payload: Bytes,
+    ) {
+        let nack = |code, message: &str| {
+            Meta::Nack(meta::Nack {
+                req: send.req,
+                client_msg_id: send.client_msg_id,
+                conv: send.conv,
+                code,
+                message: message.into(),
+            })
+        };
+        let refusal = if payload.len() > self.limits.payload_bytes_max as usize {
+            Some(nack(
+                ErrorCode::PayloadTooLarge,
+                "payload over the message maximum",
+            ))
+        } else if send.conv.kind().is_none() {
+            Some(nack(ErrorCode::BadRequest, "invalid conversation id"))
+        } else if self
+            .conn(id)
+            .is_some_and(|c| c.inflight_sends >= self.limits.inflight_sends_max)
+        {
+            Some(nack(
+                ErrorCode::TooManyInflight,
+                "too many sends awaiting their ack",
+            ))
+        } else {
+            None
+        };
+        if let Some(nack) = refusal {
+            self.stats.nacks += 1;
+            self.push(id, &nack, Bytes::new());
+            return;
+        }
+        if let Some(c) = self.conn_mut(id) {
+            c.inflight_sends += 1;
+        }
+        let owner = Shard::owner_of(send.conv, self.shard_count);
+        self.route(
+            owner,
+            ShardMsg::Submit {
+                from: self.me(id),
+                req: send.req,
+                sender: user,
+                sender_device: device,
+                client_msg_id: send.client_msg_id,
+                conv: send.conv,
+                priority: send.priority,
+                payload,
+            },
+        );
+    }
+
+    fn on_sync(&mut self, id: ConnId, user: UserId, sync: meta::Sync) {
+        let refusal = if self.conn(id).is_some_and(|c| c.sync.is_some()) {
+            Some("a Sync is already in progress on this connection")
+        } else if sync.cursors.len() > self.limits.sync_cursors_max {
+            Some("too many cursors in one Sync")
+        } else {
+            None
+        };
+        if let Some(message) = refusal {
+            let e = error_meta(ErrorCode::BadRequest, message, sync.req);
+            self.push(id, &e, Bytes::new());
+            return;
+        }
+        let limit = self.limits.sync_batch_per_conv;
+        let mut replays = Vec::new();
+        if let Some(c) = self.conn_mut(id) {
+            for cursor in &sync.cursors {
+                if cursor.conv.kind().is_none() {
+                    continue;
+                }
+                let state = c.convs.entry(cursor.conv).or_default();
+                state.sent = state.sent.max(cursor.seq);
+                state.catching_up = true;
+                replays.push((cursor.conv, state.sent.next()));
+            }
+            c.sync = Some(SyncProgress {
+                req: sync.req,
+                awaiting: replays.len(),
+                gaps: Vec::new(),
+                more: Vec::new(),
+            });
+        }
+        if replays.is_empty() {
+            self.finish_sync(id);
+        }
+        for (conv, from) in replays {
+            let owner = Shard::owner_of(conv, self.shard_count);
+            self.route(
+                owner,
+                ShardMsg::Replay {
+                    to: self.me(id),
+                    user,
+                    conv,
+                    from,
+                    limit,
+                    purpose: ReplayPurpose::Sync { req: sync.req },
+                },
+            );
+        }
+    }
+
+    fn finish_sync(&mut self, id: ConnId) {
+        let Some(progress) = self.conn_mut(id).and_then(|c| c.sync.take()) else {
+            return;
+        };
+        let done = Meta::SyncDone(meta::SyncDone {
+            req: progress.req,
+            gaps: progress.gaps,
+            more: progress.more,
+        });
+        self.push(id, &done, Bytes::new());
+    }
+
+    fn on_pull(&mut self, id: ConnId, user: UserId, pull: meta::Pull) {
+        if pull.conv.kind().is_none() {
+            let e = error_meta(ErrorCode::BadRequest, "invalid conversation id", pull.req);
+            self.push(id, &e, Bytes::new());
+            return;
+        }
+        let limit = pull.limit.clamp(1, self.limits.pull_limit_max);
+        let owner = Shard::owner_of(pull.conv, self.shard_count);
+        self.route(
+            owner,
+            ShardMsg::Replay {
+                to: self.me(id),
+                user,
+                conv: pull.conv,
+                from: pull.from_seq.max(Seq(1)),
+                limit,
+                purpose: ReplayPurpose::Pull { req: pull.req },
+            },
+        );
+    }
+
+    // ---------------------------------------------------------------------------------
+    // Messages between shards
+    // ---------------------------------------------------------------------------------
+
+    /// Sends `msg` to shard `to`; to this shard it is queued locally and handled before
+    /// the current input returns, keeping FIFO order with everything else sent to self.
+    fn route(&mut self, to: ShardId, msg: ShardMsg) {
+        if to == self.id {
+            self.local_inbox.push_back(msg);
+        } else {
+            self.effects.push_back(Effect::ToShard { to, msg });
+        }
+    }
+
+    fn broadcast(&mut self, msg: ShardMsg) {
+        for s in 0..self.shard_count {
+            self.route(ShardId(s), msg.clone());
+        }
+    }
+
+    /// Ends every input: runs what this shard sent itself and hands the batched log
+    /// records to the driver as one append.
+    fn finish(&mut self) {
+        while let Some(msg) = self.local_inbox.pop_front() {
+            self.on_shard_msg(msg);
+        }
+        if !self.append_buf.is_empty() {
+            let lsn = Lsn(self.next_lsn);
+            self.next_lsn += 1;
+            self.effects.push_back(Effect::Append {
+                lsn,
+                bytes: std::mem::take(&mut self.append_buf),
+            });
+        }
+    }
+
+    /// The Lsn the records being batched now will get.
+    fn batch_lsn(&self) -> Lsn {
+        Lsn(self.next_lsn)
+    }
+
+    fn on_shard_msg(&mut self, msg: ShardMsg) {
+        match msg {
+            ShardMsg::Submit {
+                from,
+                req,
+                sender,
+                sender_device,
+                client_msg_id,
+                conv,
+                priority,
+                payload,
+            } => self.on_submit(
+                from,
+                req,
+                StoredMessage {
+                    conv,
+                    seq: Seq::ZERO,
+                    sender,
+                    sender_device,
+                    client_msg_id,
+                    high_priority: priority == Priority::High,
+                    payload,
+                },
+            ),
+            ShardMsg::Acked {
+                to,
+                req,
+                client_msg_id,
+                conv,
+                seq,
+            } => {
+                if let Some(c) = self.conn_mut(to.conn) {
+                    c.inflight_sends = c.inflight_sends.saturating_sub(1);
+                    self.stats.acks += 1;
+                    let ack = Meta::Ack(meta::Ack {
+                        req,
+                        client_msg_id,
+                        conv,
+                        seq,
+                    });
+                    self.push(to.conn, &ack, Bytes::new());
+                }
+            }
+            ShardMsg::Nacked {
+                to,
+                req,
+                client_msg_id,
+                conv,
+                code,
+                message,
+            } => {
+                if let Some(c) = self.conn_mut(to.conn) {
+                    c.inflight_sends = c.inflight_sends.saturating_sub(1);
+                    self.stats.nacks += 1;
+                    let nack = Meta::Nack(meta::Nack {
+                        req,
+                        client_msg_id,
+                        conv,
+                        code,
+                        message: message.into(),
+                    });
+                    self.push(to.conn, &nack, Bytes::new());
+                }
+            }
+            ShardMsg::Deliver {
+                conv,
+                members,
+                msgs,
+                sparse,
+            } => {
+                for id in self.local_sessions(&members) {
+                    self.push_messages(id, conv, &msgs, sparse);
+                }
+            }
+            ShardMsg::Notify {
+                conv,
+                members,
+                latest,
+            } => {
+                for id in self.local_sessions(&members) {
+                    self.queue_notify(id, conv, latest);
+                }
+            }
+            ShardMsg::Replay {
+                to,
+                user,
+                conv,
+                from,
+                limit,
+                purpose,
+            } => {
+                let result = self.replay(user, conv, from, limit);
+                self.route(
+                    to.shard,
+                    ShardMsg::Replayed {
+                        to,
+                        conv,
+                        purpose,
+                        result,
+                    },
+                );
+            }
+            ShardMsg::Replayed {
+                to,
+                conv,
+                purpose,
+                result,
+            } => self.on_replayed(to.conn, conv, purpose, result),
+            ShardMsg::Signal {
+                from,
+                sender,
+                sender_device,
+                conv,
+                kind,
+                payload,
+            } => {
+                let members = self
+                    .convs
+                    .get(&conv)
+                    .filter(|c| c.is_member(sender))
+                    .map(|c| c.members.clone());
+                // Signals are ephemeral: one from a non-member is dropped without a word.
+                if let Some(members) = members {
+                    self.broadcast(ShardMsg::SignalFanout {
+                        from,
+                        sender,
+                        sender_device,
+                        conv,
+                        kind,
+                        members,
+                        payload,
+                    });
+                }
+            }
+            ShardMsg::SignalFanout {
+                from,
+                sender,
+                sender_device,
+                conv,
+                kind,
+                members,
+                payload,
+            } => {
+                let signal = meta::Signal {
+                    conv,
+                    kind,
+                    sender,
+                    sender_device,
+                };
+                for id in self.local_sessions(&members) {
+                    if self.me(id) != from {
+                        self.queue_signal(id, &signal, &payload);
+                    }
+                }
+            }
+            ShardMsg::Login {
+                user,
+                device,
+                conn,
+                at,
+            } => self.on_login(user, device, conn, at),
+            ShardMsg::Logout { user, device, conn } => {
+                if self
+                    .homes
+                    .get(&(user, device))
+                    .is_some_and(|&(c, _)| c == conn)
+                {
+                    self.homes.remove(&(user, device));
+                }
+            }
+            ShardMsg::Kick { conn } => self.close(
+                conn.conn,
+                ErrorCode::SessionTakenOver,
+                "this device logged in on another connection",
+            ),
+            ShardMsg::Command {
+                command,
+                reply_to,
+                token,
+            } => self.on_command(command, reply_to, token),
+            ShardMsg::CommandDone { token, result } => self
+                .effects
+                .push_back(Effect::CommandDone { token, result }),
+        }
+    }
+
+    /// Authenticated connections on this shard of any of `members`.
+    fn local_sessions(&self, members: &[UserId]) -> Vec<ConnId> {
+        let mut out = Vec::new();
+        if self.local.len() < members.len() {
+            for (user, sessions) in &self.local {
+                if members.binary_search(user).is_ok() {
+                    out.extend(sessions.iter().map(|&(_, c)| c));
+                }
+            }
+            // `local` is a hash map: restore a deterministic order.
+            out.sort_unstable();
+        } else {
+            for user in members {
+                if let Some(sessions) = self.local.get(user) {
+                    out.extend(sessions.iter().map(|&(_, c)| c));
+                }
+            }
+        }
+        out
+    }
+
+    fn on_login(&mut self, user: UserId, device: DeviceId, conn: ConnRef, at: Instant) {
+        // The newest login wins; a login older than the registered one (a delayed message)
+        // is the one that gets kicked.
+        let key = (user, device);
+        match self.homes.get(&key).copied() {
+            Some((old, _)) if old == conn => {}
+            Some((old, old_at)) if (old_at, old) > (at, conn) => {
+                self.route(conn.shard, ShardMsg::Kick { conn });
+            }
+            Some((old, _)) => {
+                self.homes.insert(key, (conn, at));
+                self.route(old.shard, ShardMsg::Kick { conn: old });
+            }
+            None => {
+                self.homes.insert(key, (conn, at));
+            }
+        }
+    }
+
+    // ---------------------------------------------------------------------------------
+    // Owner: sequencing, durability, fan-out, replay
+    // ---------------------------------------------------------------------------------
+
+    fn on_submit(&mut self, from: ConnRef, req: u32, mut msg: StoredMessage) {
+        let key = (msg.sender, msg.client_msg_id);
+        if let Some(seen) = self.dedupe.get(&key) {
+            if seen.durable {
+                self.route(
+                    from.shard,
+                    ShardMsg::Acked {
+                        to: from,
+                        req,
+                        client_msg_id: msg.client_msg_id,
+                        conv: seen.conv,
+                        seq: seen.seq,
+                    },
+                );
+            } else {
+                // Still on its way to disk: answer when it gets there.
+                let waiting = self.pending.iter_mut().rev().find_map(|(_, p)| match p {
+                    Pending::Message { msg: m, waiters }
+                        if m.conv == seen.conv && m.seq == seen.seq =>
+                    {
+                        Some(waiters)
+                    }
+                    _ => None,
+                });
+                match waiting {
+                    Some(waiters) => waiters.push((from, req)),
+                    None => unreachable!("a pending dedupe entry has a pending append"),
+                }
+            }
+            return;
+        }
+        let nacked = |code, message| ShardMsg::Nacked {
+            to: from,
+            req,
+            client_msg_id: msg.client_msg_id,
+            conv: msg.conv,
+            code,
+            message,
+        };
+        let conv = match (self.convs.contains_key(&msg.conv), msg.conv.kind()) {
+            (true, _) => self.convs.get_mut(&msg.conv),
+            (false, Some(ConvKind::Direct(..))) => Some(
+                self.convs
+                    .entry(msg.conv)
+                    .or_insert_with(|| Conversation::new(msg.conv, Vec::new())),
+            ),
+            _ => None,
+        };
+        let Some(conv) = conv.filter(|c| c.is_member(msg.sender)) else {
+            let m = nacked(ErrorCode::NotMember, "not a member of this conversation");
+            self.route(from.shard, m);
+            return;
+        };
+        msg.seq = conv.last_seq.next();
+        conv.last_seq = msg.seq;
+        encode_record(&Record::Message(msg.clone()), &mut self.append_buf);
+        self.dedupe.insert(
+            key,
+            Sequenced {
+                conv: msg.conv,
+                seq: msg.seq,
+                durable: false,
+            },
+        );
+        let lsn = self.batch_lsn();
+        self.pending.push_back((
+            lsn,
+            Pending::Message {
+                msg,
+                waiters: vec![(from, req)],
+            },
+        ));
+    }
+
+    fn push_hot(&mut self, msg: StoredMessage) {
+        let Some(conv) = self.convs.get_mut(&msg.conv) else {
+            return;
+        };
+        let (id, seq, bytes) = (msg.conv, msg.seq, msg.payload.len());
+        if let Some(dropped) = conv.push_hot(msg, self.limits.hot_messages_per_conv) {
+            self.hot_bytes -= dropped;
+            self.hot_count -= 1;
+        }
+        self.hot_bytes += bytes;
+        self.hot_count += 1;
+        self.hot_order.push_back((id, seq));
+        // The shard-wide budget evicts in append order; entries already dropped by the
+        // per-conversation bound are skipped.
+        while self.hot_bytes > self.limits.hot_bytes_per_shard {
+            let Some((c, s)) = self.hot_order.pop_front() else {
+                break;
+            };
+            if let Some(dropped) = self.convs.get_mut(&c).and_then(|c| c.evict_hot(s)) {
+                self.hot_bytes -= dropped;
+                self.hot_count -= 1;
+            }
+        }
+        // Entries of messages the per-conversation bound dropped are stale; compact them
+        // away once they outnumber the live ones, so the queue stays within twice the
+        // hot tier (amortised O(1) per message).
+        if self.hot_order.len() > 2 * self.hot_count + 1024 {
+            let convs = &self.convs;
+            self.hot_order
+                .retain(|(c, s)| convs.get(c).is_some_and(|c| *s >= c.hot_from()));
+        }
+    }
+
+    fn fan_out(&mut self, conv_id: ConvId, msgs: Vec<StoredMessage>) {
+        let Some(conv) = self.convs.get(&conv_id) else {
+            return;
+        };
+        let members = conv.members.clone();
+        let latest = conv.durable_seq;
+        let read_diffusion = matches!(conv_id.kind(), Some(ConvKind::Group(_)))
+            && members.len() > self.limits.read_diffusion_threshold;
+        if read_diffusion {
+            // Members pull at their own pace; high-priority messages still go out, as a
+            // separate push that connections do not hold to seq order.
+            self.broadcast(ShardMsg::Notify {
+                conv: conv_id,
+                members: members.clone(),
+                latest,
+            });
+            let urgent: Vec<_> = msgs.into_iter().filter(|m| m.high_priority).collect();
+            if !urgent.is_empty() {
+                self.broadcast(ShardMsg::Deliver {
+                    conv: conv_id,
+                    members,
+                    msgs: urgent.into(),
+                    sparse: true,
+                });
+            }
+            return;
+        }
+        self.broadcast(ShardMsg::Deliver {
+            conv: conv_id,
+            members,
+            msgs: msgs.into(),
+            sparse: false,
+        });
+    }
+
+    fn replay(
+        &self,
+        user: UserId,
+        conv_id: ConvId,
+        from: Seq,
+        limit: u32,
+    ) -> Result<ReplayBatch, ErrorCode> {
+        let Some(conv) = self.convs.get(&conv_id) else {
+            return match conv_id.kind() {
+                Some(ConvKind::Direct(a, b)) if user == a || user == b => Ok(ReplayBatch {
+                    msgs: Vec::new(),
+                    latest: Seq::ZERO,
+                    available_from: Seq(1),
+                }),
+                _ => Err(ErrorCode::NotMember),
+            };
+        };
+        if !conv.is_member(user) {
+            return Err(ErrorCode::NotMember);
+        }
+        let available_from = conv.hot_from();
+        let start = from.max(available_from);
+        Ok(ReplayBatch {
+            msgs: conv.hot_range(start, limit as usize).cloned().collect(),
+            latest: conv.durable_seq,
+            available_from,
+        })
+    }
+
+    fn on_replayed(
+        &mut self,
+        id: ConnId,
+        conv: ConvId,
+        purpose: ReplayPurpose,
+        result: Result<ReplayBatch, ErrorCode>,
+    ) {
+        if self.conn(id).is_none() {
+            return;
+        }
+        match purpose {
+            ReplayPurpose::Pull { req } => match result {
+                Ok(batch) => {
+                    let (first, last) = match (batch.msgs.first(), batch.msgs.last()) {
+                        (Some(f), Some(l)) => (f.seq, l.seq),
+                        _ => (Seq::ZERO, Seq::ZERO),
+                    };
+                    for m in &batch.msgs {
+                        // History asked for is sent as asked; it also moves the push
+                        // cursor when it continues it.
+                        if let Some(c) = self.conn_mut(id) {
+                            if let Some(cursor) = c.convs.get_mut(&conv) {
+                                if m.seq == cursor.sent.next() {
+                                    cursor.sent = m.seq;
+                                }
+                            }
+                        }
+                        self.push_deliver(id, m);
+                    }
+                    let result = Meta::PullResult(meta::PullResult {
+                        req,
+                        conv,
+                        from_seq: first,
+                        to_seq: last,
+                        latest_seq: batch.latest,
+                        available_from: if batch.available_from > Seq(1) {
+                            batch.available_from
+                        } else {
+                            Seq::ZERO
+                        },
+                    });
+                    self.push(id, &result, Bytes::new());
+                }
+                Err(code) => {
+                    let e = error_meta(code, "cannot pull this conversation", req);
+                    self.push(id, &e, Bytes::new());
+                }
+            },
+            ReplayPurpose::Sync { .. } | ReplayPurpose::CatchUp => {
+                let mut more = None;
+                let mut gap = None;
+                match result {
+                    Ok(batch) => {
+                        let Some(c) = self.conn_mut(id) else {
+                            return;
+                        };
+                        let cursor = c.convs.entry(conv).or_default();
+                        cursor.catching_up = false;
+                        if batch.available_from > cursor.sent.next() {
+                            gap = Some(meta::Gap {
+                                conv,
+                                from_seq: cursor.sent.next(),
+                                to_seq: Seq(batch.available_from.0 - 1),
+                            });
+                            cursor.sent = Seq(batch.available_from.0 - 1);
+                        }
+                        let to_send: Vec<_> = batch
+                            .msgs
+                            .iter()
+                            .filter(|m| cursor.admit(m.seq) == Admit::Send)
+                            .cloned()
+                            .collect();
+                        if cursor.sent < batch.latest {
+                            more = Some(meta::Cursor {
+                                conv,
+                                seq: cursor.sent,
+                            });
+                        }
+                        for m in &to_send {
+                            self.push_deliver(id, m);
+                        }
+                        if let (ReplayPurpose::CatchUp, Some(_)) = (purpose, more) {
+                            self.queue_notify(id, conv, batch.latest);
+                        }
+                    }
+                    Err(_) => {
+                        if let Some(c) = self.conn_mut(id) {
+                            c.convs.remove(&conv);
+                        }
+                    }
+                }
+                if let ReplayPurpose::Sync { req } = purpose {
+                    let Some(c) = self.conn_mut(id) else {
+                        return;
+                    };
+                    let Some(progress) = c.sync.as_mut().filter(|p| p.req == req) else {
+                        return;
+                    };
+                    progress.gaps.extend(gap);
+                    progress.more.extend(more);
+                    progress.awaiting -= 1;
+                    if progress.awaiting == 0 {
+                        self.finish_sync(id);
+                    }
+                }
+            }
+        }
+    }
+
+    fn push_deliver(&mut self, id: ConnId, m: &StoredMessage) {
+        self.stats.deliveries += 1;
+        let deliver = Meta::Deliver(meta::Deliver {
+            conv: m.conv,
+            seq: m.seq,
+            sender: m.sender,
+            sender_device: m.sender_device,
+            client_msg_id: m.client_msg_id,
+            priority: if m.high_priority {
+                Priority::High
+            } else {
+                Priority::Normal
+            },
+        });
+        self.push(id, &deliver, m.payload.clone());
+    }
+
+    /// Pushes durable messages of one conversation to one connection through its cursor.
+    fn push_messages(&mut self, id: ConnId, conv: ConvId, msgs: &[StoredMessage], sparse: bool) {
+        let Some(last) = msgs.last() else {
+            return;
+        };
+        if self.is_degraded(id) && !sparse {
+            // Degraded: the push turns into a Notify; the client pulls at its own pace.
+            self.queue_notify(id, conv, last.seq);
+            return;
+        }
+        let Some(c) = self.conn_mut(id) else {
+            return;
+        };
+        if sparse {
+            for m in msgs {
+                self.push_deliver(id, m);
+            }
+            return;
+        }
+        let cursor: &mut ConvCursor = c.convs.entry(conv).or_default();
+        let mut to_send = Vec::new();
+        let mut request = None;
+        for m in msgs {
+            match cursor.admit(m.seq) {
+                Admit::Send => to_send.push(m),
+                Admit::Duplicate => {}
+                Admit::Gap { request_from } => request = request.or(request_from),
+            }
+        }
+        let user = c.identity().map(|(u, _)| u);
+        for m in to_send {
+            self.push_deliver(id, m);
+        }
+        if let (Some(from), Some(user)) = (request, user) {
+            let owner = Shard::owner_of(conv, self.shard_count);
+            self.route(
+                owner,
+                ShardMsg::Replay {
+                    to: self.me(id),
+                    user,
+                    conv,
+                    from,
+                    limit: self.limits.sync_batch_per_conv,
+                    purpose: ReplayPurpose::CatchUp,
+                },
+            );
+        }
+    }
+
+    fn queue_notify(&mut self, id: ConnId, conv: ConvId, latest: Seq) {
+        let Some(c) = self.conn_mut(id) else {
+            return;
+        };
+        let e = c.notifies.entry(conv).or_default();
+        *e = (*e).max(latest);
+        if !c.dirty {
+            c.dirty = true;
+            self.dirty.push(id);
+        }
+    }
+
+    fn queue_signal(&mut self, id: ConnId, signal: &meta::Signal, payload: &Bytes) {
+        let max = self.limits.pending_signals_max;
+        if self.is_degraded(id) {
+            return;
+        }
+        let Some(c) = self.conn_mut(id) else {
+            return;
+        };
+        if let Some(slot) = c
+            .signals
+            .iter_mut()
+            .find(|(s, _)| s.sender == signal.sender && s.conv == signal.conv)
+        {
+            *slot = (signal.clone(), payload.clone());
+        } else if c.signals.len() < max {
+            c.signals.push((signal.clone(), payload.clone()));
+        } else {
+            return;
+        }
+        if !c.dirty {
+            c.dirty = true;
+            self.dirty.push(id);
+        }
+    }
+
+    // ---------------------------------------------------------------------------------
+    // Group commands
+    // ---------------------------------------------------------------------------------
+
+    fn on_command(&mut self, command: Command, reply_to: ShardId, token: u64) {
+        match self.check_command(&command) {
+            Ok(record) => {
+                encode_record(&record, &mut self.append_buf);
+                let lsn = self.batch_lsn();
+                self.pending.push_back((
+                    lsn,
+                    Pending::Command {
+                        command,
+                        reply_to,
+                        token,
+                    },
+                ));
+            }
+            Err(e) => self.route(
+                reply_to,
+                ShardMsg::CommandDone {
+                    token,
+                    result: Err(e),
+                },
+            ),
+        }
+    }
+
+    fn check_command(&self, command: &Command) -> Result<Record, CommandError> {
+        let group = command.group();
+        if !matches!(group.kind(), Some(ConvKind::Group(_))) {
+            return Err(CommandError::NotAGroup(group));
+        }
+        let (members, exists) = match command {
+            Command::CreateGroup { members, .. } => (members, false),
+            Command::AddMembers { members, .. } | Command::RemoveMembers { members, .. } => {
+                (members, true)
+            }
+        };
+        if members.iter().any(|m| m.0 == 0) {
+            return Err(CommandError::BadMembers("user 0 is not a user".into()));
+        }
+        // Commands that are pending count too: a create racing a create is refused.
+        let pending_create = self.pending.iter().any(|(_, p)| {
+            matches!(p, Pending::Command { command: Command::CreateGroup { group: g, .. }, .. } if *g == group)
+        });
+        let current = self.convs.get(&group);
+        match (exists, current.is_some() || pending_create) {
+            (false, true) => return Err(CommandError::AlreadyExists(group)),
+            (true, false) => return Err(CommandError::NoSuchGroup(group)),
+            _ => {}
+        }
+        let size_after = match command {
+            Command::CreateGroup { members, .. } => members.len(),
+            Command::AddMembers { members, .. } => {
+                current.map_or(0, |c| c.members.len()) + members.len()
+            }
+            Command::RemoveMembers { .. } => 0,
+        };
+        if size_after > self.limits.group_members_max {
+            return Err(CommandError::BadMembers(format!(
+                "a group holds at most {} members",
+                self.limits.group_members_max
+            )));
+        }
+        let members = members.clone();
+        Ok(match command {
+            Command::CreateGroup { .. } => Record::GroupCreated { group, members },
+            Command::AddMembers { .. } => Record::MembersAdded { group, members },
+            Command::RemoveMembers { .. } => Record::MembersRemoved { group, members },
+        })
+    }
+
+    fn apply_command(&mut self, command: &Command) {
+        match command {
+            Command::CreateGroup { group, members } => {
+                self.convs
+                    .insert(*group, Conversation::new(*group, members.clone()));
+            }
+            Command::AddMembers { group, members } => {
+                if let Some(c) = self.convs.get_mut(group) {
+                    let mut all = c.members.to_vec();
+                    all.extend(members);
+                    c.set_members(all);
+                }
+            }
+            Command::RemoveMembers { group, members } => {
+                if let Some(c) = self.convs.get_mut(group) {
+                    let all = c
+                        .members
+                        .iter()
+                        .copied()
+                        .filter(|m| !members.contains(m))
+                        .collect();
+                    c.set_members(all);
+                }
+            }
+        }
+    }
+}
+
+fn error_meta(code: ErrorCode, message: &str, req: u32) -> Meta {
+    Meta::Error(meta::Error {
+        code,
+        message: message.into(),
+        req,
+    })
+}

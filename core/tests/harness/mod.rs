@@ -1,0 +1,376 @@
+//! A one-thread world of shard engines on fake time: an in-memory log per shard, FIFO
+//! queues between shards, and raw connections whose received frames tests decode.
+//!
+//! The harness is a driver like the gateway and the sim: it moves bytes and time and
+//! nothing else. Logs become durable only when the test says so (or at every step with
+//! `auto_sync`), which is how I1 and I5 are observed.
+#![allow(dead_code)]
+
+use bytes::{Bytes, BytesMut};
+use imgate_core::auth::{KeyConfig, SigningKey, TokenSigner, TokenVerifier};
+use imgate_core::log::{scan, MemLog, Record};
+use imgate_core::mesh::{Command, CommandError, ConnId, ShardId, ShardMsg};
+use imgate_core::proto::meta::{self, Meta};
+use imgate_core::proto::{ClientMsgId, ConvId, Decoder, DeviceId, Encoder, Seq, UserId};
+use imgate_core::shard::{Effect, Lsn, Shard, ShardConfig};
+use imgate_core::{Instant, Limits};
+use std::collections::{BTreeMap, VecDeque};
+use std::time::Duration;
+
+pub const SECRET: &[u8] = b"an imgate test secret of 32+ bytes!!";
+
+/// The fake clock starts here (2026-01-01), so token expiry works in real Unix time.
+pub const EPOCH: Instant = Instant::from_millis(1_767_225_600_000);
+
+pub struct Node {
+    pub shard: Shard,
+    pub log: MemLog,
+    /// The highest Lsn appended to `log` and the log length right after it.
+    pub appended: Option<(Lsn, u64)>,
+}
+
+/// One raw client connection as the test sees it.
+pub struct Conn {
+    pub shard: u16,
+    pub id: ConnId,
+    /// Bytes the gateway wrote that the test has not decoded yet.
+    pub rx: BytesMut,
+    /// Frames decoded so far and not yet taken by the test.
+    pub inbox: VecDeque<(Meta, Bytes)>,
+    /// Whether the gateway closed it.
+    pub closed: bool,
+    /// Whether the client reads; if not, written bytes are never reported written.
+    pub reading: bool,
+}
+
+pub struct World {
+    pub now: Instant,
+    pub nodes: Vec<Node>,
+    pub limits: Limits,
+    /// In flight between shards; one FIFO keeps every pair in order.
+    pub mesh: VecDeque<(u16, ShardMsg)>,
+    pub conns: Vec<Conn>,
+    pub auto_sync: bool,
+    pub commands: BTreeMap<u64, Result<(), CommandError>>,
+    encoder: Encoder,
+    signer: TokenSigner,
+}
+
+pub fn verifier(limits: &Limits) -> TokenVerifier {
+    TokenVerifier::new(
+        &KeyConfig::Hs256 {
+            secret: SECRET.to_vec(),
+        },
+        limits.token_leeway,
+        limits.token_bytes_max,
+    )
+    .expect("test key")
+}
+
+impl World {
+    pub fn new(shards: u16, limits: Limits) -> World {
+        let nodes = (0..shards)
+            .map(|i| Node {
+                shard: Shard::new(
+                    ShardConfig {
+                        id: ShardId(i),
+                        shard_count: shards,
+                        limits: limits.clone(),
+                    },
+                    verifier(&limits),
+                ),
+                log: MemLog::new(),
+                appended: None,
+            })
+            .collect();
+        World {
+            now: EPOCH,
+            nodes,
+            limits,
+            mesh: VecDeque::new(),
+            conns: Vec::new(),
+            auto_sync: true,
+            commands: BTreeMap::new(),
+            encoder: Encoder::new(),
+            signer: TokenSigner::new(&SigningKey::Hs256 {
+                secret: SECRET.to_vec(),
+            })
+            .expect("test key"),
+        }
+    }
+
+    pub fn token(&self, user: u64, device: u32) -> String {
+        self.signer.mint(
+            UserId(user),
+            DeviceId(device),
+            self.now + Duration::from_secs(3600),
+        )
+    }
+
+    pub fn token_expiring(&self, user: u64, device: u32, at: Instant) -> String {
+        self.signer.mint(UserId(user), DeviceId(device), at)
+    }
+
+    /// Opens a connection on `shard`; returns its index in `conns`.
+    pub fn open(&mut self, shard: u16) -> usize {
+        let id = self.nodes[shard as usize]
+            .shard
+            .handle_open(self.now)
+            .expect("shard accepts");
+        self.conns.push(Conn {
+            shard,
+            id,
+            rx: BytesMut::new(),
+            inbox: VecDeque::new(),
+            closed: false,
+            reading: true,
+        });
+        self.run();
+        self.conns.len() - 1
+    }
+
+    /// Opens a connection and authenticates it as (user, device); drains the AuthOk.
+    pub fn login(&mut self, shard: u16, user: u64, device: u32) -> usize {
+        let c = self.open(shard);
+        let token = self.token(user, device);
+        self.frame(c, Meta::Auth(meta::Auth { token }), &[]);
+        match self.take(c).first() {
+            Some((Meta::AuthOk(_), _)) => c,
+            other => panic!("expected AuthOk, got {other:?}"),
+        }
+    }
+
+    /// Writes raw bytes to the gateway on connection `c`.
+    pub fn write(&mut self, c: usize, bytes: &[u8]) {
+        let conn = &self.conns[c];
+        assert!(!conn.closed, "connection {c} is closed");
+        let mut buf = BytesMut::from(bytes);
+        self.nodes[conn.shard as usize]
+            .shard
+            .handle_bytes(self.now, conn.id, &mut buf);
+        self.run();
+    }
+
+    /// Sends one frame on connection `c`.
+    pub fn frame(&mut self, c: usize, meta: Meta, payload: &[u8]) {
+        let bytes = self.encoder.encode_to_bytes(&meta, payload);
+        self.write(c, &bytes);
+    }
+
+    /// Sends a message; returns its client_msg_id.
+    pub fn send(&mut self, c: usize, req: u32, conv: ConvId, payload: &[u8]) -> ClientMsgId {
+        let mut id = [0u8; 16];
+        id[..4].copy_from_slice(&req.to_le_bytes());
+        id[4..8].copy_from_slice(&(c as u32).to_le_bytes());
+        let id = ClientMsgId(id);
+        self.send_with_id(c, req, conv, id, payload);
+        id
+    }
+
+    pub fn send_with_id(&mut self, c: usize, req: u32, conv: ConvId, id: ClientMsgId, payload: &[u8]) {
+        self.frame(
+            c,
+            Meta::Send(meta::Send {
+                req,
+                client_msg_id: id,
+                conv,
+                priority: meta::Priority::Normal,
+            }),
+            payload,
+        );
+    }
+
+    /// Frames received on `c` since the last take.
+    pub fn take(&mut self, c: usize) -> Vec<(Meta, Bytes)> {
+        self.conns[c].inbox.drain(..).collect()
+    }
+
+    /// Closes `c` from the client side.
+    pub fn hang_up(&mut self, c: usize) {
+        let conn = &mut self.conns[c];
+        if !conn.closed {
+            conn.closed = true;
+            self.nodes[conn.shard as usize]
+                .shard
+                .handle_closed(self.now, conn.id);
+        }
+        self.run();
+    }
+
+    /// Runs a group command on shard 0 and returns its outcome.
+    pub fn command(&mut self, command: Command) -> Result<(), CommandError> {
+        let token = self.commands.len() as u64 + 1000;
+        self.nodes[0].shard.handle_command(self.now, command, token);
+        self.run();
+        self.commands.remove(&token).expect("command finished")
+    }
+
+    /// Moves time forward and fires timers.
+    pub fn advance(&mut self, by: Duration) {
+        self.now = self.now + by;
+        for node in &mut self.nodes {
+            node.shard.handle_timeout(self.now);
+        }
+        self.run();
+    }
+
+    /// Makes every shard's appended records durable and tells the shards.
+    pub fn sync(&mut self) {
+        for node in &mut self.nodes {
+            if let Some((lsn, _)) = node.appended.take() {
+                node.log.sync();
+                node.shard.handle_durable(self.now, lsn);
+            }
+        }
+        self.run_inner(false);
+    }
+
+    /// Moves effects, shard messages and bytes until nothing moves.
+    pub fn run(&mut self) {
+        self.run_inner(self.auto_sync);
+    }
+
+    fn run_inner(&mut self, sync: bool) {
+        loop {
+            let mut moved = false;
+            for i in 0..self.nodes.len() {
+                while let Some(effect) = self.nodes[i].shard.poll_effect() {
+                    moved = true;
+                    match effect {
+                        Effect::Append { lsn, bytes } => {
+                            let node = &mut self.nodes[i];
+                            let len = node.log.append(&bytes);
+                            node.appended = Some((lsn, len));
+                        }
+                        Effect::ToShard { to, msg } => self.mesh.push_back((to.0, msg)),
+                        Effect::CommandDone { token, result } => {
+                            self.commands.insert(token, result);
+                        }
+                    }
+                }
+                while let Some(t) = self.nodes[i].shard.poll_transmit() {
+                    moved = true;
+                    let Some(c) = self
+                        .conns
+                        .iter_mut()
+                        .find(|c| c.shard == i as u16 && c.id == t.conn && !c.closed)
+                    else {
+                        continue;
+                    };
+                    let n: usize = t.chunks.iter().map(|b| b.len()).sum();
+                    if c.reading || t.close {
+                        for chunk in &t.chunks {
+                            c.rx.extend_from_slice(chunk);
+                        }
+                        let decoder = Decoder::new(u32::MAX);
+                        while let Some(f) = decoder.decode(&mut c.rx).expect("gateway frames decode") {
+                            c.inbox.push_back((f.meta, f.payload));
+                        }
+                    }
+                    if t.close {
+                        c.closed = true;
+                    } else if c.reading {
+                        let id = c.id;
+                        self.nodes[i].shard.handle_written(self.now, id, n);
+                    }
+                }
+            }
+            while let Some((to, msg)) = self.mesh.pop_front() {
+                moved = true;
+                self.nodes[to as usize].shard.handle_shard_msg(self.now, msg);
+            }
+            if sync && self.nodes.iter().any(|n| n.appended.is_some()) {
+                moved = true;
+                for node in &mut self.nodes {
+                    if let Some((lsn, _)) = node.appended.take() {
+                        node.log.sync();
+                        node.shard.handle_durable(self.now, lsn);
+                    }
+                }
+            }
+            if !moved {
+                break;
+            }
+        }
+    }
+
+    /// Power loss on every shard: unsynced log bytes are gone, connections drop, and each
+    /// shard recovers from its log.
+    pub fn crash_all(&mut self) {
+        for c in &mut self.conns {
+            c.closed = true;
+        }
+        self.mesh.clear();
+        let count = self.nodes.len() as u16;
+        for (i, node) in self.nodes.iter_mut().enumerate() {
+            node.log.crash();
+            node.appended = None;
+            let scan = scan(node.log.bytes());
+            node.log.truncate(scan.valid_len);
+            let mut shard = Shard::new(
+                ShardConfig {
+                    id: ShardId(i as u16),
+                    shard_count: count,
+                    limits: self.limits.clone(),
+                },
+                verifier(&self.limits),
+            );
+            shard
+                .recover(scan.records.into_iter().map(|(_, r)| r))
+                .expect("recovery");
+            node.shard = shard;
+        }
+    }
+
+    /// Every message record in shard logs, durable or not.
+    pub fn stored(&self) -> Vec<(ConvId, Seq, ClientMsgId)> {
+        let mut out = Vec::new();
+        for node in &self.nodes {
+            for (_, r) in scan(node.log.bytes()).records {
+                if let Record::Message(m) = r {
+                    out.push((m.conv, m.seq, m.client_msg_id));
+                }
+            }
+        }
+        out
+    }
+
+    /// A direct conversation whose owner is `shard` (for tests that need one).
+    pub fn direct_owned_by(&self, shard: u16, a: u64, from_b: u64) -> (ConvId, u64) {
+        let count = self.nodes.len() as u16;
+        (from_b..)
+            .map(|b| (ConvId::direct(UserId(a), UserId(b)), b))
+            .find(|(c, _)| Shard::owner_of(*c, count) == ShardId(shard))
+            .expect("some conversation hashes to every shard")
+    }
+}
+
+/// The Delivers among frames, as (conv, seq, payload).
+pub fn delivers(frames: &[(Meta, Bytes)]) -> Vec<(ConvId, Seq, Bytes)> {
+    frames
+        .iter()
+        .filter_map(|(m, p)| match m {
+            Meta::Deliver(d) => Some((d.conv, d.seq, p.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The Acks among frames, as (req, seq).
+pub fn acks(frames: &[(Meta, Bytes)]) -> Vec<(u32, Seq)> {
+    frames
+        .iter()
+        .filter_map(|(m, _)| match m {
+            Meta::Ack(a) => Some((a.req, a.seq)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The error code of the last Error frame, if any.
+pub fn error_code(frames: &[(Meta, Bytes)]) -> Option<imgate_core::proto::ErrorCode> {
+    frames.iter().rev().find_map(|(m, _)| match m {
+        Meta::Error(e) => Some(e.code),
+        _ => None,
+    })
+}
