@@ -5,6 +5,7 @@
 pub use imgate_proto as proto;
 
 pub mod auth;
+pub mod client;
 pub mod connection;
 pub mod conv;
 pub mod dedupe;

@@ -51,6 +51,7 @@ use crate::time::Instant;
 use crate::timer::{self, Wheel};
 use bytes::{Bytes, BytesMut};
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
 
 /// A log append's number, increasing by one per [`Effect::Append`] since start.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -1242,10 +1243,8 @@ impl Shard {
                 payload,
             } => {
                 let members = self
-                    .convs
-                    .get(&conv)
-                    .filter(|c| c.is_member(sender))
-                    .map(|c| c.members.clone());
+                    .members_of(conv)
+                    .filter(|m| m.binary_search(&sender).is_ok());
                 // Signals are ephemeral: one from a non-member is dropped without a word.
                 if let Some(members) = members {
                     self.broadcast(ShardMsg::SignalFanout {
@@ -1311,6 +1310,16 @@ impl Shard {
         }
     }
 
+    /// The members of a conversation this shard owns: stored for groups and for direct
+    /// conversations with messages, derived from the id for other direct ones.
+    fn members_of(&self, conv: ConvId) -> Option<Arc<[UserId]>> {
+        match (self.convs.get(&conv), conv.kind()) {
+            (Some(c), _) => Some(c.members.clone()),
+            (None, Some(ConvKind::Direct(..))) => Some(Conversation::new(conv, Vec::new()).members),
+            _ => None,
+        }
+    }
+
     /// Authenticated connections on this shard of any of `members`.
     fn local_sessions(&self, members: &[UserId]) -> Vec<ConnId> {
         let mut out = Vec::new();
@@ -1334,11 +1343,11 @@ impl Shard {
 
     fn on_login(&mut self, user: UserId, device: DeviceId, conn: ConnRef, at: Instant) {
         // The newest login wins; a login older than the registered one (a delayed message)
-        // is the one that gets kicked.
+        // is the one that gets kicked. At equal times the later arrival wins.
         let key = (user, device);
         match self.homes.get(&key).copied() {
             Some((old, _)) if old == conn => {}
-            Some((old, old_at)) if (old_at, old) > (at, conn) => {
+            Some((_, old_at)) if old_at > at => {
                 self.route(conn.shard, ShardMsg::Kick { conn });
             }
             Some((old, _)) => {

@@ -39,8 +39,10 @@ pub struct Conn {
     pub inbox: VecDeque<(Meta, Bytes)>,
     /// Whether the gateway closed it.
     pub closed: bool,
-    /// Whether the client reads; if not, written bytes are never reported written.
+    /// Whether the client reads; if not, transmits are held (never reported written)
+    /// until the gateway closes the connection, when the client reads them all.
     pub reading: bool,
+    pub held: Vec<Bytes>,
 }
 
 pub struct World {
@@ -124,6 +126,7 @@ impl World {
             inbox: VecDeque::new(),
             closed: false,
             reading: true,
+            held: Vec::new(),
         });
         self.run();
         self.conns.len() - 1
@@ -167,7 +170,14 @@ impl World {
         id
     }
 
-    pub fn send_with_id(&mut self, c: usize, req: u32, conv: ConvId, id: ClientMsgId, payload: &[u8]) {
+    pub fn send_with_id(
+        &mut self,
+        c: usize,
+        req: u32,
+        conv: ConvId,
+        id: ClientMsgId,
+        payload: &[u8],
+    ) {
         self.frame(
             c,
             Meta::Send(meta::Send {
@@ -258,12 +268,18 @@ impl World {
                         continue;
                     };
                     let n: usize = t.chunks.iter().map(|b| b.len()).sum();
-                    if c.reading || t.close {
-                        for chunk in &t.chunks {
-                            c.rx.extend_from_slice(chunk);
+                    if !c.reading && !t.close {
+                        c.held.extend(t.chunks);
+                        continue;
+                    }
+                    {
+                        for chunk in c.held.drain(..).chain(t.chunks) {
+                            c.rx.extend_from_slice(&chunk);
                         }
                         let decoder = Decoder::new(u32::MAX);
-                        while let Some(f) = decoder.decode(&mut c.rx).expect("gateway frames decode") {
+                        while let Some(f) =
+                            decoder.decode(&mut c.rx).expect("gateway frames decode")
+                        {
                             c.inbox.push_back((f.meta, f.payload));
                         }
                     }
@@ -277,7 +293,9 @@ impl World {
             }
             while let Some((to, msg)) = self.mesh.pop_front() {
                 moved = true;
-                self.nodes[to as usize].shard.handle_shard_msg(self.now, msg);
+                self.nodes[to as usize]
+                    .shard
+                    .handle_shard_msg(self.now, msg);
             }
             if sync && self.nodes.iter().any(|n| n.appended.is_some()) {
                 moved = true;
