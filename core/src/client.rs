@@ -156,7 +156,9 @@ impl ClientConfig {
             return Err("request_timeout and heartbeat_interval must be positive".into());
         }
         if self.inflight_sends_max == 0 || self.outbox_max == 0 || self.pulls_inflight_max == 0 {
-            return Err("inflight_sends_max, outbox_max and pulls_inflight_max must be positive".into());
+            return Err(
+                "inflight_sends_max, outbox_max and pulls_inflight_max must be positive".into(),
+            );
         }
         if self.pull_limit == 0 {
             return Err("pull_limit must be positive".into());
@@ -494,9 +496,15 @@ struct Pending {
 
 #[derive(Clone, Copy, Debug)]
 enum PendingKind {
-    Send { order: u64 },
+    Send {
+        order: u64,
+    },
     Sync,
-    Pull { conv: ConvId, cursor_at_issue: Seq, auto: bool },
+    Pull {
+        conv: ConvId,
+        cursor_at_issue: Seq,
+        auto: bool,
+    },
 }
 
 #[derive(Default)]
@@ -958,7 +966,11 @@ impl Client {
             ),
             Meta::Error(m) => self.on_error(m),
             // Rejected above.
-            Meta::Auth(_) | Meta::Send(_) | Meta::DeliveryAck(_) | Meta::Sync(_) | Meta::Pull(_) => {}
+            Meta::Auth(_)
+            | Meta::Send(_)
+            | Meta::DeliveryAck(_)
+            | Meta::Sync(_)
+            | Meta::Pull(_) => {}
         }
     }
 
@@ -1306,7 +1318,9 @@ impl Client {
                     reason: send_reason,
                 });
             }
-            PendingKind::Sync => self.events.push_back(ClientEvent::SyncFailed { req, reason }),
+            PendingKind::Sync => self
+                .events
+                .push_back(ClientEvent::SyncFailed { req, reason }),
             PendingKind::Pull { conv, .. } => {
                 self.events
                     .push_back(ClientEvent::PullFailed { req, conv, reason });
@@ -1414,7 +1428,11 @@ impl Client {
             if self.pulls_in_flight >= self.config.pulls_inflight_max {
                 break;
             }
-            if self.convs.get(&conv).is_some_and(|st| st.auto_pull_req.is_some()) {
+            if self
+                .convs
+                .get(&conv)
+                .is_some_and(|st| st.auto_pull_req.is_some())
+            {
                 // Re-examined when that Pull is answered.
                 continue;
             }
@@ -1464,7 +1482,11 @@ impl Client {
             return;
         }
         if seq == succ(cursor) {
-            self.convs.entry(conv).or_default().reorder.insert(seq, Slot::Own);
+            self.convs
+                .entry(conv)
+                .or_default()
+                .reorder
+                .insert(seq, Slot::Own);
             self.drain(conv);
         } else {
             self.buffer(conv, seq, Slot::Own);
@@ -1556,7 +1578,10 @@ impl Client {
             // A seq we hold inside the gone range is still delivered: the gap stops before it.
             let end = match st.reorder.first_key_value() {
                 Some((&held, _)) if held <= to => {
-                    assert!(held > next, "the reorder buffer holds only seqs above the cursor");
+                    assert!(
+                        held > next,
+                        "the reorder buffer holds only seqs above the cursor"
+                    );
                     Seq(held.0 - 1)
                 }
                 _ => to,
