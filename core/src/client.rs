@@ -652,7 +652,8 @@ impl Client {
     // ---- inputs -------------------------------------------------------------------------
 
     /// The transport is up: queues Auth. Called on an attached client, it first does what
-    /// `handle_disconnected` does.
+    /// `handle_disconnected` does. If no AuthOk (or anything) arrives within two heartbeat
+    /// intervals, `Dead` follows; the gateway's own auth deadline usually answers first.
     pub fn handle_connected(&mut self, now: Instant) {
         self.advance(now);
         if self.is_connected() {
@@ -1125,6 +1126,11 @@ impl Client {
             self.cursors.entry(gap.conv).or_default();
             self.add_gone(gap.conv, gap.from_seq, gap.to_seq);
             self.drain(gap.conv);
+            if self.config.auto_pull {
+                // Checked when Pulls are issued: seqs between the cursor and a gap that
+                // starts further on are still missing.
+                self.pull_wanted.insert(gap.conv);
+            }
         }
         for more in &m.more {
             if !self.check_conv(more.conv) {
@@ -1504,8 +1510,9 @@ impl Client {
         st.reorder.insert(seq, slot);
         if st.reorder.len() > max {
             // The highest seq is the one a Pull from the cursor reaches last anyway.
-            st.reorder.pop_last();
+            let dropped = st.reorder.pop_last().map(|(s, _)| s);
             self.stats.reorder_overflow_dropped += 1;
+            return dropped != Some(seq);
         }
         true
     }
@@ -1658,5 +1665,1140 @@ impl Client {
             reconnect_after: after,
             by_gateway: true,
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T0: Instant = Instant(1_700_000_000_000);
+    const HEARTBEAT_MS: u32 = 30_000;
+
+    fn conv() -> ConvId {
+        ConvId::direct(UserId(1), UserId(2))
+    }
+
+    fn other_conv() -> ConvId {
+        ConvId::group(9)
+    }
+
+    fn config() -> ClientConfig {
+        ClientConfig {
+            token: "token-of-device-7".into(),
+            device: DeviceId(7),
+            seed: 42,
+            ..ClientConfig::default()
+        }
+    }
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    /// Feeds one gateway frame, built by proto's encoder, through `handle_bytes`.
+    fn feed(c: &mut Client, now: Instant, meta: Meta, payload: &[u8]) {
+        let bytes = Encoder::new().encode_to_bytes(&meta, payload);
+        let mut buf = BytesMut::from(&bytes[..]);
+        c.handle_bytes(now, &mut buf);
+        assert!(buf.is_empty(), "a whole frame is consumed");
+    }
+
+    /// Every frame the client wants written, decoded by proto's decoder.
+    fn sent(c: &mut Client) -> Vec<Frame> {
+        let decoder = Decoder::new(u32::MAX);
+        let mut frames = Vec::new();
+        while let Some(bytes) = c.poll_transmit() {
+            let mut buf = BytesMut::from(&bytes[..]);
+            while let Some(frame) = decoder.decode(&mut buf).unwrap() {
+                frames.push(frame);
+            }
+            assert!(buf.is_empty(), "poll_transmit hands out whole frames");
+        }
+        frames
+    }
+
+    fn sent_metas(c: &mut Client) -> Vec<Meta> {
+        sent(c).into_iter().map(|f| f.meta).collect()
+    }
+
+    fn events(c: &mut Client) -> Vec<ClientEvent> {
+        std::iter::from_fn(|| c.poll_event()).collect()
+    }
+
+    fn auth_ok() -> Meta {
+        Meta::AuthOk(meta::AuthOk {
+            user: UserId(1),
+            device: DeviceId(7),
+            heartbeat_ms: HEARTBEAT_MS,
+            max_frame_bytes: 256 * 1024,
+            max_payload_bytes: 64 * 1024,
+        })
+    }
+
+    fn deliver(conv: ConvId, seq: u64) -> Meta {
+        Meta::Deliver(meta::Deliver {
+            conv,
+            seq: Seq(seq),
+            sender: UserId(2),
+            sender_device: DeviceId(3),
+            client_msg_id: ClientMsgId([seq as u8; 16]),
+            priority: Priority::Normal,
+        })
+    }
+
+    fn body(seq: u64) -> Vec<u8> {
+        format!("message {seq}").into_bytes()
+    }
+
+    fn feed_deliver(c: &mut Client, now: Instant, conv: ConvId, seq: u64) {
+        feed(c, now, deliver(conv, seq), &body(seq));
+    }
+
+    fn sync_done(req: u32, gaps: Vec<Gap>, more: Vec<Cursor>) -> Meta {
+        Meta::SyncDone(meta::SyncDone { req, gaps, more })
+    }
+
+    /// A client that connected and got AuthOk at T0; returns it with its Sync's req. The
+    /// Auth and Sync frames and the Authenticated event are consumed.
+    fn authenticated(config: ClientConfig, cursors: BTreeMap<ConvId, Seq>) -> (Client, u32) {
+        let mut c = Client::new(config, cursors);
+        c.handle_connected(T0);
+        assert!(matches!(sent_metas(&mut c)[..], [Meta::Auth(_)]));
+        feed(&mut c, T0, auth_ok(), &[]);
+        let frames = sent_metas(&mut c);
+        let Some(Meta::Sync(sync)) = frames.first() else {
+            panic!("Sync first after AuthOk, got {frames:?}");
+        };
+        let req = sync.req;
+        assert!(matches!(
+            events(&mut c)[..],
+            [ClientEvent::Authenticated { .. }]
+        ));
+        (c, req)
+    }
+
+    /// An authenticated client whose Sync was answered with nothing.
+    fn synced(config: ClientConfig) -> Client {
+        let (mut c, req) = authenticated(config, BTreeMap::new());
+        feed(&mut c, T0, sync_done(req, vec![], vec![]), &[]);
+        assert!(matches!(events(&mut c)[..], [ClientEvent::SyncDone { .. }]));
+        assert!(sent(&mut c).is_empty());
+        c
+    }
+
+    fn messages(events: &[ClientEvent]) -> Vec<(ConvId, u64, Bytes)> {
+        events
+            .iter()
+            .filter_map(|e| match e {
+                ClientEvent::Message {
+                    conv, seq, payload, ..
+                } => Some((*conv, seq.0, payload.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn pulls(metas: &[Meta]) -> Vec<meta::Pull> {
+        metas
+            .iter()
+            .filter_map(|m| match m {
+                Meta::Pull(p) => Some(p.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn sends(metas: &[Meta]) -> Vec<meta::Send> {
+        metas
+            .iter()
+            .filter_map(|m| match m {
+                Meta::Send(s) => Some(s.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn send_text(c: &mut Client, now: Instant, text: &str) -> ClientMsgId {
+        c.send(now, conv(), Bytes::from(text.to_owned()), Priority::Normal)
+            .unwrap()
+    }
+
+    #[test]
+    fn auth_goes_first_then_sync_with_every_cursor_then_the_outbox_in_send_order() {
+        let cursors = BTreeMap::from([(conv(), Seq(5)), (other_conv(), Seq(2))]);
+        let mut c = Client::new(config(), cursors);
+        let a = send_text(&mut c, T0, "a");
+        let b = send_text(&mut c, T0, "b");
+        assert!(
+            sent(&mut c).is_empty(),
+            "nothing is written without a transport"
+        );
+
+        c.handle_connected(T0);
+        let frames = sent_metas(&mut c);
+        assert_eq!(
+            frames,
+            vec![Meta::Auth(meta::Auth {
+                token: "token-of-device-7".into()
+            })]
+        );
+        let d = send_text(&mut c, T0, "d");
+        assert!(sent(&mut c).is_empty(), "only Auth before AuthOk");
+        assert!(!c.is_authenticated());
+
+        feed(&mut c, T0 + ms(5), auth_ok(), &[]);
+        assert!(c.is_authenticated());
+        assert!(matches!(
+            events(&mut c)[..],
+            [ClientEvent::Authenticated {
+                user: UserId(1),
+                ..
+            }]
+        ));
+        let frames = sent(&mut c);
+        let kinds: Vec<_> = frames.iter().map(|f| f.kind()).collect();
+        use imgate_proto::FrameKind as K;
+        assert_eq!(kinds, vec![K::Sync, K::Send, K::Send, K::Send]);
+        let Meta::Sync(sync) = &frames[0].meta else {
+            unreachable!()
+        };
+        assert_eq!(
+            sync.cursors,
+            vec![
+                Cursor {
+                    conv: other_conv(),
+                    seq: Seq(2)
+                },
+                Cursor {
+                    conv: conv(),
+                    seq: Seq(5)
+                },
+            ],
+            "every known conversation, in ConvId order"
+        );
+        let ids: Vec<_> = frames[1..]
+            .iter()
+            .map(|f| match &f.meta {
+                Meta::Send(s) => s.client_msg_id,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(ids, vec![a, b, d]);
+        let payloads: Vec<_> = frames[1..].iter().map(|f| f.payload.clone()).collect();
+        assert_eq!(payloads, vec!["a", "b", "d"]);
+        assert_eq!(c.sends_in_flight(), 3);
+    }
+
+    #[test]
+    fn duplicate_deliver_is_dropped_and_counted() {
+        let mut c = synced(config());
+        feed_deliver(&mut c, T0, conv(), 1);
+        feed_deliver(&mut c, T0, conv(), 1);
+        feed_deliver(&mut c, T0, conv(), 2);
+        feed_deliver(&mut c, T0, conv(), 1);
+        let got = messages(&events(&mut c));
+        assert_eq!(
+            got.iter().map(|m| m.1).collect::<Vec<_>>(),
+            vec![1, 2],
+            "each seq reaches the app once"
+        );
+        assert_eq!(c.stats().duplicates_dropped, 2);
+        assert_eq!(c.cursors()[&conv()], Seq(2));
+    }
+
+    #[test]
+    fn out_of_order_delivers_are_buffered_and_released_in_seq_order() {
+        let mut c = synced(ClientConfig {
+            auto_pull: false,
+            ..config()
+        });
+        feed_deliver(&mut c, T0, conv(), 3);
+        feed_deliver(&mut c, T0, conv(), 2);
+        feed_deliver(&mut c, T0, conv(), 3);
+        assert!(messages(&events(&mut c)).is_empty());
+        assert_eq!(c.stats().reordered_buffered, 2);
+        assert_eq!(c.stats().duplicates_dropped, 1);
+        assert!(
+            sent(&mut c).is_empty(),
+            "no Pull without auto_pull, no DeliveryAck yet"
+        );
+
+        feed_deliver(&mut c, T0, conv(), 1);
+        let got = messages(&events(&mut c));
+        assert_eq!(
+            got,
+            vec![
+                (conv(), 1, Bytes::from(body(1))),
+                (conv(), 2, Bytes::from(body(2))),
+                (conv(), 3, Bytes::from(body(3))),
+            ]
+        );
+        assert_eq!(c.cursors()[&conv()], Seq(3));
+        assert_eq!(
+            sent_metas(&mut c),
+            vec![Meta::DeliveryAck(meta::DeliveryAck {
+                conv: conv(),
+                seq: Seq(3)
+            })],
+            "one cumulative DeliveryAck for the three"
+        );
+    }
+
+    #[test]
+    fn delivery_acks_are_coalesced_per_conversation_per_transmit() {
+        let mut c = synced(config());
+        for seq in 1..=4 {
+            feed_deliver(&mut c, T0, conv(), seq);
+        }
+        feed_deliver(&mut c, T0, other_conv(), 1);
+        let acks = sent_metas(&mut c);
+        assert_eq!(
+            acks,
+            vec![
+                Meta::DeliveryAck(meta::DeliveryAck {
+                    conv: other_conv(),
+                    seq: Seq(1)
+                }),
+                Meta::DeliveryAck(meta::DeliveryAck {
+                    conv: conv(),
+                    seq: Seq(4)
+                }),
+            ],
+            "one cumulative ack per conversation, in ConvId order"
+        );
+        assert!(sent(&mut c).is_empty());
+    }
+
+    #[test]
+    fn reorder_buffer_overflow_drops_the_highest_seq() {
+        let mut c = synced(ClientConfig {
+            auto_pull: false,
+            reorder_max_per_conv: 2,
+            ..config()
+        });
+        for seq in [4, 3, 5, 2] {
+            feed_deliver(&mut c, T0, conv(), seq);
+        }
+        assert_eq!(c.stats().reorder_overflow_dropped, 2);
+        feed_deliver(&mut c, T0, conv(), 1);
+        let got: Vec<u64> = messages(&events(&mut c)).iter().map(|m| m.1).collect();
+        assert_eq!(
+            got,
+            vec![1, 2, 3],
+            "4 and 5 were dropped and are left to Pull"
+        );
+    }
+
+    #[test]
+    fn a_gap_triggers_one_pull_from_the_cursor_when_auto_pull() {
+        let mut c = synced(config());
+        feed_deliver(&mut c, T0, conv(), 1);
+        sent(&mut c);
+        feed_deliver(&mut c, T0, conv(), 4);
+        let frames = sent_metas(&mut c);
+        let p = pulls(&frames);
+        assert_eq!(p.len(), 1, "{frames:?}");
+        assert_eq!(p[0].conv, conv());
+        assert_eq!(p[0].from_seq, Seq(2));
+        assert_eq!(p[0].limit, config().pull_limit);
+
+        feed_deliver(&mut c, T0, conv(), 5);
+        assert!(
+            pulls(&sent_metas(&mut c)).is_empty(),
+            "one Pull per conversation in flight"
+        );
+
+        // The Pull's answer fills the gap; nothing is missing, so no further Pull.
+        feed_deliver(&mut c, T0, conv(), 2);
+        feed_deliver(&mut c, T0, conv(), 3);
+        let result = Meta::PullResult(meta::PullResult {
+            req: p[0].req,
+            conv: conv(),
+            from_seq: Seq(2),
+            to_seq: Seq(5),
+            latest_seq: Seq(5),
+            available_from: Seq(0),
+        });
+        feed(&mut c, T0, result, &[]);
+        let ev = events(&mut c);
+        let got: Vec<u64> = messages(&ev).iter().map(|m| m.1).collect();
+        assert_eq!(got, vec![1, 2, 3, 4, 5]);
+        assert!(ev.iter().any(|e| matches!(e, ClientEvent::PullDone { .. })));
+        assert!(pulls(&sent_metas(&mut c)).is_empty());
+    }
+
+    #[test]
+    fn a_gap_does_not_pull_without_auto_pull() {
+        let mut c = synced(ClientConfig {
+            auto_pull: false,
+            ..config()
+        });
+        feed_deliver(&mut c, T0, conv(), 3);
+        feed(
+            &mut c,
+            T0,
+            Meta::Notify(meta::Notify {
+                conv: conv(),
+                latest_seq: Seq(9),
+            }),
+            &[],
+        );
+        assert!(pulls(&sent_metas(&mut c)).is_empty());
+    }
+
+    #[test]
+    fn gap_pulls_wait_for_the_sync_to_be_answered() {
+        let (mut c, sync_req) = authenticated(config(), BTreeMap::new());
+        feed_deliver(&mut c, T0, conv(), 3);
+        assert!(
+            pulls(&sent_metas(&mut c)).is_empty(),
+            "the Sync replay may still fill the gap"
+        );
+        feed(&mut c, T0, sync_done(sync_req, vec![], vec![]), &[]);
+        let p = pulls(&sent_metas(&mut c));
+        assert_eq!(p.len(), 1);
+        assert_eq!(p[0].from_seq, Seq(1));
+    }
+
+    #[test]
+    fn ack_is_matched_by_client_msg_id_even_when_the_req_differs() {
+        let mut c = synced(config());
+        let id = send_text(&mut c, T0, "hello");
+        let s = sends(&sent_metas(&mut c));
+        assert_eq!(s.len(), 1);
+        assert_eq!(s[0].client_msg_id, id);
+        let ack = |req| {
+            Meta::Ack(meta::Ack {
+                req,
+                client_msg_id: id,
+                conv: conv(),
+                seq: Seq(1),
+            })
+        };
+        feed(&mut c, T0 + ms(3), ack(s[0].req.wrapping_add(100)), &[]);
+        assert_eq!(
+            events(&mut c),
+            vec![ClientEvent::Acked {
+                client_msg_id: id,
+                conv: conv(),
+                seq: Seq(1)
+            }]
+        );
+        assert_eq!(c.outbox_len(), 0);
+        assert_eq!(c.pending_requests(), 0, "the Send's request is finished");
+
+        feed(&mut c, T0 + ms(4), ack(s[0].req), &[]);
+        assert!(
+            events(&mut c).is_empty(),
+            "a repeated Ack is not reported twice"
+        );
+        assert_eq!(c.stats().stale_responses, 1);
+    }
+
+    #[test]
+    fn an_acked_own_message_advances_the_cursor_without_a_message_event() {
+        let mut c = synced(config());
+        feed_deliver(&mut c, T0, conv(), 1);
+        let id = send_text(&mut c, T0, "mine");
+        let s = sends(&sent_metas(&mut c));
+        // Seq 2 went to someone else; ours is 3.
+        let ack = Meta::Ack(meta::Ack {
+            req: s[0].req,
+            client_msg_id: id,
+            conv: conv(),
+            seq: Seq(3),
+        });
+        feed(&mut c, T0, ack, &[]);
+        feed_deliver(&mut c, T0, conv(), 2);
+        feed_deliver(&mut c, T0, conv(), 4);
+        let got: Vec<u64> = messages(&events(&mut c)).iter().map(|m| m.1).collect();
+        assert_eq!(got, vec![1, 2, 4]);
+        assert_eq!(c.cursors()[&conv()], Seq(4));
+        assert!(pulls(&sent_metas(&mut c)).is_empty());
+    }
+
+    #[test]
+    fn sends_beyond_the_in_flight_limit_wait_and_go_out_in_order_as_acks_free_room() {
+        let mut c = synced(ClientConfig {
+            inflight_sends_max: 2,
+            ..config()
+        });
+        let ids: Vec<_> = (0..3)
+            .map(|i| send_text(&mut c, T0, &i.to_string()))
+            .collect();
+        let s = sends(&sent_metas(&mut c));
+        assert_eq!(
+            s.iter().map(|s| s.client_msg_id).collect::<Vec<_>>(),
+            ids[..2].to_vec()
+        );
+        assert_eq!(c.outbox_len(), 3, "the third waits, it is not dropped");
+        let ack = Meta::Ack(meta::Ack {
+            req: s[0].req,
+            client_msg_id: ids[0],
+            conv: conv(),
+            seq: Seq(1),
+        });
+        feed(&mut c, T0, ack, &[]);
+        let s = sends(&sent_metas(&mut c));
+        assert_eq!(s.len(), 1);
+        assert_eq!(s[0].client_msg_id, ids[2]);
+    }
+
+    #[test]
+    fn a_full_outbox_refuses_new_messages() {
+        let mut c = Client::new(
+            ClientConfig {
+                outbox_max: 2,
+                ..config()
+            },
+            BTreeMap::new(),
+        );
+        send_text(&mut c, T0, "a");
+        send_text(&mut c, T0, "b");
+        assert_eq!(
+            c.send(T0, conv(), Bytes::from_static(b"c"), Priority::Normal),
+            Err(ClientError::OutboxFull { max: 2 })
+        );
+        assert_eq!(c.outbox_len(), 2);
+    }
+
+    #[test]
+    fn a_final_nack_drops_the_message_and_a_retriable_one_keeps_it() {
+        let mut c = synced(config());
+        let a = send_text(&mut c, T0, "a");
+        let b = send_text(&mut c, T0, "b");
+        let s = sends(&sent_metas(&mut c));
+        let nack = |i: usize, id, code| {
+            Meta::Nack(meta::Nack {
+                req: s[i].req,
+                client_msg_id: id,
+                conv: conv(),
+                code,
+                message: "no".into(),
+            })
+        };
+        feed(&mut c, T0, nack(0, a, ErrorCode::NotMember), &[]);
+        feed(&mut c, T0, nack(1, b, ErrorCode::StorageFailed), &[]);
+        let ev = events(&mut c);
+        assert!(matches!(
+            &ev[..],
+            [
+                ClientEvent::Nacked {
+                    code: ErrorCode::NotMember,
+                    retriable: false,
+                    ..
+                },
+                ClientEvent::Nacked {
+                    code: ErrorCode::StorageFailed,
+                    retriable: true,
+                    ..
+                }
+            ]
+        ));
+        assert_eq!(c.outbox_len(), 1);
+        assert_eq!(c.retry(T0, a), RetryOutcome::Unknown);
+        assert_eq!(c.retry(T0, b), RetryOutcome::Sent);
+        let s = sends(&sent_metas(&mut c));
+        assert_eq!(s.len(), 1);
+        assert_eq!(s[0].client_msg_id, b);
+        assert_eq!(c.retry(T0, b), RetryOutcome::InFlight);
+    }
+
+    #[test]
+    fn disconnect_fails_in_flight_sends_and_reconnect_resends_them_with_the_same_ids() {
+        let mut c = synced(config());
+        let a = send_text(&mut c, T0, "a");
+        let b = send_text(&mut c, T0, "b");
+        let first = sends(&sent_metas(&mut c));
+        assert_eq!(first.len(), 2);
+
+        c.handle_disconnected(T0 + ms(10));
+        assert_eq!(
+            events(&mut c),
+            vec![
+                ClientEvent::SendFailed {
+                    client_msg_id: a,
+                    conv: conv(),
+                    reason: SendFailure::Disconnected
+                },
+                ClientEvent::SendFailed {
+                    client_msg_id: b,
+                    conv: conv(),
+                    reason: SendFailure::Disconnected
+                },
+            ]
+        );
+        assert_eq!(c.outbox_len(), 2);
+        assert_eq!(c.pending_requests(), 0);
+        assert_eq!(c.poll_timeout(), None);
+        let d = send_text(&mut c, T0 + ms(20), "d");
+        assert!(sent(&mut c).is_empty());
+
+        c.handle_connected(T0 + ms(30));
+        assert!(matches!(sent_metas(&mut c)[..], [Meta::Auth(_)]));
+        feed(&mut c, T0 + ms(40), auth_ok(), &[]);
+        let frames = sent(&mut c);
+        assert_eq!(frames[0].kind(), imgate_proto::FrameKind::Sync);
+        let metas: Vec<Meta> = frames.iter().map(|f| f.meta.clone()).collect();
+        let again = sends(&metas);
+        assert_eq!(
+            again.iter().map(|s| s.client_msg_id).collect::<Vec<_>>(),
+            vec![a, b, d]
+        );
+        assert_eq!(frames[1].payload, "a");
+        assert_eq!(c.stats().sends_resent, 2);
+
+        // The Ack on the new connection is matched.
+        let ack = Meta::Ack(meta::Ack {
+            req: again[1].req,
+            client_msg_id: b,
+            conv: conv(),
+            seq: Seq(2),
+        });
+        feed(&mut c, T0 + ms(50), ack, &[]);
+        let ev = events(&mut c);
+        assert!(ev.contains(&ClientEvent::Acked {
+            client_msg_id: b,
+            conv: conv(),
+            seq: Seq(2)
+        }));
+        assert_eq!(c.outbox_len(), 2);
+    }
+
+    #[test]
+    fn parked_messages_are_resent_after_the_next_auth_ok() {
+        let mut c = synced(config());
+        let a = send_text(&mut c, T0, "a");
+        let b = send_text(&mut c, T0, "b");
+        let s = sends(&sent_metas(&mut c));
+        // `a` is nacked retriably, `b` times out: both wait, neither is re-sent by itself.
+        let nack = Meta::Nack(meta::Nack {
+            req: s[0].req,
+            client_msg_id: a,
+            conv: conv(),
+            code: ErrorCode::TooManyInflight,
+            message: String::new(),
+        });
+        feed(&mut c, T0, nack, &[]);
+        c.handle_timeout(T0 + config().request_timeout);
+        assert!(sends(&sent_metas(&mut c)).is_empty());
+        assert_eq!(c.outbox_len(), 2);
+
+        c.handle_disconnected(T0 + config().request_timeout);
+        c.handle_connected(T0 + config().request_timeout);
+        feed(&mut c, T0 + config().request_timeout, auth_ok(), &[]);
+        let again = sends(&sent_metas(&mut c));
+        assert_eq!(
+            again.iter().map(|s| s.client_msg_id).collect::<Vec<_>>(),
+            vec![a, b]
+        );
+    }
+
+    #[test]
+    fn disconnect_fails_pending_sync_and_pulls() {
+        let (mut c, sync_req) = authenticated(config(), BTreeMap::new());
+        let pull_req = c.pull(T0, conv(), Seq(1), 10).unwrap();
+        c.handle_disconnected(T0);
+        assert_eq!(
+            events(&mut c),
+            vec![
+                ClientEvent::SyncFailed {
+                    req: sync_req,
+                    reason: RequestFailure::Disconnected
+                },
+                ClientEvent::PullFailed {
+                    req: pull_req,
+                    conv: conv(),
+                    reason: RequestFailure::Disconnected
+                },
+            ]
+        );
+        assert_eq!(c.pull(T0, conv(), Seq(1), 10), Err(ClientError::NotReady));
+    }
+
+    #[test]
+    fn an_unanswered_send_times_out_and_a_retry_keeps_its_id() {
+        let mut c = synced(config());
+        let timeout = config().request_timeout;
+        let sent_at = T0 + ms(100);
+        let id = send_text(&mut c, sent_at, "x");
+        let first = sends(&sent_metas(&mut c));
+        assert_eq!(c.poll_timeout(), Some(sent_at + timeout));
+
+        c.handle_timeout(sent_at + (timeout - ms(1)));
+        assert!(events(&mut c).is_empty());
+        // Keep the connection alive (a Pong) so only the request expires.
+        feed(
+            &mut c,
+            sent_at + (timeout - ms(1)),
+            Meta::Pong(meta::Pong { nonce: 0 }),
+            &[],
+        );
+        c.handle_timeout(sent_at + timeout);
+        assert_eq!(
+            events(&mut c),
+            vec![ClientEvent::SendFailed {
+                client_msg_id: id,
+                conv: conv(),
+                reason: SendFailure::Timeout
+            }]
+        );
+        assert_eq!(c.outbox_len(), 1, "a timed-out message stays in the outbox");
+        assert_eq!(c.sends_in_flight(), 0);
+
+        assert_eq!(c.retry(sent_at + timeout, id), RetryOutcome::Sent);
+        let second = sends(&sent_metas(&mut c));
+        assert_eq!(second.len(), 1);
+        assert_eq!(second[0].client_msg_id, id);
+        assert_ne!(second[0].req, first[0].req);
+
+        // The Ack of the first attempt arrives late and still settles the message.
+        let ack = Meta::Ack(meta::Ack {
+            req: first[0].req,
+            client_msg_id: id,
+            conv: conv(),
+            seq: Seq(1),
+        });
+        feed(&mut c, sent_at + timeout + ms(1), ack, &[]);
+        assert!(matches!(events(&mut c)[..], [ClientEvent::Acked { .. }]));
+        assert_eq!(c.outbox_len(), 0);
+        assert_eq!(c.pending_requests(), 0);
+    }
+
+    #[test]
+    fn an_unanswered_pull_times_out() {
+        let mut c = synced(config());
+        let req = c.pull(T0, conv(), Seq(1), 10).unwrap();
+        c.handle_timeout(T0 + config().request_timeout);
+        assert_eq!(
+            events(&mut c),
+            vec![ClientEvent::PullFailed {
+                req,
+                conv: conv(),
+                reason: RequestFailure::Timeout
+            }]
+        );
+    }
+
+    #[test]
+    fn an_idle_connection_pings_after_one_interval_and_is_dead_after_two_silent_ones() {
+        let mut c = synced(config());
+        let hb = ms(u64::from(HEARTBEAT_MS));
+        assert_eq!(c.poll_timeout(), Some(T0 + hb));
+        c.handle_timeout(T0 + (hb - ms(1)));
+        assert!(sent(&mut c).is_empty());
+
+        c.handle_timeout(T0 + hb);
+        let frames = sent_metas(&mut c);
+        assert!(matches!(frames[..], [Meta::Ping(_)]), "{frames:?}");
+        assert_eq!(c.poll_timeout(), Some(T0 + hb * 2));
+        assert!(events(&mut c).is_empty());
+
+        c.handle_timeout(T0 + (hb * 2 - ms(1)));
+        assert!(events(&mut c).is_empty());
+        c.handle_timeout(T0 + hb * 2);
+        assert_eq!(events(&mut c), vec![ClientEvent::Dead]);
+        assert!(!c.is_authenticated());
+        assert_eq!(c.poll_timeout(), None);
+        assert!(sent(&mut c).is_empty());
+    }
+
+    #[test]
+    fn anything_received_keeps_the_connection_alive() {
+        let mut c = synced(config());
+        let hb = ms(u64::from(HEARTBEAT_MS));
+        c.handle_timeout(T0 + hb);
+        sent(&mut c);
+        feed(
+            &mut c,
+            T0 + hb + ms(10),
+            Meta::Pong(meta::Pong { nonce: 1 }),
+            &[],
+        );
+        c.handle_timeout(T0 + hb * 2);
+        assert!(
+            events(&mut c).is_empty(),
+            "a Pong resets the liveness deadline"
+        );
+        assert!(matches!(sent_metas(&mut c)[..], [Meta::Ping(_)]));
+    }
+
+    #[test]
+    fn a_gateway_ping_is_answered_with_its_nonce() {
+        let mut c = synced(config());
+        feed(&mut c, T0, Meta::Ping(meta::Ping { nonce: 77 }), &[]);
+        assert_eq!(
+            sent_metas(&mut c),
+            vec![Meta::Pong(meta::Pong { nonce: 77 })]
+        );
+    }
+
+    #[test]
+    fn notify_beyond_the_cursor_triggers_a_pull_until_caught_up() {
+        let mut c = synced(ClientConfig {
+            pull_limit: 2,
+            ..config()
+        });
+        let notify = |latest| {
+            Meta::Notify(meta::Notify {
+                conv: conv(),
+                latest_seq: Seq(latest),
+            })
+        };
+        feed(&mut c, T0, notify(3), &[]);
+        assert_eq!(
+            events(&mut c),
+            vec![ClientEvent::Notify {
+                conv: conv(),
+                latest_seq: Seq(3)
+            }]
+        );
+        let p = pulls(&sent_metas(&mut c));
+        assert_eq!(p.len(), 1);
+        assert_eq!((p[0].from_seq, p[0].limit), (Seq(1), 2));
+
+        // The first batch stops at the limit: the client pulls the rest by itself.
+        feed_deliver(&mut c, T0, conv(), 1);
+        feed_deliver(&mut c, T0, conv(), 2);
+        let result = |req, from, to| {
+            Meta::PullResult(meta::PullResult {
+                req,
+                conv: conv(),
+                from_seq: Seq(from),
+                to_seq: Seq(to),
+                latest_seq: Seq(3),
+                available_from: Seq(0),
+            })
+        };
+        feed(&mut c, T0, result(p[0].req, 1, 2), &[]);
+        let p2 = pulls(&sent_metas(&mut c));
+        assert_eq!(p2.len(), 1);
+        assert_eq!(p2[0].from_seq, Seq(3));
+        feed_deliver(&mut c, T0, conv(), 3);
+        feed(&mut c, T0, result(p2[0].req, 3, 3), &[]);
+        assert!(pulls(&sent_metas(&mut c)).is_empty());
+        let got: Vec<u64> = messages(&events(&mut c)).iter().map(|m| m.1).collect();
+        assert_eq!(got, vec![1, 2, 3]);
+
+        // A Notify at or below the cursor asks for nothing.
+        feed(&mut c, T0, notify(3), &[]);
+        assert!(pulls(&sent_metas(&mut c)).is_empty());
+    }
+
+    #[test]
+    fn a_pull_answered_with_nothing_is_not_repeated_by_itself() {
+        let mut c = synced(config());
+        feed(
+            &mut c,
+            T0,
+            Meta::Notify(meta::Notify {
+                conv: conv(),
+                latest_seq: Seq(5),
+            }),
+            &[],
+        );
+        let p = pulls(&sent_metas(&mut c));
+        let empty = Meta::PullResult(meta::PullResult {
+            req: p[0].req,
+            conv: conv(),
+            from_seq: Seq(0),
+            to_seq: Seq(0),
+            latest_seq: Seq(5),
+            available_from: Seq(0),
+        });
+        feed(&mut c, T0, empty, &[]);
+        assert!(pulls(&sent_metas(&mut c)).is_empty());
+    }
+
+    #[test]
+    fn sync_done_gap_emits_history_gap_and_advances_the_cursor() {
+        let (mut c, sync_req) = authenticated(config(), BTreeMap::from([(conv(), Seq(2))]));
+        // The replay starts after the gap.
+        feed_deliver(&mut c, T0, conv(), 8);
+        let gap = Gap {
+            conv: conv(),
+            from_seq: Seq(3),
+            to_seq: Seq(7),
+        };
+        feed(&mut c, T0, sync_done(sync_req, vec![gap], vec![]), &[]);
+        let ev = events(&mut c);
+        assert_eq!(
+            ev[0],
+            ClientEvent::HistoryGap {
+                conv: conv(),
+                from_seq: Seq(3),
+                to_seq: Seq(7)
+            }
+        );
+        assert!(matches!(ev[1], ClientEvent::Message { seq: Seq(8), .. }));
+        assert!(matches!(ev[2], ClientEvent::SyncDone { .. }));
+        assert_eq!(c.cursors()[&conv()], Seq(8));
+        assert_eq!(
+            sent_metas(&mut c),
+            vec![Meta::DeliveryAck(meta::DeliveryAck {
+                conv: conv(),
+                seq: Seq(8)
+            })],
+            "the gap is closed, so nothing is pulled"
+        );
+    }
+
+    #[test]
+    fn sync_done_more_pulls_from_the_cursor() {
+        let (mut c, sync_req) = authenticated(config(), BTreeMap::from([(conv(), Seq(2))]));
+        let more = Cursor {
+            conv: conv(),
+            seq: Seq(2),
+        };
+        feed(&mut c, T0, sync_done(sync_req, vec![], vec![more]), &[]);
+        let p = pulls(&sent_metas(&mut c));
+        assert_eq!(p.len(), 1);
+        assert_eq!(p[0].from_seq, Seq(3));
+    }
+
+    #[test]
+    fn pull_result_available_from_reports_the_gap_and_delivers_what_is_held() {
+        let mut c = synced(ClientConfig {
+            auto_pull: false,
+            ..config()
+        });
+        let req = c.pull(T0, conv(), Seq(1), 100).unwrap();
+        // Seq 4 arrived earlier and is held; 1..=5 are gone; 6 follows.
+        feed_deliver(&mut c, T0, conv(), 4);
+        feed_deliver(&mut c, T0, conv(), 6);
+        let result = Meta::PullResult(meta::PullResult {
+            req,
+            conv: conv(),
+            from_seq: Seq(6),
+            to_seq: Seq(6),
+            latest_seq: Seq(6),
+            available_from: Seq(6),
+        });
+        feed(&mut c, T0, result, &[]);
+        let ev: Vec<_> = events(&mut c)
+            .into_iter()
+            .filter(|e| {
+                matches!(
+                    e,
+                    ClientEvent::Message { .. } | ClientEvent::HistoryGap { .. }
+                )
+            })
+            .collect();
+        let summary: Vec<String> = ev
+            .iter()
+            .map(|e| match e {
+                ClientEvent::Message { seq, .. } => format!("m{seq}"),
+                ClientEvent::HistoryGap {
+                    from_seq, to_seq, ..
+                } => format!("gap{from_seq}-{to_seq}"),
+                _ => unreachable!(),
+            })
+            .collect();
+        assert_eq!(summary, vec!["gap1-3", "m4", "gap5-5", "m6"]);
+        assert_eq!(c.cursors()[&conv()], Seq(6));
+    }
+
+    #[test]
+    fn an_error_naming_a_pending_pull_fails_only_that_pull() {
+        let mut c = synced(config());
+        let req = c.pull(T0, conv(), Seq(1), 10).unwrap();
+        let error = Meta::Error(meta::Error {
+            code: ErrorCode::BadRequest,
+            message: "bad".into(),
+            req,
+        });
+        feed(&mut c, T0, error, &[]);
+        assert!(matches!(
+            events(&mut c)[..],
+            [ClientEvent::PullFailed {
+                reason: RequestFailure::Rejected {
+                    code: ErrorCode::BadRequest,
+                    ..
+                },
+                ..
+            }]
+        ));
+        assert!(c.is_authenticated());
+    }
+
+    #[test]
+    fn go_away_and_connection_errors_close() {
+        let mut c = synced(config());
+        let go_away = Meta::GoAway(meta::GoAway {
+            code: ErrorCode::ShuttingDown,
+            message: "drain".into(),
+            reconnect_after_ms: 500,
+        });
+        feed(&mut c, T0, go_away, &[]);
+        assert_eq!(
+            events(&mut c),
+            vec![ClientEvent::Closed {
+                code: ErrorCode::ShuttingDown,
+                message: "drain".into(),
+                reconnect_after: Some(ms(500)),
+                by_gateway: true
+            }]
+        );
+        assert!(!c.is_authenticated());
+        assert_eq!(c.poll_timeout(), None);
+
+        let (mut c, _) = authenticated(config(), BTreeMap::new());
+        let error = Meta::Error(meta::Error {
+            code: ErrorCode::SessionTakenOver,
+            message: "elsewhere".into(),
+            req: 0,
+        });
+        feed(&mut c, T0, error, &[]);
+        assert!(matches!(
+            events(&mut c)[..],
+            [ClientEvent::Closed {
+                code: ErrorCode::SessionTakenOver,
+                by_gateway: true,
+                ..
+            }]
+        ));
+    }
+
+    #[test]
+    fn a_decode_error_closes_the_connection_with_a_reason() {
+        let mut c = synced(config());
+        let mut garbage = BytesMut::from(&b"XXXXXXXXXXXXXXXXXXXXXXXX"[..]);
+        c.handle_bytes(T0, &mut garbage);
+        assert!(matches!(
+            events(&mut c)[..],
+            [ClientEvent::Closed {
+                code: ErrorCode::BadMagic,
+                by_gateway: false,
+                ..
+            }]
+        ));
+        assert!(matches!(
+            sent_metas(&mut c)[..],
+            [Meta::Error(meta::Error {
+                code: ErrorCode::BadMagic,
+                ..
+            })]
+        ));
+        // Whatever follows is ignored until the driver reconnects.
+        feed_deliver(&mut c, T0, conv(), 1);
+        assert!(events(&mut c).is_empty());
+        assert!(!c.cursors().contains_key(&conv()));
+    }
+
+    #[test]
+    fn a_deliver_before_auth_ok_is_a_protocol_violation() {
+        let mut c = Client::new(config(), BTreeMap::new());
+        c.handle_connected(T0);
+        sent(&mut c);
+        feed_deliver(&mut c, T0, conv(), 1);
+        assert!(matches!(
+            events(&mut c)[..],
+            [ClientEvent::Closed {
+                code: ErrorCode::UnexpectedFrame,
+                by_gateway: false,
+                ..
+            }]
+        ));
+        assert!(sent(&mut c).is_empty(), "nothing but Auth before AuthOk");
+    }
+
+    #[test]
+    fn frames_split_across_reads_are_reassembled() {
+        let mut c = synced(config());
+        let mut enc = Encoder::new();
+        let mut stream = BytesMut::new();
+        for seq in 1..=3 {
+            stream.extend_from_slice(&enc.encode_to_bytes(&deliver(conv(), seq), &body(seq)));
+        }
+        let mut buf = BytesMut::new();
+        for byte in stream.iter() {
+            buf.extend_from_slice(&[*byte]);
+            c.handle_bytes(T0, &mut buf);
+        }
+        let got: Vec<u64> = messages(&events(&mut c)).iter().map(|m| m.1).collect();
+        assert_eq!(got, vec![1, 2, 3]);
+    }
+
+    #[test]
+    fn client_msg_ids_are_unique_and_deterministic_per_seed() {
+        let ids = |seed: u64| {
+            let mut c = Client::new(
+                ClientConfig {
+                    seed,
+                    outbox_max: 1000,
+                    ..config()
+                },
+                BTreeMap::new(),
+            );
+            (0..1000)
+                .map(|_| send_text(&mut c, T0, "x"))
+                .collect::<Vec<_>>()
+        };
+        let a = ids(1);
+        assert_eq!(a, ids(1), "the same seed makes the same ids");
+        let b = ids(2);
+        assert!(
+            a.iter().zip(&b).all(|(x, y)| x != y),
+            "another seed, other ids"
+        );
+        let unique: BTreeSet<_> = a.iter().collect();
+        assert_eq!(unique.len(), a.len(), "unique within one millisecond");
+        let id = a[0].0;
+        assert_eq!(id[0], CLIENT_MSG_ID_VERSION);
+        assert_eq!(id[1..4], [0, 0, 7], "the device's low 3 bytes");
+        assert_eq!(
+            id[4..10],
+            T0.as_millis().to_be_bytes()[2..8],
+            "the time in ms"
+        );
+    }
+
+    #[test]
+    fn invalid_app_input_is_refused_without_queueing() {
+        let mut c = synced(config());
+        let bad = ConvId { hi: 5, lo: 1 };
+        assert_eq!(
+            c.send(T0, bad, Bytes::new(), Priority::Normal),
+            Err(ClientError::InvalidConversation(bad))
+        );
+        let big = Bytes::from(vec![0u8; 64 * 1024 + 1]);
+        assert!(matches!(
+            c.send(T0, conv(), big, Priority::Normal),
+            Err(ClientError::PayloadTooLarge { .. })
+        ));
+        assert_eq!(c.outbox_len(), 0);
+        assert!(sent(&mut c).is_empty());
+    }
+
+    #[test]
+    fn signals_go_both_ways() {
+        let mut c = synced(config());
+        c.signal(T0, conv(), SignalKind::Typing, Bytes::new())
+            .unwrap();
+        assert!(matches!(
+            sent_metas(&mut c)[..],
+            [Meta::Signal(meta::Signal {
+                kind: SignalKind::Typing,
+                ..
+            })]
+        ));
+        let relayed = Meta::Signal(meta::Signal {
+            conv: conv(),
+            kind: SignalKind::Presence,
+            sender: UserId(2),
+            sender_device: DeviceId(3),
+        });
+        feed(&mut c, T0, relayed, b"online");
+        assert_eq!(
+            events(&mut c),
+            vec![ClientEvent::Signal {
+                conv: conv(),
+                kind: SignalKind::Presence,
+                sender: UserId(2),
+                sender_device: DeviceId(3),
+                payload: Bytes::from_static(b"online"),
+            }]
+        );
     }
 }

@@ -43,6 +43,8 @@ pub struct Conn {
     /// until the gateway closes the connection, when the client reads them all.
     pub reading: bool,
     pub held: Vec<Bytes>,
+    /// Leave received bytes in `rx` undecoded (a client engine reads them).
+    pub raw: bool,
 }
 
 pub struct World {
@@ -127,6 +129,7 @@ impl World {
             closed: false,
             reading: true,
             held: Vec::new(),
+            raw: false,
         });
         self.run();
         self.conns.len() - 1
@@ -277,9 +280,11 @@ impl World {
                             c.rx.extend_from_slice(&chunk);
                         }
                         let decoder = Decoder::new(u32::MAX);
-                        while let Some(f) =
-                            decoder.decode(&mut c.rx).expect("gateway frames decode")
-                        {
+                        while !c.raw {
+                            let Some(f) = decoder.decode(&mut c.rx).expect("gateway frames decode")
+                            else {
+                                break;
+                            };
                             c.inbox.push_back((f.meta, f.payload));
                         }
                     }

@@ -2096,8 +2096,8 @@ impl<'a> Sync<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<u32>(Sync::VT_REQ, Some(0)).unwrap()}
   }
-  /// One cursor per conversation the device knows. Conversations the user belongs to
-  /// but are absent here are synced from seq 0.
+  /// One cursor per conversation the device knows. Conversations absent here are not
+  /// replayed now; the first live message of one makes the gateway send it from seq 1.
   #[inline]
   pub fn cursors(&self) -> Option<flatbuffers::Vector<'a, Cursor>> {
     // Safety:
