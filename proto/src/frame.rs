@@ -42,25 +42,27 @@ impl Header {
     /// Parses the first [`HEADER_LEN`] bytes of a frame and checks them against
     /// `max_frame_bytes`.
     pub fn parse(bytes: &[u8; HEADER_LEN], max_frame_bytes: u32) -> Result<Header, DecodeError> {
-        let mut b = &bytes[..];
-        let magic = [b.get_u8(), b.get_u8()];
+        // Fixed offsets into a fixed-size array: the compiler checks nothing at run time.
+        let u16_at = |i: usize| u16::from_le_bytes([bytes[i], bytes[i + 1]]);
+        let u32_at =
+            |i: usize| u32::from_le_bytes([bytes[i], bytes[i + 1], bytes[i + 2], bytes[i + 3]]);
+        let magic = [bytes[0], bytes[1]];
         if magic != MAGIC {
             return Err(DecodeError::BadMagic { found: magic });
         }
-        let version = b.get_u8();
+        let version = bytes[2];
         if version != VERSION {
             return Err(DecodeError::UnsupportedVersion { found: version });
         }
-        let kind_byte = b.get_u8();
+        let kind_byte = bytes[3];
         let kind =
             FrameKind::from_u8(kind_byte).ok_or(DecodeError::UnknownKind { found: kind_byte })?;
-        let flags = b.get_u16_le();
-        let reserved = b.get_u16_le();
+        let (flags, reserved) = (u16_at(4), u16_at(6));
         if flags != 0 || reserved != 0 {
             return Err(DecodeError::ReservedBitsSet { flags, reserved });
         }
-        let meta_len = b.get_u32_le();
-        let payload_len = b.get_u32_le();
+        let meta_len = u32_at(8);
+        let payload_len = u32_at(12);
         let header = Header {
             kind,
             meta_len,
