@@ -1157,16 +1157,14 @@ impl Shard {
                 conv,
                 seq,
             } => {
-                if let Some(c) = self.conn_mut(to.conn) {
-                    c.inflight_sends = c.inflight_sends.saturating_sub(1);
+                let ack = Meta::Ack(meta::Ack {
+                    req,
+                    client_msg_id,
+                    conv,
+                    seq,
+                });
+                if self.answer_send(to.conn, &ack) {
                     self.stats.acks += 1;
-                    let ack = Meta::Ack(meta::Ack {
-                        req,
-                        client_msg_id,
-                        conv,
-                        seq,
-                    });
-                    self.push(to.conn, &ack, Bytes::new());
                 }
             }
             ShardMsg::Nacked {
@@ -1177,17 +1175,15 @@ impl Shard {
                 code,
                 message,
             } => {
-                if let Some(c) = self.conn_mut(to.conn) {
-                    c.inflight_sends = c.inflight_sends.saturating_sub(1);
+                let nack = Meta::Nack(meta::Nack {
+                    req,
+                    client_msg_id,
+                    conv,
+                    code,
+                    message: message.into(),
+                });
+                if self.answer_send(to.conn, &nack) {
                     self.stats.nacks += 1;
-                    let nack = Meta::Nack(meta::Nack {
-                        req,
-                        client_msg_id,
-                        conv,
-                        code,
-                        message: message.into(),
-                    });
-                    self.push(to.conn, &nack, Bytes::new());
                 }
             }
             ShardMsg::Deliver {
@@ -1308,6 +1304,17 @@ impl Shard {
                 .effects
                 .push_back(Effect::CommandDone { token, result }),
         }
+    }
+
+    /// Queues the Ack or Nack of a Send on its connection, if it is still open, and frees
+    /// its in-flight slot. Returns whether the connection was there.
+    fn answer_send(&mut self, id: ConnId, answer: &Meta) -> bool {
+        let Some(c) = self.conn_mut(id) else {
+            return false;
+        };
+        c.inflight_sends = c.inflight_sends.saturating_sub(1);
+        self.push(id, answer, Bytes::new());
+        true
     }
 
     /// The members of a conversation this shard owns: stored for groups and for direct
