@@ -1,0 +1,884 @@
+//! The glommio driver of imgate-core: one pinned executor per shard, each owning its
+//! listener (SO_REUSEPORT), its connections, its `Shard` engine and its segment log, and a
+//! channel mesh between shards. It moves bytes, time and log records; every decision is
+//! the engine's (see the driver contract at the top of `imgate_core::shard`).
+//!
+//! Per shard, these tasks share one `RefCell<State>` (never borrowed across an await):
+//! - the acceptor;
+//! - per connection, a reader (reads into a shard-wide scratch buffer, so an idle
+//!   connection holds no read buffer) and a writer (parked while its queue is empty);
+//! - the log task: group commit. It writes every queued append, runs one fdatasync, and
+//!   reports the last Lsn durable; appends that arrive during the sync wait for the next.
+//! - one receiver and one sender task per peer shard (FIFO per pair, as the engine needs);
+//! - the tick task: engine timers every 100 ms, metrics, and the shutdown signal.
+
+use crate::admin::{AdminContext, Control};
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::storage::{self, LogConfig, SegmentLog};
+use anyhow::{bail, Context as _, Result};
+use bytes::{Bytes, BytesMut};
+use futures_lite::future::poll_fn;
+use futures_lite::{AsyncRead, AsyncWrite};
+use glommio::channels::channel_mesh::{MeshBuilder, Receivers, Senders};
+use glommio::channels::shared_channel::{self, ConnectedReceiver, ConnectedSender};
+use glommio::net::{TcpListener, TcpStream};
+use glommio::{LocalExecutorBuilder, Placement};
+use imgate_core::auth::TokenVerifier;
+use imgate_core::mesh::{Command, CommandError, ConnId, ShardId, ShardMsg};
+use imgate_core::shard::{Effect, Lsn, Shard, ShardConfig};
+use imgate_core::Instant;
+use std::cell::{Cell, RefCell};
+use std::collections::{BTreeMap, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::{Poll, Waker};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Messages in flight on one mesh channel (one ordered pair of shards) before the sender
+/// task waits. 4096: a few milliseconds of fan-out at full load.
+const MESH_CHANNEL_SIZE: usize = 4096;
+/// The shard-wide read scratch buffer. 64 KiB: one read takes what a busy socket has.
+const READ_SCRATCH_BYTES: usize = 64 * 1024;
+/// Outbound bytes copied into one write buffer: below it, a transmit's chunks (headers
+/// and small payloads) are coalesced into one write; a larger payload is written as is.
+const COALESCE_BYTES: usize = 64 * 1024;
+/// How often the engine's timers are driven. Its wheel has 100 ms ticks.
+const TICK: Duration = Duration::from_millis(100);
+/// Commands from the admin server waiting for a shard's answer.
+const ADMIN_CHANNEL_SIZE: usize = 64;
+/// File descriptors kept for logs, listeners and the admin server.
+const RESERVED_FDS: u64 = 64;
+
+/// The process-wide clock: wall time at start, advanced by a monotonic clock, so that
+/// time never goes back while the gateway runs (see `imgate_core::time`).
+#[derive(Clone, Copy)]
+struct Clock {
+    start_unix_ms: u64,
+    start: std::time::Instant,
+}
+
+impl Clock {
+    fn new() -> Clock {
+        let start_unix_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        Clock {
+            start_unix_ms,
+            start: std::time::Instant::now(),
+        }
+    }
+
+    fn now(&self) -> Instant {
+        Instant::from_millis(self.start_unix_ms + self.start.elapsed().as_millis() as u64)
+    }
+}
+
+/// A one-waiter wake-up flag for tasks on one executor.
+#[derive(Default)]
+struct Notify {
+    set: Cell<bool>,
+    waker: RefCell<Option<Waker>>,
+}
+
+impl Notify {
+    fn notify(&self) {
+        self.set.set(true);
+        if let Some(w) = self.waker.borrow_mut().take() {
+            w.wake();
+        }
+    }
+
+    async fn wait(&self) {
+        poll_fn(|cx| {
+            if self.set.replace(false) {
+                Poll::Ready(())
+            } else {
+                *self.waker.borrow_mut() = Some(cx.waker().clone());
+                Poll::Pending
+            }
+        })
+        .await
+    }
+}
+
+/// One connection's socket and outbound queue.
+struct ConnIo {
+    id: ConnId,
+    stream: RefCell<TcpStream>,
+    outq: RefCell<VecDeque<Bytes>>,
+    wake_writer: Notify,
+    /// Write what is queued, then close (the engine has dropped the connection).
+    closing: Cell<bool>,
+    /// The socket is gone; both tasks stop.
+    closed: Cell<bool>,
+}
+
+/// A command from the admin server and where to send its answer.
+type AdminRequest = (u64, Command);
+type AdminReply = (u64, Result<(), CommandError>);
+
+struct State {
+    shard: Shard,
+    clock: Clock,
+    conns: Vec<Option<Rc<ConnIo>>>,
+    log_queue: Vec<(Lsn, Vec<u8>, std::time::Instant)>,
+    wake_log: Rc<Notify>,
+    mesh_out: Vec<VecDeque<ShardMsg>>,
+    wake_mesh: Vec<Rc<Notify>>,
+    admin_replies: VecDeque<AdminReply>,
+    wake_admin: Rc<Notify>,
+    scratch: Vec<u8>,
+}
+
+impl State {
+    /// Carries out everything the engine produced (effects, then transmits).
+    fn pump(&mut self) {
+        while let Some(effect) = self.shard.poll_effect() {
+            match effect {
+                Effect::Append { lsn, bytes } => {
+                    self.log_queue.push((lsn, bytes, std::time::Instant::now()));
+                    self.wake_log.notify();
+                }
+                Effect::ToShard { to, msg } => {
+                    let to = to.0 as usize;
+                    self.mesh_out[to].push_back(msg);
+                    self.wake_mesh[to].notify();
+                }
+                Effect::CommandDone { token, result } => {
+                    self.admin_replies.push_back((token, result));
+                    self.wake_admin.notify();
+                }
+            }
+        }
+        while let Some(t) = self.shard.poll_transmit() {
+            let Some(io) = self.conn(t.conn) else {
+                continue;
+            };
+            io.outq.borrow_mut().extend(t.chunks);
+            if t.close {
+                io.closing.set(true);
+            }
+            io.wake_writer.notify();
+        }
+    }
+
+    fn conn(&self, id: ConnId) -> Option<Rc<ConnIo>> {
+        self.conns
+            .get(id.index as usize)
+            .and_then(|c| c.as_ref())
+            .filter(|c| c.id == id)
+            .cloned()
+    }
+}
+
+type Shared = Rc<RefCell<State>>;
+
+/// What each shard executor is handed.
+struct ShardSetup {
+    index: usize,
+    count: usize,
+    config: Config,
+    verifier: TokenVerifier,
+    metrics: Arc<Metrics>,
+    mesh: MeshBuilder<ShardMsg, glommio::channels::channel_mesh::Full>,
+    stop: Arc<AtomicBool>,
+    admin: Option<(
+        shared_channel::SharedReceiver<AdminRequest>,
+        shared_channel::SharedSender<AdminReply>,
+    )>,
+    clock: Clock,
+}
+
+/// Runs the gateway until SIGTERM, SIGINT or an admin drain; returns when every shard has
+/// drained and synced its log.
+pub fn run(config: Config) -> Result<()> {
+    let capacity = raise_nofile_limit();
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let count = if config.shards == 0 {
+        cpus
+    } else {
+        config.shards
+    };
+    if count > usize::from(u16::MAX) {
+        bail!("at most {} shards", u16::MAX);
+    }
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
+    check_shard_count(&config, count)?;
+    let key = config.verification_key()?;
+    let verifier = TokenVerifier::new(
+        &key,
+        config.limits.token_leeway,
+        config.limits.token_bytes_max,
+    )
+    .map_err(|e| anyhow::anyhow!("verification key: {e}"))?;
+    let mut config = config;
+    let per_shard = (capacity / count as u64) as usize;
+    config.limits.connections_max = config.limits.connections_max.min(per_shard.max(1));
+    tracing::info!(
+        shards = count,
+        connections_per_shard = config.limits.connections_max,
+        open_files = capacity + RESERVED_FDS,
+        listen = %config.listen,
+        admin = %config.admin,
+        data_dir = %config.data_dir.display(),
+        "starting imgate gateway"
+    );
+
+    let stop = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(signal, stop.clone()).context("installing signal handler")?;
+    }
+    let io_memory = io_memory_per_executor(count + 1);
+    let metrics = Metrics::new(count);
+    let clock = Clock::new();
+    let mesh = MeshBuilder::full(count, MESH_CHANNEL_SIZE);
+    let (req_tx, req_rx) = shared_channel::new_bounded::<AdminRequest>(ADMIN_CHANNEL_SIZE);
+    let (rep_tx, rep_rx) = shared_channel::new_bounded::<AdminReply>(ADMIN_CHANNEL_SIZE);
+    let mut admin_ends = Some((req_rx, rep_tx));
+
+    // Bind the admin port before the shards start, so that a bad address fails fast.
+    let admin_addr = config.admin;
+    let admin_metrics = metrics.clone();
+    let admin_stop = stop.clone();
+    let admin = LocalExecutorBuilder::new(Placement::Unbound)
+        .name("imgate-admin")
+        .io_memory(io_memory)
+        .spawn(move || async move {
+            let listener = match TcpListener::bind(admin_addr) {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::error!(%admin_addr, error = %e, "admin listener");
+                    admin_stop.store(true, Ordering::SeqCst);
+                    return;
+                }
+            };
+            let control = Rc::new(AdminControl::new(req_tx, rep_rx, admin_stop).await);
+            let dispatcher = control.clone();
+            glommio::spawn_local(async move { dispatcher.dispatch_replies().await }).detach();
+            let ctx = AdminContext {
+                metrics: admin_metrics,
+                control,
+            };
+            crate::admin::serve(listener, ctx).await;
+        })
+        .map_err(|e| anyhow::anyhow!("starting the admin executor: {e}"))?;
+
+    let mut handles = Vec::new();
+    for index in 0..count {
+        let setup = ShardSetup {
+            index,
+            count,
+            config: config.clone(),
+            verifier: verifier.clone(),
+            metrics: metrics.clone(),
+            mesh: mesh.clone(),
+            stop: stop.clone(),
+            admin: if index == 0 { admin_ends.take() } else { None },
+            clock,
+        };
+        let handle = LocalExecutorBuilder::new(Placement::Fixed(index % cpus))
+            .name(&format!("imgate-shard-{index}"))
+            .io_memory(io_memory)
+            .spawn(move || async move { shard_main(setup).await })
+            .map_err(|e| anyhow::anyhow!("starting shard {index}: {e}"))?;
+        handles.push(handle);
+    }
+    let mut failed = None;
+    for (i, h) in handles.into_iter().enumerate() {
+        match h.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::error!(shard = i, error = %format!("{e:#}"), "shard failed");
+                stop.store(true, Ordering::SeqCst);
+                failed.get_or_insert(e);
+            }
+            Err(e) => {
+                stop.store(true, Ordering::SeqCst);
+                failed.get_or_insert(anyhow::anyhow!("shard {i} panicked: {e:?}"));
+            }
+        }
+    }
+    // The admin executor serves until the process exits; it holds nothing durable.
+    drop(admin);
+    match failed {
+        Some(e) => Err(e),
+        None => {
+            tracing::info!("gateway stopped cleanly");
+            Ok(())
+        }
+    }
+}
+
+async fn shard_main(setup: ShardSetup) -> Result<()> {
+    let ShardSetup {
+        index,
+        count,
+        config,
+        verifier,
+        metrics,
+        mesh,
+        stop,
+        admin,
+        clock,
+    } = setup;
+    let dir = config.data_dir.join(format!("shard-{index}"));
+    let (log, recovery) = storage::open(LogConfig {
+        dir: dir.clone(),
+        segment_bytes: config.segment_bytes,
+    })
+    .await
+    .with_context(|| format!("opening the log in {}", dir.display()))?;
+    let mut shard = Shard::new(
+        ShardConfig {
+            id: ShardId(index as u16),
+            shard_count: count as u16,
+            limits: config.limits.clone(),
+        },
+        verifier,
+    );
+    let records = recovery.records.len();
+    shard
+        .recover(recovery.records)
+        .with_context(|| format!("recovering shard {index} from {}", dir.display()))?;
+    tracing::info!(
+        shard = index,
+        records,
+        truncated_bytes = recovery.truncated_bytes,
+        "log recovered"
+    );
+    let (senders, receivers) = mesh
+        .join()
+        .await
+        .map_err(|e| anyhow::anyhow!("joining the shard mesh: {e}"))?;
+    let wake_mesh: Vec<Rc<Notify>> = (0..count).map(|_| Rc::new(Notify::default())).collect();
+    let state: Shared = Rc::new(RefCell::new(State {
+        shard,
+        clock,
+        conns: Vec::new(),
+        log_queue: Vec::new(),
+        wake_log: Rc::new(Notify::default()),
+        mesh_out: (0..count).map(|_| VecDeque::new()).collect(),
+        wake_mesh: wake_mesh.clone(),
+        admin_replies: VecDeque::new(),
+        wake_admin: Rc::new(Notify::default()),
+        scratch: vec![0; READ_SCRATCH_BYTES],
+    }));
+
+    let senders = Rc::new(senders);
+    let receivers = Rc::new(receivers);
+    for peer in (0..count).filter(|&p| p != index) {
+        glommio::spawn_local(mesh_sender(
+            state.clone(),
+            senders.clone(),
+            peer,
+            wake_mesh[peer].clone(),
+        ))
+        .detach();
+        glommio::spawn_local(mesh_receiver(state.clone(), receivers.clone(), peer)).detach();
+    }
+    let log_idle = Rc::new(Cell::new(true));
+    glommio::spawn_local(log_task(
+        state.clone(),
+        log,
+        metrics.clone(),
+        index,
+        log_idle.clone(),
+    ))
+    .detach();
+    if let Some((req_rx, rep_tx)) = admin {
+        let req_rx = req_rx.connect().await;
+        let rep_tx = rep_tx.connect().await;
+        glommio::spawn_local(admin_requests(state.clone(), req_rx)).detach();
+        glommio::spawn_local(admin_replies(state.clone(), rep_tx)).detach();
+    }
+    let listener = TcpListener::bind(config.listen)
+        .map_err(|e| anyhow::anyhow!("binding {} on shard {index}: {e}", config.listen))?;
+    let acceptor = glommio::spawn_local(accept_loop(state.clone(), listener));
+
+    // The tick task's work, inline: timers, metrics, and shutdown.
+    let draining_since = loop {
+        glommio::timer::sleep(TICK).await;
+        let mut st = state.borrow_mut();
+        let now = st.clock.now();
+        st.shard.handle_timeout(now);
+        st.pump();
+        metrics.shard(index).publish(st.shard.stats());
+        if stop.load(Ordering::SeqCst) {
+            st.shard.handle_drain(now);
+            st.pump();
+            break std::time::Instant::now();
+        }
+    };
+    acceptor.cancel().await;
+    // Let GoAway frames go out and in-flight appends become durable, within the timeout.
+    loop {
+        let done = {
+            let st = state.borrow();
+            st.log_queue.is_empty()
+                && log_idle.get()
+                && st.conns.iter().flatten().all(|c| c.closed.get())
+        };
+        if done || draining_since.elapsed() > config.shutdown_timeout {
+            break;
+        }
+        glommio::timer::sleep(Duration::from_millis(10)).await;
+    }
+    metrics.shard(index).publish(state.borrow().shard.stats());
+    tracing::info!(shard = index, "drained");
+    Ok(())
+}
+
+async fn accept_loop(state: Shared, listener: TcpListener) {
+    loop {
+        let stream = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                // Out of file descriptors or a reset during the handshake: the listener
+                // is still good; wait a moment rather than spin.
+                tracing::warn!(error = %e, "accept failed");
+                glommio::timer::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let opened = {
+            let mut st = state.borrow_mut();
+            let now = st.clock.now();
+            st.shard.handle_open(now)
+        };
+        match opened {
+            Ok(id) => {
+                let io = Rc::new(ConnIo {
+                    id,
+                    stream: RefCell::new(stream),
+                    outq: RefCell::new(VecDeque::new()),
+                    wake_writer: Notify::default(),
+                    closing: Cell::new(false),
+                    closed: Cell::new(false),
+                });
+                {
+                    let mut st = state.borrow_mut();
+                    let i = id.index as usize;
+                    if st.conns.len() <= i {
+                        st.conns.resize_with(i + 1, || None);
+                    }
+                    st.conns[i] = Some(io.clone());
+                    st.pump();
+                }
+                glommio::spawn_local(reader(state.clone(), io.clone())).detach();
+                glommio::spawn_local(writer(state.clone(), io)).detach();
+            }
+            Err(refusal) => {
+                glommio::spawn_local(async move {
+                    let mut stream = stream;
+                    let _ = write_all(&mut stream, &refusal).await;
+                    let _ = poll_fn(|cx| Pin::new(&mut stream).poll_close(cx)).await;
+                })
+                .detach();
+            }
+        }
+    }
+}
+
+/// Reads into the shard's scratch buffer and hands the bytes to the engine. The receive
+/// buffer exists only while a frame is incomplete.
+async fn reader(state: Shared, io: Rc<ConnIo>) {
+    let mut rx = BytesMut::new();
+    loop {
+        let read = poll_fn(|cx| {
+            let mut st = state.borrow_mut();
+            let mut stream = io.stream.borrow_mut();
+            match Pin::new(&mut *stream).poll_read(cx, &mut st.scratch) {
+                Poll::Ready(Ok(n)) => {
+                    rx.extend_from_slice(&st.scratch[..n]);
+                    Poll::Ready(Ok(n))
+                }
+                other => other,
+            }
+        })
+        .await;
+        if io.closed.get() {
+            return;
+        }
+        match read {
+            Ok(n) if n > 0 => {
+                let mut st = state.borrow_mut();
+                let now = st.clock.now();
+                st.shard.handle_bytes(now, io.id, &mut rx);
+                st.pump();
+                if rx.is_empty() {
+                    // Frames keep their slices alive; the connection needs no buffer now.
+                    rx = BytesMut::new();
+                }
+            }
+            _ => {
+                // EOF or a socket error: the peer is gone.
+                io.closed.set(true);
+                io.wake_writer.notify();
+                let mut st = state.borrow_mut();
+                let now = st.clock.now();
+                st.shard.handle_closed(now, io.id);
+                st.pump();
+                release(&mut st, io.id);
+                return;
+            }
+        }
+    }
+}
+
+/// Writes the connection's queued chunks, coalescing small ones into one write.
+async fn writer(state: Shared, io: Rc<ConnIo>) {
+    loop {
+        while io.outq.borrow().is_empty() && !io.closing.get() && !io.closed.get() {
+            io.wake_writer.wait().await;
+        }
+        if io.closed.get() {
+            return;
+        }
+        let chunks: Vec<Bytes> = io.outq.borrow_mut().drain(..).collect();
+        let mut written = 0usize;
+        let mut failed = false;
+        let mut batch = BytesMut::new();
+        for chunk in chunks {
+            if chunk.len() > COALESCE_BYTES {
+                failed |= flush(&io, &mut batch, &mut written).await.is_err();
+                failed |= write_stream(&io, &chunk).await.is_err();
+                written += chunk.len();
+            } else {
+                batch.extend_from_slice(&chunk);
+                if batch.len() >= COALESCE_BYTES {
+                    failed |= flush(&io, &mut batch, &mut written).await.is_err();
+                }
+            }
+            if failed {
+                break;
+            }
+        }
+        if !failed {
+            failed = flush(&io, &mut batch, &mut written).await.is_err();
+        }
+        {
+            let mut st = state.borrow_mut();
+            let now = st.clock.now();
+            st.shard.handle_written(now, io.id, written);
+            st.pump();
+        }
+        if failed || (io.closing.get() && io.outq.borrow().is_empty()) {
+            let _ = poll_fn(|cx| Pin::new(&mut *io.stream.borrow_mut()).poll_close(cx)).await;
+            io.closed.set(true);
+            if failed && !io.closing.get() {
+                let mut st = state.borrow_mut();
+                let now = st.clock.now();
+                st.shard.handle_closed(now, io.id);
+                st.pump();
+            }
+            let mut st = state.borrow_mut();
+            release(&mut st, io.id);
+            return;
+        }
+    }
+}
+
+fn release(st: &mut State, id: ConnId) {
+    if let Some(slot) = st.conns.get_mut(id.index as usize) {
+        if slot.as_ref().is_some_and(|c| c.id == id) {
+            *slot = None;
+        }
+    }
+}
+
+async fn flush(io: &ConnIo, batch: &mut BytesMut, written: &mut usize) -> std::io::Result<()> {
+    if batch.is_empty() {
+        return Ok(());
+    }
+    let n = batch.len();
+    let r = write_stream(io, batch).await;
+    batch.clear();
+    if r.is_ok() {
+        *written += n;
+    }
+    r
+}
+
+async fn write_stream(io: &ConnIo, mut bytes: &[u8]) -> std::io::Result<()> {
+    while !bytes.is_empty() {
+        let n = poll_fn(|cx| Pin::new(&mut *io.stream.borrow_mut()).poll_write(cx, bytes)).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        bytes = &bytes[n..];
+    }
+    Ok(())
+}
+
+async fn write_all(stream: &mut TcpStream, mut bytes: &[u8]) -> std::io::Result<()> {
+    while !bytes.is_empty() {
+        let n = poll_fn(|cx| Pin::new(&mut *stream).poll_write(cx, bytes)).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        bytes = &bytes[n..];
+    }
+    Ok(())
+}
+
+/// Group commit: write everything queued, one fdatasync, report the last Lsn durable.
+async fn log_task(
+    state: Shared,
+    mut log: SegmentLog,
+    metrics: Arc<Metrics>,
+    index: usize,
+    idle: Rc<Cell<bool>>,
+) {
+    let wake = state.borrow().wake_log.clone();
+    loop {
+        let batch = std::mem::take(&mut state.borrow_mut().log_queue);
+        let Some(&(last, _, _)) = batch.last() else {
+            idle.set(true);
+            wake.wait().await;
+            continue;
+        };
+        idle.set(false);
+        let started = std::time::Instant::now();
+        let mut result = Ok(());
+        for (_, bytes, _) in &batch {
+            result = log.write(bytes).await;
+            if result.is_err() {
+                break;
+            }
+        }
+        if result.is_ok() {
+            result = log.sync().await;
+        }
+        let m = metrics.shard(index);
+        match result {
+            Ok(()) => {
+                m.record_fsync(started.elapsed());
+                for (_, _, queued) in &batch {
+                    m.record_ack_latency(queued.elapsed(), 1);
+                }
+                let mut st = state.borrow_mut();
+                let now = st.clock.now();
+                st.shard.handle_durable(now, last);
+                st.pump();
+            }
+            Err(e) => {
+                tracing::error!(shard = index, error = %e, "log append failed; failing unsynced sends");
+                m.log_failed();
+                if let Err(e) = log.reset_to_durable().await {
+                    tracing::error!(shard = index, error = %e, "could not reset the log; stopping");
+                    return;
+                }
+                let mut st = state.borrow_mut();
+                let now = st.clock.now();
+                st.log_queue.clear();
+                st.shard.handle_log_failed(now);
+                st.pump();
+            }
+        }
+    }
+}
+
+async fn mesh_sender(state: Shared, senders: Rc<Senders<ShardMsg>>, peer: usize, wake: Rc<Notify>) {
+    loop {
+        let msg = state.borrow_mut().mesh_out[peer].pop_front();
+        match msg {
+            Some(msg) => {
+                if senders.send_to(peer, msg).await.is_err() {
+                    return;
+                }
+            }
+            None => wake.wait().await,
+        }
+    }
+}
+
+async fn mesh_receiver(state: Shared, receivers: Rc<Receivers<ShardMsg>>, peer: usize) {
+    while let Ok(Some(msg)) = receivers.recv_from(peer).await {
+        let mut st = state.borrow_mut();
+        let now = st.clock.now();
+        st.shard.handle_shard_msg(now, msg);
+        st.pump();
+    }
+}
+
+async fn admin_requests(state: Shared, rx: ConnectedReceiver<AdminRequest>) {
+    while let Some((token, command)) = rx.recv().await {
+        let mut st = state.borrow_mut();
+        let now = st.clock.now();
+        st.shard.handle_command(now, command, token);
+        st.pump();
+    }
+}
+
+async fn admin_replies(state: Shared, tx: ConnectedSender<AdminReply>) {
+    let wake = state.borrow().wake_admin.clone();
+    loop {
+        let reply = state.borrow_mut().admin_replies.pop_front();
+        match reply {
+            Some(r) => {
+                if tx.send(r).await.is_err() {
+                    return;
+                }
+            }
+            None => wake.wait().await,
+        }
+    }
+}
+
+/// A command's answer, once it came, and the task waiting for it.
+type Waiting = (Option<Result<(), CommandError>>, Option<Waker>);
+
+/// The admin server's handle on the shards: commands go to shard 0, which routes them to
+/// the group's owner; answers come back by token.
+struct AdminControl {
+    tx: ConnectedSender<AdminRequest>,
+    rx: ConnectedReceiver<AdminReply>,
+    next: Cell<u64>,
+    waiting: RefCell<BTreeMap<u64, Waiting>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl AdminControl {
+    async fn new(
+        tx: shared_channel::SharedSender<AdminRequest>,
+        rx: shared_channel::SharedReceiver<AdminReply>,
+        stop: Arc<AtomicBool>,
+    ) -> AdminControl {
+        AdminControl {
+            tx: tx.connect().await,
+            rx: rx.connect().await,
+            next: Cell::new(1),
+            waiting: RefCell::new(BTreeMap::new()),
+            stop,
+        }
+    }
+
+    async fn dispatch_replies(&self) {
+        while let Some((token, result)) = self.rx.recv().await {
+            if let Some(slot) = self.waiting.borrow_mut().get_mut(&token) {
+                slot.0 = Some(result);
+                if let Some(w) = slot.1.take() {
+                    w.wake();
+                }
+            }
+        }
+    }
+}
+
+impl Control for AdminControl {
+    fn command(
+        &self,
+        cmd: Command,
+    ) -> Pin<Box<dyn Future<Output = Result<(), CommandError>> + '_>> {
+        let token = self.next.get();
+        self.next.set(token + 1);
+        self.waiting.borrow_mut().insert(token, (None, None));
+        Box::pin(async move {
+            if self.tx.send((token, cmd)).await.is_err() {
+                self.waiting.borrow_mut().remove(&token);
+                return Err(CommandError::StorageFailed);
+            }
+            poll_fn(|cx| {
+                let mut waiting = self.waiting.borrow_mut();
+                let Some(slot) = waiting.get_mut(&token) else {
+                    return Poll::Ready(Err(CommandError::StorageFailed));
+                };
+                match slot.0.take() {
+                    Some(result) => {
+                        waiting.remove(&token);
+                        Poll::Ready(result)
+                    }
+                    None => {
+                        slot.1 = Some(cx.waker().clone());
+                        Poll::Pending
+                    }
+                }
+            })
+            .await
+        })
+    }
+
+    fn drain(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+
+    fn is_draining(&self) -> bool {
+        self.stop.load(Ordering::SeqCst)
+    }
+}
+
+/// Raises the soft open-file limit to the hard limit; returns the connections it allows.
+fn raise_nofile_limit() -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct passed by reference.
+    let ok = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0;
+    if ok && lim.rlim_cur < lim.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: lim.rlim_max,
+            rlim_max: lim.rlim_max,
+        };
+        // SAFETY: as above.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            lim.rlim_cur = lim.rlim_max;
+        }
+    }
+    let limit = if ok { lim.rlim_cur } else { 1024 };
+    limit.saturating_sub(RESERVED_FDS).max(1)
+}
+
+/// io_uring registered-buffer memory per executor, fitting all executors under the
+/// memlock limit (8 MiB on the build machines) so glommio never skips registration.
+fn io_memory_per_executor(executors: usize) -> usize {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit only writes the struct passed by reference.
+    let ok = unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut lim) } == 0;
+    let budget = if ok && lim.rlim_cur != libc::RLIM_INFINITY {
+        lim.rlim_cur as usize
+    } else {
+        64 << 20
+    };
+    // Half the limit, shared; glommio and the kernel lock a little besides the buffers.
+    (budget / 2 / executors).clamp(64 << 10, 8 << 20)
+}
+
+/// Refuses to start with a shard count other than the one the logs were written with:
+/// conversation ownership depends on it.
+fn check_shard_count(config: &Config, count: usize) -> Result<()> {
+    let path = config.data_dir.join("shards");
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            let recorded: usize = text
+                .trim()
+                .parse()
+                .with_context(|| format!("reading {}", path.display()))?;
+            if recorded != count {
+                bail!(
+                    "{} was written by {recorded} shards; this gateway would run {count}. \
+                     Start it with --shards {recorded}",
+                    config.data_dir.display()
+                );
+            }
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::write(&path, format!("{count}\n"))
+                .with_context(|| format!("writing {}", path.display()))
+        }
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}

@@ -1,0 +1,1407 @@
+//! The warm tier: one shard's log as segment files on local disk, written with glommio.
+//!
+//! A shard's log lives in one directory as numbered segment files,
+//! `<dir>/<index:020>.seg` with the index counting from 1. Each segment is a run of records
+//! framed by core ([`imgate_core::log::encode_record`]); this module never looks inside a
+//! record, except through core's [`scan`] at recovery. It owns:
+//!
+//! - Appending: [`SegmentLog::write`] stages bytes and writes them out; nothing is durable
+//!   until [`SegmentLog::sync`] returns. The driver's group commit sits on top: it collects
+//!   appends while a sync runs, then hands them over in one `write` and one `sync`.
+//! - Rotation: a batch that would take the current segment past
+//!   [`LogConfig::segment_bytes`] first seals it (written out, cut to its exact length,
+//!   fdatasync'd) and starts the next. A batch always ends on a record boundary (the
+//!   caller's promise), so records never span segments. A batch larger than a whole
+//!   segment goes alone into a fresh one.
+//! - Failure: after a failed write or sync the log refuses appends until
+//!   [`SegmentLog::reset_to_durable`] has cut the file back to the durable prefix. Without
+//!   that, records the shard Nacked (and whose seqs it hands out again) could still be on
+//!   disk and come back at the next recovery, so that one seq would name two messages (I5).
+//! - Recovery ([`open`]): every segment is read whole and scanned with core's [`scan`].
+//!   The last segment is cut to its valid length (a torn append, O_DIRECT zero padding, or
+//!   a corrupt frame at the tail, all the normal residue of a crash). Damage in any earlier
+//!   segment is [`StorageError::Corrupt`] and the log refuses to open: those segments were
+//!   sealed durable, so the damage would otherwise drop acknowledged messages silently. A
+//!   missing segment number is refused the same way.
+//!
+//! # Direct I/O and the partial last block
+//!
+//! Segments are written with O_DIRECT ([`DmaFile`]), which moves whole aligned blocks. A
+//! sync that ends inside a block writes that block padded with zeros; the next write
+//! rewrites the same block with the old bytes, the new ones and fresh zero padding. So
+//! after a crash a segment may end in zeros, which core's scan reports as
+//! [`ScanEnd::ZeroTail`] and recovery cuts off. Rewriting a block that holds durable bytes
+//! is safe even if the rewrite is torn: every sector of the block carries the same durable
+//! bytes in its old and its new version.
+//!
+//! glommio's own `DmaStreamWriter` is not used, for three reasons found in its source
+//! (0.9.0): its `sync` writes the whole staging buffer (128 KiB for a 100-byte batch), and
+//! the padding past the data is uninitialised buffer memory, not zeros, so after a crash
+//! stale bytes, possibly whole stale records, could sit past the end of the log; and it
+//! always starts at offset 0, so it cannot continue a segment after a restart.
+//!
+//! If the filesystem refuses O_DIRECT (EINVAL), the log falls back to buffered writes
+//! ([`BufferedFile`] and fdatasync) and logs a warning; durability is the same, only the
+//! page cache is in the way. On tmpfs glommio itself opens the file without O_DIRECT.
+//!
+//! Invariants (asserted after every change):
+//! - All sealed segments are durable in full; only the open segment has a volatile tail.
+//! - In the open segment `durable <= flushed <= written`, and the stage holds exactly the
+//!   bytes from the start of the block holding `flushed` up to `written`.
+//! - Past `written`, the open segment's file holds only zeros or bytes that the next flush
+//!   overwrites; after `reset_to_durable` it ends exactly at `durable`.
+//!
+//! What it leaves to others: the record format and the scan (core), the `(conv, seq)`
+//! index and the mapping from appends to [`imgate_core::shard::Lsn`]s (the runtime), and
+//! the cold tier.
+//!
+//! Architecture invariant: a segment file is created fresh (`O_TRUNC`) and never reused,
+//! because core's scan cannot tell a stale record from a new one.
+
+use glommio::io::{BufferedFile, Directory, DmaFile, OpenOptions};
+use glommio::GlommioError;
+use imgate_core::log::{scan, CorruptReason, Record, ScanEnd};
+use std::io;
+use std::path::{Path, PathBuf};
+
+/// Default size at which a segment is sealed and the next one started: 64 MiB. Large
+/// enough that rotation (an fdatasync, a create and a directory fsync) is rare next to
+/// group commits; small enough that recovery, which reads a segment whole, and a future
+/// cold tier, which ships sealed segments, handle one at a time in modest memory.
+// The runtime's config is to take its default from here; until it does, only tests and
+// examples/log_bench.rs use it.
+#[cfg_attr(not(test), allow(dead_code))]
+pub const SEGMENT_BYTES_DEFAULT: u64 = 64 * 1024 * 1024;
+
+/// Most bytes staged in memory before they are written out: 128 KiB. A `write` larger
+/// than this goes to the file in steps of this size, each one O_DIRECT write. The bound
+/// keeps a shard's log memory at about twice this (the stage, and the aligned copy that
+/// glommio hands to the kernel), which matters because the runtime builds its executors
+/// with a small `io_memory` (the registered pool; the memlock limit here is 8 MiB):
+/// a buffer that does not fit the pool comes from the heap instead, which is correct but
+/// loses io_uring's fixed buffers. Group-commit batches are mostly far smaller than this,
+/// so a larger stage would only hold more memory; a much smaller one would split
+/// ordinary batches into several writes before their sync.
+const STAGE_BYTES: usize = 128 * 1024;
+
+/// Smallest alignment of O_DIRECT writes: 4 KiB. glommio reports the device's logical
+/// block (512 bytes on this machine's virtio disk), but its physical block is 4 KiB, as on
+/// most current disks, and a write of less than a physical block makes the device
+/// read, modify and write it. 4 KiB is a multiple of every logical block size in use.
+const DIRECT_ALIGN_MIN: u64 = 4096;
+
+/// Size of each read during recovery: 1 MiB. Recovery reads a segment whole into memory
+/// (so core's [`scan`] sees it at once); reading it in steps keeps any one io_uring
+/// request, and its temporary buffer, small.
+const RECOVERY_READ_BYTES: usize = 1024 * 1024;
+
+/// Suffix of segment file names.
+const SEGMENT_SUFFIX: &str = ".seg";
+
+/// Digits of the zero-padded index in a segment file name: every u64 fits in 20.
+const SEGMENT_INDEX_DIGITS: usize = 20;
+
+/// Where a shard's log is kept.
+#[derive(Clone, Debug)]
+pub struct LogConfig {
+    /// The shard's log directory; created if missing.
+    pub dir: PathBuf,
+    /// Size at which a segment is sealed (see [`SEGMENT_BYTES_DEFAULT`]); at least 1.
+    pub segment_bytes: u64,
+}
+
+/// What [`open`] found on disk.
+#[derive(Debug)]
+pub struct Recovery {
+    /// Every record in the log, in append order.
+    pub records: Vec<Record>,
+    /// Segment files in the log (including a new, empty one).
+    pub segments: usize,
+    /// Bytes of valid records kept, over all segments: [`SegmentLog::durable_bytes`] now.
+    pub bytes: u64,
+    /// Bytes cut from the end of the last segment (torn append, padding, corrupt tail).
+    pub truncated_bytes: u64,
+    /// How the scan of the last segment ended ([`ScanEnd::Clean`] if there was none). A
+    /// [`ScanEnd::Corrupt`] here was cut off and logged as an error: most likely a torn
+    /// write whose sectors landed out of order, but it may be a damaged record that was
+    /// acknowledged; the runtime should count it where operators look.
+    pub tail: ScanEnd,
+}
+
+/// What is wrong with a sealed segment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Damage {
+    /// The segment ends inside a frame. A sealed segment was written out in full before
+    /// its successor was created, so this is not a crash residue.
+    #[error("the segment ends inside a record")]
+    Torn,
+    /// A frame that can never be valid.
+    #[error("{0}")]
+    Frame(CorruptReason),
+}
+
+/// Errors of the warm-tier log.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    /// A file or directory operation failed.
+    #[error("{op} {}: {source}", path.display())]
+    Io {
+        /// What was being done ("write", "fdatasync", ...).
+        op: &'static str,
+        /// The file or directory.
+        path: PathBuf,
+        /// The operating system's error.
+        #[source]
+        source: io::Error,
+    },
+    /// A sealed segment is damaged: the log refuses to open rather than drop the records
+    /// after the damage.
+    #[error("segment {} is damaged at offset {offset}: {reason}", path.display())]
+    Corrupt {
+        /// The segment file.
+        path: PathBuf,
+        /// Where the first bad frame starts.
+        offset: u64,
+        /// What is wrong with it.
+        reason: Damage,
+    },
+    /// A segment between the first and the last is missing: the log refuses to open.
+    #[error("segment {missing} is missing from {}", dir.display())]
+    MissingSegment {
+        /// The log directory.
+        dir: PathBuf,
+        /// The index of the missing segment.
+        missing: u64,
+    },
+    /// A `.seg` file whose name is not a segment index: the log refuses to guess.
+    #[error("{} is not a segment name (expected {SEGMENT_INDEX_DIGITS} digits, from 1)", path.display())]
+    BadSegmentName {
+        /// The file.
+        path: PathBuf,
+    },
+    /// A write or sync failed earlier; nothing more is accepted until
+    /// [`SegmentLog::reset_to_durable`] succeeds.
+    #[error("the log has a failed write; reset_to_durable must succeed first")]
+    NeedsReset,
+    /// The configuration cannot work.
+    #[error("invalid log configuration: {reason}")]
+    InvalidConfig {
+        /// What is wrong.
+        reason: &'static str,
+    },
+}
+
+/// Unwraps glommio's error into the operating system's, keeping its raw error number.
+fn os_error(err: GlommioError<()>) -> io::Error {
+    match err {
+        GlommioError::IoError(source) | GlommioError::EnhancedIoError { source, .. } => source,
+        other => io::Error::from(other),
+    }
+}
+
+/// Builds a [`StorageError::Io`] from a glommio error.
+fn io_error(op: &'static str, path: &Path, err: GlommioError<()>) -> StorageError {
+    StorageError::Io {
+        op,
+        path: path.to_owned(),
+        source: os_error(err),
+    }
+}
+
+/// Builds a [`StorageError::Io`] from a standard library error.
+fn std_error(op: &'static str, path: &Path, source: io::Error) -> StorageError {
+    StorageError::Io {
+        op,
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// `v` rounded down to a multiple of `align` (a power of two).
+fn align_down(v: u64, align: u64) -> u64 {
+    v & !(align - 1)
+}
+
+/// `v` rounded up to a multiple of `align` (a power of two).
+fn align_up(v: u64, align: u64) -> u64 {
+    align_down(v + (align - 1), align)
+}
+
+/// The file name of segment `index`.
+fn segment_name(index: u64) -> String {
+    format!(
+        "{index:0width$}{SEGMENT_SUFFIX}",
+        width = SEGMENT_INDEX_DIGITS
+    )
+}
+
+/// The index in a segment file name, or `None` if the name is not one.
+fn parse_segment_name(name: &str) -> Option<u64> {
+    let digits = name.strip_suffix(SEGMENT_SUFFIX)?;
+    if digits.len() != SEGMENT_INDEX_DIGITS || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok().filter(|&index| index >= 1)
+}
+
+/// How segment files are written, decided once at [`open`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum IoMode {
+    /// O_DIRECT through [`DmaFile`].
+    Direct,
+    /// The page cache through [`BufferedFile`]: the filesystem refused O_DIRECT, or the
+    /// caller asked for it ([`open_with_mode`]: tests of this path, and comparisons).
+    Buffered,
+}
+
+/// An open segment file.
+#[derive(Debug)]
+enum SegmentFile {
+    Direct(DmaFile),
+    Buffered(BufferedFile),
+}
+
+impl SegmentFile {
+    /// Opens (`create`: creates anew, truncated) a segment for reading and writing.
+    async fn open(path: &Path, mode: IoMode, create: bool) -> Result<Self, GlommioError<()>> {
+        let mut options = OpenOptions::new();
+        options
+            .read(true)
+            .write(true)
+            .create(create)
+            .truncate(create);
+        Ok(match mode {
+            IoMode::Direct => SegmentFile::Direct(options.dma_open(path).await?),
+            IoMode::Buffered => SegmentFile::Buffered(options.buffered_open(path).await?),
+        })
+    }
+
+    /// The alignment every write must keep (1 for buffered I/O).
+    fn alignment(&self) -> u64 {
+        match self {
+            SegmentFile::Direct(file) => file.alignment().max(DIRECT_ALIGN_MIN),
+            SegmentFile::Buffered(_) => 1,
+        }
+    }
+
+    /// Writes `data` at `pos`, zero-padded to `data.len()` rounded up to the alignment.
+    /// A short write is an error: the caller treats it like any other failed write.
+    async fn write_padded(&self, data: &[u8], pos: u64) -> Result<(), GlommioError<()>> {
+        let align = self.alignment();
+        assert!(!data.is_empty(), "empty write at {pos}");
+        assert!(pos % align == 0, "write at {pos} is not aligned to {align}");
+        let written = match self {
+            SegmentFile::Direct(file) => {
+                // The cast is lossless: `data` is at most a stage (asserted by the
+                // caller), far below usize::MAX, and so is its padded length.
+                let len = align_up(data.len() as u64, align) as usize;
+                let mut buffer = file.alloc_dma_buffer(len);
+                let bytes = buffer.as_bytes_mut();
+                let (head, padding) = bytes.split_at_mut(data.len());
+                head.copy_from_slice(data);
+                // glommio's buffers are not zeroed; stale bytes here could decode as
+                // records after a crash.
+                padding.fill(0);
+                let written = file.write_at(buffer, pos).await?;
+                (written == len).then_some(()).ok_or(written)
+            }
+            SegmentFile::Buffered(file) => {
+                let written = file.write_at(data.to_vec(), pos).await?;
+                (written == data.len()).then_some(()).ok_or(written)
+            }
+        };
+        written.map_err(|written| {
+            GlommioError::IoError(io::Error::new(
+                io::ErrorKind::WriteZero,
+                format!("short write: {written} of {} bytes at {pos}", data.len()),
+            ))
+        })
+    }
+
+    async fn fdatasync(&self) -> Result<(), GlommioError<()>> {
+        match self {
+            SegmentFile::Direct(file) => file.fdatasync().await,
+            SegmentFile::Buffered(file) => file.fdatasync().await,
+        }
+    }
+
+    async fn truncate(&self, len: u64) -> Result<(), GlommioError<()>> {
+        match self {
+            SegmentFile::Direct(file) => file.truncate(len).await,
+            SegmentFile::Buffered(file) => file.truncate(len).await,
+        }
+    }
+
+    async fn close(self) -> Result<(), GlommioError<()>> {
+        match self {
+            SegmentFile::Direct(file) => file.close().await,
+            SegmentFile::Buffered(file) => file.close().await,
+        }
+    }
+}
+
+/// The segment being appended to, and where each byte of it stands.
+#[derive(Debug)]
+struct OpenSegment {
+    index: u64,
+    path: PathBuf,
+    file: SegmentFile,
+    /// Write alignment of `file` (a power of two; 1 for buffered I/O).
+    align: u64,
+    /// Capacity of `stage`: [`STAGE_BYTES`] rounded up to `align`.
+    stage_max: usize,
+    /// End of everything handed to `write`.
+    written: u64,
+    /// End of what has been written to the file.
+    flushed: u64,
+    /// End of what a successful fdatasync covered.
+    durable: u64,
+    /// File offset of `stage[0]`: `flushed` rounded down to `align`.
+    stage_start: u64,
+    /// The bytes from `stage_start` to `written`: the block holding `flushed` (rewritten
+    /// by the next flush) and everything not yet flushed.
+    stage: Vec<u8>,
+    /// The bytes from `durable` rounded down to `align` up to `durable`: what
+    /// `reset_to_durable` puts back into the stage.
+    durable_tail: Vec<u8>,
+}
+
+impl OpenSegment {
+    /// A segment whose file holds exactly `tail_block` at its end, all durable, with
+    /// `len` bytes in all.
+    fn new(index: u64, path: PathBuf, file: SegmentFile, len: u64, tail_block: &[u8]) -> Self {
+        let align = file.alignment();
+        assert!(
+            align.is_power_of_two(),
+            "alignment {align} of {}",
+            path.display()
+        );
+        // The cast is lossless: glommio's alignment is a block size, far below usize::MAX.
+        let stage_max = align_up(STAGE_BYTES as u64, align) as usize;
+        let stage_start = align_down(len, align);
+        assert_eq!(stage_start + tail_block.len() as u64, len);
+        let segment = OpenSegment {
+            index,
+            path,
+            file,
+            align,
+            stage_max,
+            written: len,
+            flushed: len,
+            durable: len,
+            stage_start,
+            stage: tail_block.to_vec(),
+            durable_tail: tail_block.to_vec(),
+        };
+        segment.assert_invariants();
+        segment
+    }
+
+    fn assert_invariants(&self) {
+        assert!(
+            self.durable <= self.flushed && self.flushed <= self.written,
+            "{}: durable {} flushed {} written {}",
+            self.path.display(),
+            self.durable,
+            self.flushed,
+            self.written
+        );
+        assert_eq!(self.stage_start, align_down(self.flushed, self.align));
+        assert_eq!(self.stage_start + self.stage.len() as u64, self.written);
+        assert!(self.stage.len() <= self.stage_max);
+        assert_eq!(
+            self.durable_tail.len() as u64,
+            self.durable - align_down(self.durable, self.align),
+            "the durable tail is the partial block before the durable end"
+        );
+    }
+
+    /// Appends `bytes`, writing out every stage that fills up. Nothing is synced.
+    async fn write(&mut self, mut bytes: &[u8]) -> Result<(), StorageError> {
+        while !bytes.is_empty() {
+            if self.stage.len() == self.stage_max {
+                self.flush().await?;
+            }
+            let n = (self.stage_max - self.stage.len()).min(bytes.len());
+            let (now, later) = bytes.split_at(n);
+            self.stage.extend_from_slice(now);
+            self.written += n as u64;
+            bytes = later;
+        }
+        if self.stage.len() == self.stage_max {
+            self.flush().await?;
+        }
+        self.assert_invariants();
+        Ok(())
+    }
+
+    /// Writes everything staged to the file, the last block padded with zeros, and keeps
+    /// that partial block staged for the next flush to rewrite. State changes only after
+    /// the write succeeded, so a failed or dropped flush leaves it as it was.
+    async fn flush(&mut self) -> Result<(), StorageError> {
+        if self.flushed == self.written {
+            return Ok(());
+        }
+        self.file
+            .write_padded(&self.stage, self.stage_start)
+            .await
+            .map_err(|err| io_error("write", &self.path, err))?;
+        self.flushed = self.written;
+        let keep_from = align_down(self.written, self.align);
+        // The cast is lossless: the difference is at most the stage's length.
+        self.stage.drain(..(keep_from - self.stage_start) as usize);
+        self.stage_start = keep_from;
+        self.assert_invariants();
+        Ok(())
+    }
+
+    /// Flushes and fdatasyncs: everything written so far is durable when this returns.
+    async fn sync(&mut self) -> Result<(), StorageError> {
+        self.flush().await?;
+        if self.durable < self.flushed {
+            self.file
+                .fdatasync()
+                .await
+                .map_err(|err| io_error("fdatasync", &self.path, err))?;
+            self.durable = self.flushed;
+            // After the flush the stage holds exactly the partial block before `durable`.
+            self.durable_tail.clone_from(&self.stage);
+        }
+        self.assert_invariants();
+        Ok(())
+    }
+
+    /// Cuts the file back to the durable prefix, durably, and the state with it.
+    async fn reset_to_durable(&mut self) -> Result<(), StorageError> {
+        self.file
+            .truncate(self.durable)
+            .await
+            .map_err(|err| io_error("truncate", &self.path, err))?;
+        self.file
+            .fdatasync()
+            .await
+            .map_err(|err| io_error("fdatasync", &self.path, err))?;
+        self.written = self.durable;
+        self.flushed = self.durable;
+        self.stage_start = align_down(self.durable, self.align);
+        self.stage.clone_from(&self.durable_tail);
+        self.assert_invariants();
+        Ok(())
+    }
+
+    /// Syncs and cuts the file to its exact length (dropping the zero padding of the last
+    /// block), durably: what a sealed segment looks like.
+    async fn seal(&mut self) -> Result<(), StorageError> {
+        self.flush().await?;
+        self.file
+            .truncate(self.written)
+            .await
+            .map_err(|err| io_error("truncate", &self.path, err))?;
+        self.file
+            .fdatasync()
+            .await
+            .map_err(|err| io_error("fdatasync", &self.path, err))?;
+        self.durable = self.written;
+        self.durable_tail.clone_from(&self.stage);
+        self.assert_invariants();
+        Ok(())
+    }
+}
+
+/// One shard's warm-tier log: sealed segments and the open one being appended to.
+///
+/// Not `Send`: it lives on its shard's glommio executor. Every method takes `&mut self`,
+/// so a driver cannot write while a sync runs; group commit collects appends meanwhile
+/// and hands them over in one [`SegmentLog::write`] (or several, then one sync).
+///
+/// A dropped future (cancellation) is handled like a failure: a `write` dropped halfway
+/// leaves the log needing [`SegmentLog::reset_to_durable`], since part of its batch may be
+/// staged; a dropped `sync` leaves the durable point where it was.
+#[derive(Debug)]
+pub struct SegmentLog {
+    dir: PathBuf,
+    segment_bytes: u64,
+    mode: IoMode,
+    segment: OpenSegment,
+    /// Bytes in the sealed segments before `segment`.
+    sealed_bytes: u64,
+    /// A write or sync failed and `reset_to_durable` has not succeeded since.
+    needs_reset: bool,
+}
+
+impl SegmentLog {
+    /// Appends `bytes` (whole framed records) after everything written before. They are
+    /// not durable until [`SegmentLog::sync`] returns; a full stage is written out, but
+    /// nothing is synced, except that a batch which does not fit the open segment first
+    /// seals it (one fdatasync, a create and a directory sync, once per segment).
+    ///
+    /// After an error, call [`SegmentLog::reset_to_durable`]; until then this returns
+    /// [`StorageError::NeedsReset`].
+    pub async fn write(&mut self, bytes: &[u8]) -> Result<(), StorageError> {
+        if self.needs_reset {
+            return Err(StorageError::NeedsReset);
+        }
+        if bytes.is_empty() {
+            return Ok(());
+        }
+        // Set until the whole batch is staged: if this future is dropped halfway, the log
+        // holds part of a batch, and must be reset before anything is appended after it.
+        self.needs_reset = true;
+        let result = self.write_inner(bytes).await;
+        self.needs_reset = result.is_err();
+        result
+    }
+
+    async fn write_inner(&mut self, bytes: &[u8]) -> Result<(), StorageError> {
+        let len = bytes.len() as u64;
+        if self.segment.written > 0 && self.segment.written.saturating_add(len) > self.segment_bytes
+        {
+            self.rotate().await?;
+        }
+        self.segment.write(bytes).await
+    }
+
+    /// Makes everything written so far durable (write-out and fdatasync). Returns at once
+    /// if there is nothing new. After an error, call [`SegmentLog::reset_to_durable`].
+    pub async fn sync(&mut self) -> Result<(), StorageError> {
+        if self.needs_reset {
+            return Err(StorageError::NeedsReset);
+        }
+        let result = self.segment.sync().await;
+        self.needs_reset = result.is_err();
+        result
+    }
+
+    /// Cuts the log back to its durable prefix (truncate and fdatasync the open segment)
+    /// and accepts appends again; every byte written since the last successful sync is
+    /// gone. Sealed segments are durable in full, so only the open one is touched. If this
+    /// fails too, the disk is not taking writes: the runtime should stop the shard rather
+    /// than append after bytes it could not remove.
+    pub async fn reset_to_durable(&mut self) -> Result<(), StorageError> {
+        self.segment.reset_to_durable().await?;
+        self.needs_reset = false;
+        Ok(())
+    }
+
+    /// Bytes over all segments that a successful fdatasync covered.
+    pub fn durable_bytes(&self) -> u64 {
+        self.sealed_bytes + self.segment.durable
+    }
+
+    /// Whether segments are written with O_DIRECT (`false`: buffered fallback).
+    pub fn is_direct(&self) -> bool {
+        self.mode == IoMode::Direct
+    }
+
+    /// Seals the open segment and closes it: everything written is durable and the file
+    /// ends exactly at its data. For the SIGTERM path. After a failed write, the bytes
+    /// that were never synced are dropped first, as [`SegmentLog::reset_to_durable`] does:
+    /// they were never acknowledged and may have been Nacked.
+    // The runtime's drain is to call this; until it does, only tests and the bench do.
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub async fn close(mut self) -> Result<(), StorageError> {
+        if self.needs_reset {
+            self.reset_to_durable().await?;
+        }
+        self.segment.seal().await?;
+        let path = self.segment.path;
+        self.segment
+            .file
+            .close()
+            .await
+            .map_err(|err| io_error("close", &path, err))
+    }
+
+    /// Seals the open segment and starts the next one. The new segment replaces the old
+    /// only once its file and directory entry are durable, so a failure anywhere leaves
+    /// the old one open (and sealed: a retry seals it again at no cost).
+    async fn rotate(&mut self) -> Result<(), StorageError> {
+        self.segment.seal().await?;
+        // Cannot fail: 2^64 segments of at least one byte each are more than any disk.
+        let index = self
+            .segment
+            .index
+            .checked_add(1)
+            .expect("segment index overflow");
+        let next = create_segment(&self.dir, index, self.mode).await?;
+        let sealed_len = self.segment.written;
+        let old = std::mem::replace(&mut self.segment, next);
+        self.sealed_bytes += sealed_len;
+        // The old segment is sealed and durable; a failed close loses nothing.
+        if let Err(err) = old.file.close().await {
+            tracing::warn!(path = %old.path.display(), error = %os_error(err), "closing a sealed segment failed");
+        }
+        tracing::debug!(segment = index, "log segment started");
+        Ok(())
+    }
+}
+
+/// Creates segment `index` in `dir`, empty, and makes its directory entry durable.
+async fn create_segment(dir: &Path, index: u64, mode: IoMode) -> Result<OpenSegment, StorageError> {
+    let path = dir.join(segment_name(index));
+    let file = SegmentFile::open(&path, mode, true)
+        .await
+        .map_err(|err| io_error("create", &path, err))?;
+    sync_dir(dir).await?;
+    Ok(OpenSegment::new(index, path, file, 0, &[]))
+}
+
+/// fsyncs a directory, so that the entries created in it survive a crash.
+async fn sync_dir(dir: &Path) -> Result<(), StorageError> {
+    let handle = Directory::open(dir)
+        .await
+        .map_err(|err| io_error("open directory", dir, err))?;
+    handle
+        .sync()
+        .await
+        .map_err(|err| io_error("fsync directory", dir, err))?;
+    handle
+        .close()
+        .await
+        .map_err(|err| io_error("close directory", dir, err))
+}
+
+/// Whether a glommio error is the filesystem refusing O_DIRECT.
+fn is_direct_io_refused(err: &GlommioError<()>) -> bool {
+    match err {
+        GlommioError::IoError(source) | GlommioError::EnhancedIoError { source, .. } => {
+            source.raw_os_error() == Some(libc::EINVAL)
+        }
+        _ => false,
+    }
+}
+
+/// Opens (`create`: creates) the segment at `path` for appending, with O_DIRECT if `mode`
+/// asks for it and the filesystem allows it. Returns the mode that worked.
+async fn open_for_append(
+    path: &Path,
+    mode: IoMode,
+    create: bool,
+) -> Result<(SegmentFile, IoMode), StorageError> {
+    match SegmentFile::open(path, mode, create).await {
+        Ok(file) => Ok((file, mode)),
+        Err(err) if mode == IoMode::Direct && is_direct_io_refused(&err) => {
+            tracing::warn!(
+                path = %path.display(),
+                error = %os_error(err),
+                "the filesystem refuses O_DIRECT; the log falls back to buffered writes and fdatasync"
+            );
+            let file = SegmentFile::open(path, IoMode::Buffered, create)
+                .await
+                .map_err(|err| io_error("open", path, err))?;
+            Ok((file, IoMode::Buffered))
+        }
+        Err(err) => Err(io_error("open", path, err)),
+    }
+}
+
+/// Reads a whole file through io_uring, in steps of [`RECOVERY_READ_BYTES`].
+async fn read_whole(path: &Path) -> Result<Vec<u8>, StorageError> {
+    let file = BufferedFile::open(path)
+        .await
+        .map_err(|err| io_error("open", path, err))?;
+    let size = file
+        .file_size()
+        .await
+        .map_err(|err| io_error("stat", path, err))?;
+    let size = usize::try_from(size).map_err(|_| {
+        std_error(
+            "read",
+            path,
+            io::Error::new(io::ErrorKind::InvalidData, "segment larger than memory"),
+        )
+    })?;
+    let mut bytes = Vec::with_capacity(size);
+    while bytes.len() < size {
+        let want = (size - bytes.len()).min(RECOVERY_READ_BYTES);
+        let chunk = file
+            .read_at(bytes.len() as u64, want)
+            .await
+            .map_err(|err| io_error("read", path, err))?;
+        if chunk.is_empty() {
+            // The file shrank while we read it: nobody else writes our segments.
+            return Err(std_error(
+                "read",
+                path,
+                io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "segment shrank during recovery",
+                ),
+            ));
+        }
+        bytes.extend_from_slice(&chunk);
+    }
+    file.close()
+        .await
+        .map_err(|err| io_error("close", path, err))?;
+    Ok(bytes)
+}
+
+/// Lists the segment indexes in `dir`, sorted, and checks that none is missing between
+/// the first and the last.
+fn list_segments(dir: &Path) -> Result<Vec<u64>, StorageError> {
+    let mut indexes = Vec::new();
+    let entries = std::fs::read_dir(dir).map_err(|err| std_error("read directory", dir, err))?;
+    for entry in entries {
+        let entry = entry.map_err(|err| std_error("read directory", dir, err))?;
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else {
+            continue;
+        };
+        if !name.ends_with(SEGMENT_SUFFIX) {
+            continue;
+        }
+        match parse_segment_name(name) {
+            Some(index) => indexes.push(index),
+            None => return Err(StorageError::BadSegmentName { path: entry.path() }),
+        }
+    }
+    indexes.sort_unstable();
+    for pair in indexes.windows(2) {
+        if pair[1] != pair[0] + 1 {
+            return Err(StorageError::MissingSegment {
+                dir: dir.to_owned(),
+                missing: pair[0] + 1,
+            });
+        }
+    }
+    Ok(indexes)
+}
+
+/// Opens the log in `config.dir`, creating the directory and a first segment if needed,
+/// and recovers it: returns every record in order and a log that appends after them.
+///
+/// Each segment is read whole into memory (at most about `segment_bytes`, plus its
+/// decoded records, at a time) and scanned with core's [`scan`]. The last segment is cut
+/// to its valid length, durably, whatever stopped the scan: a torn append, zero padding
+/// from O_DIRECT, or a corrupt frame (logged as an error and reported in
+/// [`Recovery::tail`]). Any damage in an earlier segment is [`StorageError::Corrupt`]:
+/// the log refuses to start, because those records were sealed durable and dropping the
+/// rest silently could lose acknowledged messages. Only [`ScanEnd::Clean`] and
+/// [`ScanEnd::ZeroTail`] pass there.
+///
+/// All records of the log are held in memory at once: the runtime rebuilds its state
+/// from them and drops them.
+pub async fn open(config: LogConfig) -> Result<(SegmentLog, Recovery), StorageError> {
+    open_with_mode(config, IoMode::Direct).await
+}
+
+/// [`open`], trying `wanted` first: [`IoMode::Buffered`] skips O_DIRECT altogether.
+pub(crate) async fn open_with_mode(
+    config: LogConfig,
+    wanted: IoMode,
+) -> Result<(SegmentLog, Recovery), StorageError> {
+    if config.segment_bytes == 0 {
+        return Err(StorageError::InvalidConfig {
+            reason: "segment_bytes must be at least 1",
+        });
+    }
+    let dir = config.dir;
+    if !dir.is_dir() {
+        std::fs::create_dir_all(&dir).map_err(|err| std_error("create directory", &dir, err))?;
+        if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+            sync_dir(parent).await?;
+        }
+    }
+    let indexes = list_segments(&dir)?;
+
+    let mut records = Vec::new();
+    let mut sealed_bytes = 0;
+    let mut recovered = None;
+    // The last segment's bytes, kept until its partial last block is staged again.
+    let mut last_bytes = Vec::new();
+    for (position, &index) in indexes.iter().enumerate() {
+        let path = dir.join(segment_name(index));
+        let bytes = read_whole(&path).await?;
+        let found = scan(&bytes);
+        let is_last = position + 1 == indexes.len();
+        if !is_last {
+            let damage = match found.end {
+                ScanEnd::Clean | ScanEnd::ZeroTail { .. } => None,
+                ScanEnd::Torn { offset } => Some((offset, Damage::Torn)),
+                ScanEnd::Corrupt { offset, reason } => Some((offset, Damage::Frame(reason))),
+            };
+            if let Some((offset, reason)) = damage {
+                return Err(StorageError::Corrupt {
+                    path,
+                    offset,
+                    reason,
+                });
+            }
+            sealed_bytes += found.valid_len;
+        } else {
+            recovered = Some((index, path, found.valid_len, found.end));
+            last_bytes = bytes;
+        }
+        records.extend(found.records.into_iter().map(|(_, record)| record));
+    }
+
+    let (segment, mode, truncated_bytes, tail) = match recovered {
+        None => {
+            let path = dir.join(segment_name(1));
+            let (file, mode) = open_for_append(&path, wanted, true).await?;
+            sync_dir(&dir).await?;
+            (
+                OpenSegment::new(1, path, file, 0, &[]),
+                mode,
+                0,
+                ScanEnd::Clean,
+            )
+        }
+        Some((index, path, valid_len, end)) => {
+            let (file, mode) = open_for_append(&path, wanted, false).await?;
+            let truncated = last_bytes.len() as u64 - valid_len;
+            if truncated > 0 {
+                file.truncate(valid_len)
+                    .await
+                    .map_err(|err| io_error("truncate", &path, err))?;
+                file.fdatasync()
+                    .await
+                    .map_err(|err| io_error("fdatasync", &path, err))?;
+                // Zero padding is what every restart without `close` finds (and nothing
+                // is lost with it); a torn record is an append cut by a crash, never
+                // acknowledged; a corrupt frame may have been.
+                match end {
+                    ScanEnd::Clean => {}
+                    ScanEnd::ZeroTail { .. } => tracing::info!(
+                        path = %path.display(), valid_len, truncated,
+                        "zero padding cut from the end of the log"
+                    ),
+                    ScanEnd::Torn { offset } => tracing::warn!(
+                        path = %path.display(), offset, truncated,
+                        "torn record cut from the end of the log (an append cut by a crash)"
+                    ),
+                    ScanEnd::Corrupt { offset, reason } => tracing::error!(
+                        path = %path.display(), offset, %reason, truncated,
+                        "corrupt record cut from the end of the log; if it was acknowledged, it is lost"
+                    ),
+                }
+            }
+            // The casts are lossless: both are at most `last_bytes.len()`.
+            let tail_start = align_down(valid_len, file.alignment()) as usize;
+            let tail_block = &last_bytes[tail_start..valid_len as usize];
+            let segment = OpenSegment::new(index, path, file, valid_len, tail_block);
+            (segment, mode, truncated, end)
+        }
+    };
+
+    let log = SegmentLog {
+        dir,
+        segment_bytes: config.segment_bytes,
+        mode,
+        sealed_bytes,
+        needs_reset: false,
+        segment,
+    };
+    let recovery = Recovery {
+        records,
+        segments: indexes.len().max(1),
+        bytes: log.durable_bytes(),
+        truncated_bytes,
+        tail,
+    };
+    tracing::info!(
+        dir = %log.dir.display(),
+        segments = recovery.segments,
+        records = recovery.records.len(),
+        bytes = recovery.bytes,
+        truncated = recovery.truncated_bytes,
+        tail = ?recovery.tail,
+        direct_io = log.is_direct(),
+        "log recovered"
+    );
+    Ok((log, recovery))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use imgate_core::log::{encode_record, StoredMessage};
+    use imgate_core::proto::{ClientMsgId, ConvId, DeviceId, Seq, UserId};
+    use std::future::Future;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// Both ways of writing segments; O_DIRECT is what /tmp (ext4 here) gets by default.
+    const MODES: [IoMode; 2] = [IoMode::Direct, IoMode::Buffered];
+
+    /// A directory under the system temp dir, removed when dropped (also on panic).
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new(name: &str) -> TempDir {
+            static NEXT: AtomicUsize = AtomicUsize::new(0);
+            let unique = NEXT.fetch_add(1, Ordering::Relaxed);
+            let path = std::env::temp_dir().join(format!(
+                "imgate-storage-{name}-{}-{unique}",
+                std::process::id()
+            ));
+            let _ = std::fs::remove_dir_all(&path);
+            TempDir(path)
+        }
+
+        fn segment(&self, index: u64) -> PathBuf {
+            self.0.join(segment_name(index))
+        }
+
+        fn segment_files(&self) -> Vec<u64> {
+            list_segments(&self.0).expect("list segments")
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn run<T>(test: impl Future<Output = T>) -> T {
+        glommio::LocalExecutorBuilder::default()
+            .make()
+            .expect("executor")
+            .run(test)
+    }
+
+    fn config(dir: &TempDir, segment_bytes: u64) -> LogConfig {
+        LogConfig {
+            dir: dir.0.clone(),
+            segment_bytes,
+        }
+    }
+
+    fn message(seq: u64, payload_len: usize) -> Record {
+        Record::Message(StoredMessage {
+            conv: ConvId::direct(UserId(3), UserId(9)),
+            seq: Seq(seq),
+            sender: UserId(3),
+            sender_device: DeviceId(2),
+            client_msg_id: ClientMsgId([seq as u8; 16]),
+            high_priority: false,
+            payload: Bytes::from(vec![seq as u8; payload_len]),
+        })
+    }
+
+    fn frames(records: &[Record]) -> Vec<u8> {
+        let mut bytes = Vec::new();
+        for record in records {
+            encode_record(record, &mut bytes);
+        }
+        bytes
+    }
+
+    /// Records with seqs `seqs`, payloads of varied lengths so frames straddle blocks.
+    fn messages(seqs: std::ops::Range<u64>) -> Vec<Record> {
+        seqs.map(|seq| message(seq, 50 + (seq as usize * 37) % 700))
+            .collect()
+    }
+
+    async fn open_mode(dir: &TempDir, segment_bytes: u64, mode: IoMode) -> (SegmentLog, Recovery) {
+        open_with_mode(config(dir, segment_bytes), mode)
+            .await
+            .expect("open")
+    }
+
+    /// Bytes handed to `write` over all segments, durable or not.
+    fn written_bytes(log: &SegmentLog) -> u64 {
+        log.sealed_bytes + log.segment.written
+    }
+
+    /// Whether the open segment's descriptor has O_DIRECT set, from /proc.
+    fn has_o_direct(log: &SegmentLog) -> bool {
+        use std::os::fd::AsRawFd;
+        let fd = match &log.segment.file {
+            SegmentFile::Direct(file) => file.as_raw_fd(),
+            SegmentFile::Buffered(file) => file.as_raw_fd(),
+        };
+        let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).expect("fdinfo");
+        let flags = info
+            .lines()
+            .find_map(|line| line.strip_prefix("flags:"))
+            .and_then(|flags| u32::from_str_radix(flags.trim(), 8).ok())
+            .expect("flags in fdinfo");
+        flags & libc::O_DIRECT as u32 != 0
+    }
+
+    /// Whether `path` is on tmpfs, where glommio opens DMA files without O_DIRECT.
+    fn is_on_tmpfs(path: &Path) -> bool {
+        let path = path.canonicalize().expect("canonicalize");
+        let mounts = std::fs::read_to_string("/proc/self/mounts").expect("mounts");
+        mounts
+            .lines()
+            .filter_map(|line| {
+                let mut fields = line.split_whitespace().skip(1);
+                Some((fields.next()?, fields.next()?))
+            })
+            .filter(|(mount_point, _)| path.starts_with(mount_point))
+            .max_by_key(|(mount_point, _)| mount_point.len())
+            .is_some_and(|(_, fs_type)| fs_type == "tmpfs")
+    }
+
+    #[test]
+    fn direct_mode_opens_segments_with_o_direct() {
+        for mode in MODES {
+            let dir = TempDir::new("odirect");
+            run(async {
+                let (log, _) = open_mode(&dir, SEGMENT_BYTES_DEFAULT, mode).await;
+                let expected = mode == IoMode::Direct && !is_on_tmpfs(&dir.0);
+                assert_eq!(
+                    has_o_direct(&log),
+                    expected,
+                    "{mode:?} in {}",
+                    dir.0.display()
+                );
+            });
+        }
+    }
+
+    #[test]
+    fn synced_records_come_back_in_order_after_reopen() {
+        for mode in MODES {
+            let dir = TempDir::new("roundtrip");
+            let records = messages(1..200);
+            run(async {
+                let (mut log, recovery) = open_mode(&dir, SEGMENT_BYTES_DEFAULT, mode).await;
+                assert!(recovery.records.is_empty());
+                assert_eq!(recovery.segments, 1);
+                assert_eq!(log.is_direct(), mode == IoMode::Direct);
+                for batch in records.chunks(7) {
+                    log.write(&frames(batch)).await.expect("write");
+                    log.sync().await.expect("sync");
+                }
+                let len = frames(&records).len() as u64;
+                assert_eq!(log.durable_bytes(), len);
+                log.close().await.expect("close");
+                assert_eq!(std::fs::metadata(dir.segment(1)).expect("stat").len(), len);
+
+                let (log, recovery) = open_mode(&dir, SEGMENT_BYTES_DEFAULT, mode).await;
+                assert_eq!(recovery.records, records);
+                assert_eq!(recovery.bytes, len);
+                assert_eq!(recovery.truncated_bytes, 0);
+                assert_eq!(recovery.tail, ScanEnd::Clean);
+                assert_eq!(log.durable_bytes(), len);
+            });
+        }
+    }
+
+    /// A crash after a sync that ended inside a block: with O_DIRECT the file ends in the
+    /// zero padding glommio wrote, and recovery cuts it off.
+    #[test]
+    fn crash_after_sync_leaves_a_zero_tail_that_recovery_cuts() {
+        for mode in MODES {
+            let dir = TempDir::new("padding");
+            let records = messages(1..40);
+            let len = frames(&records).len() as u64;
+            run(async {
+                let (mut log, _) = open_mode(&dir, SEGMENT_BYTES_DEFAULT, mode).await;
+                log.write(&frames(&records)).await.expect("write");
+                log.sync().await.expect("sync");
+                // Dropped without close: what a kill -9 leaves.
+                drop(log);
+            });
+            let on_disk = std::fs::read(dir.segment(1)).expect("read");
+            if mode == IoMode::Direct {
+                assert_eq!(on_disk.len() as u64, align_up(len, DIRECT_ALIGN_MIN));
+                assert!(on_disk[len as usize..].iter().all(|&b| b == 0));
+            } else {
+                assert_eq!(on_disk.len() as u64, len);
+            }
+            run(async {
+                let (_, recovery) = open_mode(&dir, SEGMENT_BYTES_DEFAULT, mode).await;
+                assert_eq!(recovery.records, records);
+                assert_eq!(recovery.truncated_bytes, on_disk.len() as u64 - len);
+            });
+            assert_eq!(std::fs::metadata(dir.segment(1)).expect("stat").len(), len);
+        }
+    }
+
+    #[test]
+    fn rotation_spreads_records_over_segments_and_keeps_their_order() {
+        for mode in MODES {
+            let dir = TempDir::new("rotation");
+            let records = messages(1..300);
+            let segment_bytes = 8 * 1024;
+            run(async {
+                let (mut log, _) = open_mode(&dir, segment_bytes, mode).await;
+                for batch in records.chunks(5) {
+                    log.write(&frames(batch)).await.expect("write");
+                    log.sync().await.expect("sync");
+                }
+                // A batch larger than a whole segment goes alone into a fresh one.
+                let big = messages(300..340);
+                assert!(frames(&big).len() as u64 > segment_bytes);
+                let before = log.segment.index;
+                log.write(&frames(&big)).await.expect("write");
+                assert_eq!(log.segment.index, before + 1);
+                log.write(&frames(&messages(340..341)))
+                    .await
+                    .expect("write");
+                assert_eq!(log.segment.index, before + 2);
+                log.close().await.expect("close");
+            });
+            let segments = dir.segment_files();
+            assert!(segments.len() > 10, "only {} segments", segments.len());
+            assert_eq!(segments, (1..=segments.len() as u64).collect::<Vec<_>>());
+            let sizes: Vec<u64> = segments
+                .iter()
+                .map(|&i| std::fs::metadata(dir.segment(i)).expect("stat").len())
+                .collect();
+            let oversized = sizes.iter().filter(|&&len| len > segment_bytes).count();
+            assert_eq!(oversized, 1, "segment sizes {sizes:?}");
+            run(async {
+                let (_, recovery) = open_mode(&dir, segment_bytes, mode).await;
+                assert_eq!(recovery.records, messages(1..341));
+                assert_eq!(recovery.segments, segments.len());
+                assert_eq!(recovery.bytes, sizes.iter().sum::<u64>());
+            });
+        }
+    }
+
+    #[test]
+    fn torn_tail_is_cut_and_appends_continue_right_after_it() {
+        for mode in MODES {
+            let dir = TempDir::new("torn");
+            std::fs::create_dir_all(&dir.0).expect("mkdir");
+            let kept = messages(1..4);
+            let torn = frames(&messages(4..5));
+            let mut bytes = frames(&kept);
+            bytes.extend_from_slice(&torn[..torn.len() / 2]);
+            std::fs::write(dir.segment(1), &bytes).expect("write");
+            run(async {
+                let (mut log, recovery) = open_mode(&dir, SEGMENT_BYTES_DEFAULT, mode).await;
+                assert_eq!(recovery.records, kept);
+                assert_eq!(recovery.truncated_bytes, (torn.len() / 2) as u64);
+                assert!(matches!(recovery.tail, ScanEnd::Torn { .. }));
+                assert_eq!(log.durable_bytes(), frames(&kept).len() as u64);
+                log.write(&frames(&messages(10..12))).await.expect("write");
+                log.sync().await.expect("sync");
+            });
+            run(async {
+                let (_, recovery) = open_mode(&dir, SEGMENT_BYTES_DEFAULT, mode).await;
+                let mut expected = kept.clone();
+                expected.extend(messages(10..12));
+                assert_eq!(recovery.records, expected);
+            });
+        }
+    }
+
+    #[test]
+    fn zero_padded_tail_is_cut_and_appends_continue_right_after_it() {
+        for mode in MODES {
+            let dir = TempDir::new("zeros");
+            std::fs::create_dir_all(&dir.0).expect("mkdir");
+            let kept = messages(1..6);
+            let mut bytes = frames(&kept);
+            let valid = bytes.len();
+            bytes.resize(align_up(valid as u64, 4096) as usize + 4096, 0);
+            std::fs::write(dir.segment(1), &bytes).expect("write");
+            run(async {
+                let (mut log, recovery) = open_mode(&dir, SEGMENT_BYTES_DEFAULT, mode).await;
+                assert_eq!(recovery.records, kept);
+                assert_eq!(
+                    recovery.tail,
+                    ScanEnd::ZeroTail {
+                        offset: valid as u64
+                    }
+                );
+                assert_eq!(recovery.truncated_bytes, (bytes.len() - valid) as u64);
+                assert_eq!(
+                    std::fs::metadata(dir.segment(1)).expect("stat").len(),
+                    valid as u64
+                );
+                log.write(&frames(&messages(6..8))).await.expect("write");
+                log.close().await.expect("close");
+            });
+            run(async {
+                let (_, recovery) = open_mode(&dir, SEGMENT_BYTES_DEFAULT, mode).await;
+                assert_eq!(recovery.records, messages(1..8));
+            });
+        }
+    }
+
+    #[test]
+    fn damage_in_a_sealed_segment_refuses_to_open() {
+        let dir = TempDir::new("corrupt");
+        std::fs::create_dir_all(&dir.0).expect("mkdir");
+        let first = frames(&messages(1..5));
+        let second = frames(&messages(5..9));
+        std::fs::write(dir.segment(2), &second).expect("write");
+
+        // A flipped bit in the body of the second record.
+        let second_at = frames(&messages(1..2)).len();
+        let mut flipped = first.clone();
+        flipped[second_at + RECORD_BODY_OFFSET + 3] ^= 0x10;
+        std::fs::write(dir.segment(1), &flipped).expect("write");
+        let err = run(open(config(&dir, SEGMENT_BYTES_DEFAULT))).expect_err("opened");
+        match err {
+            StorageError::Corrupt {
+                path,
+                offset,
+                reason: Damage::Frame(CorruptReason::CrcMismatch { .. }),
+            } => {
+                assert_eq!(path, dir.segment(1));
+                assert_eq!(offset, second_at as u64);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+
+        // A sealed segment that ends inside a record.
+        std::fs::write(dir.segment(1), &first[..first.len() - 1]).expect("write");
+        let err = run(open(config(&dir, SEGMENT_BYTES_DEFAULT))).expect_err("opened");
+        assert!(
+            matches!(
+                err,
+                StorageError::Corrupt {
+                    reason: Damage::Torn,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        // Nothing was cut from either file.
+        assert_eq!(
+            std::fs::metadata(dir.segment(1)).expect("stat").len(),
+            first.len() as u64 - 1
+        );
+        assert_eq!(std::fs::read(dir.segment(2)).expect("read"), second);
+
+        // Whole again, it opens.
+        std::fs::write(dir.segment(1), &first).expect("write");
+        let (_, recovery) = run(open(config(&dir, SEGMENT_BYTES_DEFAULT))).expect("open");
+        assert_eq!(recovery.records, messages(1..9));
+    }
+
+    /// Offset of the body in a frame: after the length and the CRC.
+    const RECORD_BODY_OFFSET: usize = imgate_core::log::RECORD_HEADER_LEN;
+
+    #[test]
+    fn a_missing_or_misnamed_segment_refuses_to_open() {
+        let dir = TempDir::new("gap");
+        std::fs::create_dir_all(&dir.0).expect("mkdir");
+        std::fs::write(dir.segment(1), frames(&messages(1..2))).expect("write");
+        std::fs::write(dir.segment(3), frames(&messages(2..3))).expect("write");
+        let err = run(open(config(&dir, SEGMENT_BYTES_DEFAULT))).expect_err("opened");
+        assert!(
+            matches!(err, StorageError::MissingSegment { missing: 2, .. }),
+            "{err:?}"
+        );
+        std::fs::remove_file(dir.segment(3)).expect("rm");
+        std::fs::write(dir.0.join("7.seg"), b"").expect("write");
+        let err = run(open(config(&dir, SEGMENT_BYTES_DEFAULT))).expect_err("opened");
+        assert!(
+            matches!(err, StorageError::BadSegmentName { .. }),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn reset_to_durable_leaves_exactly_the_synced_records() {
+        for mode in MODES {
+            let dir = TempDir::new("reset");
+            let synced = messages(1..20);
+            run(async {
+                let (mut log, _) = open_mode(&dir, SEGMENT_BYTES_DEFAULT, mode).await;
+                log.write(&frames(&synced)).await.expect("write");
+                log.sync().await.expect("sync");
+                let durable = log.durable_bytes();
+                // More than a stage, so that unsynced bytes reach the file, then a sync
+                // that ends inside a block and is followed by more writes.
+                let big: Vec<Record> = (100..110).map(|seq| message(seq, 20_000)).collect();
+                log.write(&frames(&big)).await.expect("write");
+                assert!(written_bytes(&log) - durable > STAGE_BYTES as u64);
+                assert_eq!(log.durable_bytes(), durable);
+                log.reset_to_durable().await.expect("reset");
+                assert_eq!(written_bytes(&log), durable);
+                assert_eq!(
+                    std::fs::metadata(dir.segment(1)).expect("stat").len(),
+                    durable
+                );
+                log.write(&frames(&messages(20..23))).await.expect("write");
+                log.sync().await.expect("sync");
+            });
+            run(async {
+                let (_, recovery) = open_mode(&dir, SEGMENT_BYTES_DEFAULT, mode).await;
+                assert_eq!(recovery.records, messages(1..23));
+            });
+        }
+    }
+
+    #[test]
+    fn after_a_failure_writes_wait_for_a_reset() {
+        let dir = TempDir::new("poisoned");
+        run(async {
+            let (mut log, _) = open(config(&dir, SEGMENT_BYTES_DEFAULT))
+                .await
+                .expect("open");
+            log.write(&frames(&messages(1..3))).await.expect("write");
+            log.sync().await.expect("sync");
+            log.write(&frames(&messages(3..4))).await.expect("write");
+            // What a failed write or sync leaves behind (an I/O error cannot be provoked
+            // on a healthy disk from inside one test process).
+            log.needs_reset = true;
+            assert!(matches!(
+                log.write(&frames(&messages(4..5))).await,
+                Err(StorageError::NeedsReset)
+            ));
+            assert!(matches!(log.sync().await, Err(StorageError::NeedsReset)));
+            log.reset_to_durable().await.expect("reset");
+            log.write(&frames(&messages(5..6))).await.expect("write");
+            log.close().await.expect("close");
+        });
+        run(async {
+            let (_, recovery) = open(config(&dir, SEGMENT_BYTES_DEFAULT))
+                .await
+                .expect("open");
+            let mut expected = messages(1..3);
+            expected.extend(messages(5..6));
+            assert_eq!(recovery.records, expected);
+        });
+    }
+
+    #[test]
+    fn a_write_dropped_halfway_must_be_reset_before_the_next_append() {
+        let dir = TempDir::new("cancel");
+        run(async {
+            let (mut log, _) = open(config(&dir, SEGMENT_BYTES_DEFAULT))
+                .await
+                .expect("open");
+            log.write(&frames(&messages(1..3))).await.expect("write");
+            log.sync().await.expect("sync");
+            // Larger than a stage, so the write has to wait for I/O: polled once, it has
+            // staged part of its batch when it is dropped.
+            let big: Vec<Record> = (100..110).map(|seq| message(seq, 20_000)).collect();
+            let bytes = frames(&big);
+            {
+                let mut write = std::pin::pin!(log.write(&bytes));
+                let waker = std::task::Waker::noop();
+                let polled = write
+                    .as_mut()
+                    .poll(&mut std::task::Context::from_waker(waker));
+                assert!(polled.is_pending());
+            }
+            assert!(matches!(
+                log.write(&frames(&messages(3..4))).await,
+                Err(StorageError::NeedsReset)
+            ));
+            log.reset_to_durable().await.expect("reset");
+            log.write(&frames(&messages(3..4))).await.expect("write");
+            log.close().await.expect("close");
+        });
+        run(async {
+            let (_, recovery) = open(config(&dir, SEGMENT_BYTES_DEFAULT))
+                .await
+                .expect("open");
+            assert_eq!(recovery.records, messages(1..4));
+        });
+    }
+
+    #[test]
+    fn segment_names_round_trip_and_reject_strangers() {
+        assert_eq!(segment_name(1), "00000000000000000001.seg");
+        assert_eq!(parse_segment_name(&segment_name(u64::MAX)), Some(u64::MAX));
+        assert_eq!(parse_segment_name(&segment_name(42)), Some(42));
+        assert_eq!(parse_segment_name(&segment_name(0)), None);
+        assert_eq!(parse_segment_name("1.seg"), None);
+        assert_eq!(parse_segment_name("0000000000000000000a.seg"), None);
+        assert_eq!(parse_segment_name("00000000000000000001.log"), None);
+    }
+}

@@ -1,0 +1,321 @@
+//! Black-box helpers: start the real `gateway` binary on loopback with its own data dir,
+//! and talk to it with blocking sockets and the proto codec.
+#![allow(dead_code)]
+
+use bytes::{Bytes, BytesMut};
+use imgate_core::auth::{SigningKey, TokenSigner};
+use imgate_core::proto::meta::{self, Meta};
+use imgate_core::proto::{ClientMsgId, ConvId, Decoder, DeviceId, Encoder, UserId};
+use imgate_core::Instant;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// How long any single wait in these tests may take before it fails.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// The gateway binary, built on first use.
+pub fn gateway_bin() -> PathBuf {
+    static BUILT: std::sync::Once = std::sync::Once::new();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    BUILT.call_once(|| {
+        let status = Command::new(env!("CARGO"))
+            .args([
+                "build",
+                "--quiet",
+                "-p",
+                "imgate-gateway",
+                "--bin",
+                "gateway",
+            ])
+            .current_dir(root)
+            .status()
+            .expect("cargo build runs");
+        assert!(status.success(), "building the gateway failed");
+    });
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
+    target.join("debug").join("gateway")
+}
+
+fn free_port() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+    l.local_addr().expect("local addr")
+}
+
+/// A running gateway process.
+pub struct Gateway {
+    pub child: Option<Child>,
+    pub listen: SocketAddr,
+    pub admin: SocketAddr,
+    pub data_dir: PathBuf,
+    pub shards: usize,
+    extra: Vec<String>,
+}
+
+impl Gateway {
+    /// Starts a gateway with `shards` shards in a fresh data dir.
+    pub fn start(shards: usize, extra: &[&str]) -> Gateway {
+        let data_dir = std::env::temp_dir().join(format!(
+            "imgate-e2e-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::SeqCst)
+        ));
+        let _ = std::fs::remove_dir_all(&data_dir);
+        let mut g = Gateway {
+            child: None,
+            listen: free_port(),
+            admin: free_port(),
+            data_dir,
+            shards,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        g.spawn();
+        g
+    }
+
+    /// Starts the process again on the same ports and data dir.
+    pub fn spawn(&mut self) {
+        let child = Command::new(gateway_bin())
+            .arg("run")
+            .arg("--listen")
+            .arg(self.listen.to_string())
+            .arg("--admin")
+            .arg(self.admin.to_string())
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .arg("--shards")
+            .arg(self.shards.to_string())
+            .args(&self.extra)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("gateway starts");
+        self.child = Some(child);
+        self.wait_ready();
+    }
+
+    /// Waits until every shard accepts and the admin server answers.
+    fn wait_ready(&mut self) {
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!("gateway exited during start: {status}");
+            }
+            if self
+                .http("GET", "/healthz", "")
+                .is_some_and(|(code, _)| code == 200)
+            {
+                // The admin server starts first; a client connection proves the shards.
+                if TcpStream::connect(self.listen).is_ok() {
+                    return;
+                }
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "gateway not ready in time"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// kill -9.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM; returns the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut c = self.child.take().expect("running");
+        // The `kill` command sends SIGTERM without unsafe code in the test.
+        let ok = Command::new("kill")
+            .arg("-TERM")
+            .arg(c.id().to_string())
+            .status()
+            .expect("kill runs");
+        assert!(ok.success());
+        let deadline = std::time::Instant::now() + WAIT * 2;
+        loop {
+            if let Some(status) = c.try_wait().expect("wait") {
+                return status;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no exit after SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// One HTTP request to the admin server: (status, body), or None if it is not up.
+    pub fn http(&self, method: &str, path: &str, body: &str) -> Option<(u16, String)> {
+        let mut s = TcpStream::connect(self.admin).ok()?;
+        s.set_read_timeout(Some(WAIT)).ok()?;
+        let req = format!(
+            "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        s.write_all(req.as_bytes()).ok()?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).ok()?;
+        let code = out.split(' ').nth(1)?.parse().ok()?;
+        let body = out.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+        Some((code, body))
+    }
+
+    /// A token for (user, device) signed with the dev secret of this data dir.
+    pub fn token(&self, user: u64, device: u32) -> String {
+        let secret = std::fs::read_to_string(self.data_dir.join("dev-secret.hex"))
+            .expect("dev secret exists");
+        let signer = TokenSigner::new(&SigningKey::Hs256 {
+            secret: secret.trim().as_bytes().to_vec(),
+        })
+        .expect("dev secret is a valid key");
+        signer.mint(
+            UserId(user),
+            DeviceId(device),
+            now() + Duration::from_secs(3600),
+        )
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.data_dir);
+    }
+}
+
+pub fn now() -> Instant {
+    Instant::from_millis(
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .expect("after 1970")
+            .as_millis() as u64,
+    )
+}
+
+/// A blocking client speaking raw frames.
+pub struct Client {
+    pub stream: TcpStream,
+    rx: BytesMut,
+    encoder: Encoder,
+    decoder: Decoder,
+}
+
+impl Client {
+    pub fn connect(addr: SocketAddr) -> Client {
+        let stream = TcpStream::connect(addr).expect("connect");
+        stream.set_read_timeout(Some(WAIT)).expect("timeout");
+        stream.set_nodelay(true).expect("nodelay");
+        Client {
+            stream,
+            rx: BytesMut::new(),
+            encoder: Encoder::new(),
+            decoder: Decoder::new(u32::MAX),
+        }
+    }
+
+    /// Connects and authenticates; panics unless AuthOk comes back.
+    pub fn login(g: &Gateway, user: u64, device: u32) -> Client {
+        let mut c = Client::connect(g.listen);
+        c.send_frame(
+            &Meta::Auth(meta::Auth {
+                token: g.token(user, device),
+            }),
+            &[],
+        );
+        match c.recv() {
+            Some((Meta::AuthOk(_), _)) => c,
+            other => panic!("expected AuthOk, got {other:?}"),
+        }
+    }
+
+    pub fn send_raw(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.stream.write_all(bytes)
+    }
+
+    pub fn send_frame(&mut self, meta: &Meta, payload: &[u8]) {
+        let bytes = self.encoder.encode_to_bytes(meta, payload);
+        self.stream.write_all(&bytes).expect("write");
+    }
+
+    pub fn send_msg(&mut self, req: u32, conv: ConvId, id: ClientMsgId, payload: &[u8]) {
+        self.send_frame(
+            &Meta::Send(meta::Send {
+                req,
+                client_msg_id: id,
+                conv,
+                priority: meta::Priority::Normal,
+            }),
+            payload,
+        );
+    }
+
+    /// The next frame, or None on EOF (or a reset). Panics after `WAIT` of silence.
+    pub fn recv(&mut self) -> Option<(Meta, Bytes)> {
+        loop {
+            if let Some(f) = self
+                .decoder
+                .decode(&mut self.rx)
+                .expect("gateway frames decode")
+            {
+                return Some((f.meta, f.payload));
+            }
+            let mut buf = [0u8; 16 * 1024];
+            match self.stream.read(&mut buf) {
+                Ok(0) => return None,
+                Ok(n) => self.rx.extend_from_slice(&buf[..n]),
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::WouldBlock
+                        || e.kind() == std::io::ErrorKind::TimedOut =>
+                {
+                    panic!("no frame from the gateway within {WAIT:?}")
+                }
+                Err(_) => return None,
+            }
+        }
+    }
+
+    /// Frames until one matches `pred` (returned last), or EOF.
+    pub fn recv_until(&mut self, pred: impl Fn(&Meta) -> bool) -> Vec<(Meta, Bytes)> {
+        let mut out = Vec::new();
+        while let Some(f) = self.recv() {
+            let done = pred(&f.0);
+            out.push(f);
+            if done {
+                break;
+            }
+        }
+        out
+    }
+
+    /// Reads frames until the gateway closes; returns them.
+    pub fn drain_until_closed(&mut self) -> Vec<(Meta, Bytes)> {
+        let mut out = Vec::new();
+        while let Some(f) = self.recv() {
+            out.push(f);
+        }
+        out
+    }
+}
+
+pub fn msg_id(n: u64, who: u64) -> ClientMsgId {
+    let mut id = [0u8; 16];
+    id[..8].copy_from_slice(&n.to_le_bytes());
+    id[8..].copy_from_slice(&who.to_le_bytes());
+    ClientMsgId(id)
+}
