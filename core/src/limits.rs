@@ -64,6 +64,9 @@ pub struct Limits {
     pub pending_signals_max: usize,
     /// Largest payload of an ephemeral signal. 1 KiB: typing and presence carry little.
     pub signal_bytes_max: usize,
+    /// Log reads (Sync or Pull of history older than the hot tier) in flight per shard;
+    /// beyond, such history is reported unavailable for now. 1024.
+    pub fetches_inflight_max: usize,
     /// Connections one shard holds; beyond, new ones get `TooManyConnections`. 100,000:
     /// above what one core serves well; the process-wide file limit usually binds first.
     pub connections_max: usize,
@@ -92,6 +95,7 @@ impl Default for Limits {
             token_leeway: Duration::from_secs(30),
             pending_signals_max: 64,
             signal_bytes_max: 1024,
+            fetches_inflight_max: 1024,
             connections_max: 100_000,
         }
     }

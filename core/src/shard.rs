@@ -76,6 +76,14 @@ pub enum Effect {
     Append { lsn: Lsn, bytes: Vec<u8> },
     /// Carry `msg` to shard `to`.
     ToShard { to: ShardId, msg: ShardMsg },
+    /// Read the durable messages `from..=to` of `conv` from the log (they are older than
+    /// the hot tier) and answer with [`Shard::handle_fetched`] and the same `fetch`.
+    Fetch {
+        fetch: u64,
+        conv: ConvId,
+        from: Seq,
+        to: Seq,
+    },
     /// The command submitted with `token` finished.
     CommandDone {
         token: u64,
@@ -156,6 +164,16 @@ enum Pending {
     },
 }
 
+/// A Replay whose first part must come from the log.
+#[derive(Debug)]
+struct PendingFetch {
+    to: ConnRef,
+    conv: ConvId,
+    from: Seq,
+    limit: u32,
+    purpose: ReplayPurpose,
+}
+
 /// The engine of one shard.
 pub struct Shard {
     id: ShardId,
@@ -185,6 +203,10 @@ pub struct Shard {
     next_lsn: u64,
     append_buf: Vec<u8>,
     pending: VecDeque<(Lsn, Pending)>,
+
+    /// Replays waiting for a log read, by fetch id.
+    fetches: BTreeMap<u64, PendingFetch>,
+    next_fetch: u64,
 
     effects: VecDeque<Effect>,
     local_inbox: VecDeque<ShardMsg>,
@@ -222,6 +244,8 @@ impl Shard {
             next_lsn: 1,
             append_buf: Vec::new(),
             pending: VecDeque::new(),
+            fetches: BTreeMap::new(),
+            next_fetch: 1,
             effects: VecDeque::new(),
             local_inbox: VecDeque::new(),
             closing: VecDeque::new(),
@@ -1212,18 +1236,7 @@ impl Shard {
                 from,
                 limit,
                 purpose,
-            } => {
-                let result = self.replay(user, conv, from, limit);
-                self.route(
-                    to.shard,
-                    ShardMsg::Replayed {
-                        to,
-                        conv,
-                        purpose,
-                        result,
-                    },
-                );
-            }
+            } => self.on_replay(to, user, conv, from, limit, purpose),
             ShardMsg::Replayed {
                 to,
                 conv,
@@ -1513,33 +1526,146 @@ impl Shard {
         });
     }
 
-    fn replay(
-        &self,
+    /// Answers a Replay from the hot tier, or asks the driver for the older part first.
+    fn on_replay(
+        &mut self,
+        to: ConnRef,
         user: UserId,
         conv_id: ConvId,
         from: Seq,
         limit: u32,
-    ) -> Result<ReplayBatch, ErrorCode> {
+        purpose: ReplayPurpose,
+    ) {
+        let member = match (self.convs.get(&conv_id), conv_id.kind()) {
+            (Some(c), _) => c.is_member(user),
+            (None, Some(ConvKind::Direct(a, b))) => user == a || user == b,
+            (None, _) => false,
+        };
+        if !member {
+            let result = Err(ErrorCode::NotMember);
+            self.route(
+                to.shard,
+                ShardMsg::Replayed {
+                    to,
+                    conv: conv_id,
+                    purpose,
+                    result,
+                },
+            );
+            return;
+        }
+        let from = from.max(Seq(1));
+        let hot_from = self.convs.get(&conv_id).map_or(Seq(1), |c| c.hot_from());
+        if from < hot_from && self.fetches.len() < self.limits.fetches_inflight_max {
+            // Older than the hot tier: read it from the log, then continue from memory.
+            let fetch = self.next_fetch;
+            self.next_fetch += 1;
+            let to_seq = Seq((from.0 + u64::from(limit) - 1).min(hot_from.0 - 1));
+            self.fetches.insert(
+                fetch,
+                PendingFetch {
+                    to,
+                    conv: conv_id,
+                    from,
+                    limit,
+                    purpose,
+                },
+            );
+            self.effects.push_back(Effect::Fetch {
+                fetch,
+                conv: conv_id,
+                from,
+                to: to_seq,
+            });
+            return;
+        }
+        // Either all of it is hot, or too many reads are in flight: then what is not hot
+        // is reported as unavailable rather than queued without bound.
+        let result = Ok(self.hot_batch(conv_id, from, limit, Vec::new()));
+        self.route(
+            to.shard,
+            ShardMsg::Replayed {
+                to,
+                conv: conv_id,
+                purpose,
+                result,
+            },
+        );
+    }
+
+    /// `older` (read from the log, contiguous) followed by hot messages, up to `limit`.
+    fn hot_batch(
+        &self,
+        conv_id: ConvId,
+        from: Seq,
+        limit: u32,
+        older: Vec<StoredMessage>,
+    ) -> ReplayBatch {
         let Some(conv) = self.convs.get(&conv_id) else {
-            return match conv_id.kind() {
-                Some(ConvKind::Direct(a, b)) if user == a || user == b => Ok(ReplayBatch {
-                    msgs: Vec::new(),
-                    latest: Seq::ZERO,
-                    available_from: Seq(1),
-                }),
-                _ => Err(ErrorCode::NotMember),
+            return ReplayBatch {
+                msgs: Vec::new(),
+                latest: Seq::ZERO,
+                available_from: Seq(1),
             };
         };
-        if !conv.is_member(user) {
-            return Err(ErrorCode::NotMember);
+        let available_from = match older.first() {
+            Some(first) => first.seq,
+            None => conv.hot_from().max(Seq(1)),
+        };
+        let next = older
+            .last()
+            .map_or(from.max(available_from), |m| m.seq.next());
+        let room = (limit as usize).saturating_sub(older.len());
+        let mut msgs = older;
+        // Only continue from memory if the log part reached the hot tier without a hole.
+        if next >= conv.hot_from() {
+            msgs.extend(conv.hot_range(next, room).cloned());
         }
-        let available_from = conv.hot_from();
-        let start = from.max(available_from);
-        Ok(ReplayBatch {
-            msgs: conv.hot_range(start, limit as usize).cloned().collect(),
+        ReplayBatch {
+            msgs,
             latest: conv.durable_seq,
             available_from,
-        })
+        }
+    }
+
+    /// The driver read the log for a [`Effect::Fetch`]: `Ok` with the messages found, in
+    /// seq order, or `Err` if the read failed (the range is then reported unavailable).
+    pub fn handle_fetched(
+        &mut self,
+        now: Instant,
+        fetch: u64,
+        result: Result<Vec<StoredMessage>, ()>,
+    ) {
+        self.now = now;
+        if let Some(p) = self.fetches.remove(&fetch) {
+            let older = match result {
+                // Keep only a contiguous run starting at the first seq asked for.
+                Ok(msgs) => {
+                    let mut expect = p.from;
+                    msgs.into_iter()
+                        .take(p.limit as usize)
+                        .take_while(|m| {
+                            let ok = m.conv == p.conv && m.seq == expect;
+                            expect = expect.next();
+                            ok
+                        })
+                        .collect()
+                }
+                Err(()) => Vec::new(),
+            };
+            let batch = self.hot_batch(p.conv, p.from, p.limit, older);
+            let to = p.to;
+            self.route(
+                to.shard,
+                ShardMsg::Replayed {
+                    to,
+                    conv: p.conv,
+                    purpose: p.purpose,
+                    result: Ok(batch),
+                },
+            );
+        }
+        self.finish();
     }
 
     fn on_replayed(

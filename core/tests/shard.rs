@@ -334,7 +334,7 @@ fn sync_after_reconnect_replays_exactly_what_is_missing() {
 }
 
 #[test]
-fn sync_says_which_range_is_no_longer_held_and_which_conversations_have_more() {
+fn sync_reads_history_older_than_the_hot_tier_from_the_log_and_says_which_have_more() {
     let limits = Limits {
         hot_messages_per_conv: 4,
         sync_batch_per_conv: 2,
@@ -356,20 +356,62 @@ fn sync_says_which_range_is_no_longer_held_and_which_conversations_have_more() {
         &[],
     );
     let frames = w.take(bob);
-    // Seqs 7..=10 are hot; 2..=6 are gone; a batch is 2.
-    assert_eq!(seqs(&frames), vec![7, 8]);
+    // Seqs 7..=10 are hot, 2..=6 come from the log; a batch is 2.
+    assert_eq!(seqs(&frames), vec![2, 3]);
     match frames.last() {
         Some((Meta::SyncDone(d), _)) => {
-            assert_eq!(
-                d.gaps,
-                vec![meta::Gap {
-                    conv,
-                    from_seq: Seq(2),
-                    to_seq: Seq(6)
-                }]
-            );
-            assert_eq!(d.more, vec![meta::Cursor { conv, seq: Seq(8) }]);
+            assert!(d.gaps.is_empty(), "{:?}", d.gaps);
+            assert_eq!(d.more, vec![meta::Cursor { conv, seq: Seq(3) }]);
         }
+        other => panic!("{other:?}"),
+    }
+    // The rest, by Pull: across the log and the hot tier in one answer.
+    w.frame(
+        bob,
+        Meta::Pull(meta::Pull {
+            req: 2,
+            conv,
+            from_seq: Seq(4),
+            limit: 100,
+        }),
+        &[],
+    );
+    assert_eq!(seqs(&w.take(bob)), vec![4, 5, 6, 7, 8, 9, 10]);
+}
+
+#[test]
+fn history_the_log_cannot_serve_is_reported_as_a_gap() {
+    let limits = Limits {
+        hot_messages_per_conv: 4,
+        fetches_inflight_max: 0,
+        ..Limits::default()
+    };
+    let mut w = World::new(1, limits);
+    let alice = w.login(0, 1, 1);
+    let conv = ConvId::direct(UserId(1), UserId(2));
+    for req in 1..=10 {
+        w.send(alice, req, conv, b"x");
+    }
+    let bob = w.login(0, 2, 1);
+    w.frame(
+        bob,
+        Meta::Sync(meta::Sync {
+            req: 1,
+            cursors: vec![meta::Cursor { conv, seq: Seq(1) }],
+        }),
+        &[],
+    );
+    let frames = w.take(bob);
+    assert_eq!(seqs(&frames), vec![7, 8, 9, 10]);
+    match frames.last() {
+        Some((Meta::SyncDone(d), _)) => assert_eq!(
+            d.gaps,
+            vec![meta::Gap {
+                conv,
+                from_seq: Seq(2),
+                to_seq: Seq(6)
+            }]
+        ),
         other => panic!("{other:?}"),
     }
 }

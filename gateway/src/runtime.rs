@@ -26,6 +26,7 @@ use glommio::net::{TcpListener, TcpStream};
 use glommio::{LocalExecutorBuilder, Placement};
 use imgate_core::auth::TokenVerifier;
 use imgate_core::mesh::{Command, CommandError, ConnId, ShardId, ShardMsg};
+use imgate_core::proto::{ConvId, Seq};
 use imgate_core::shard::{Effect, Lsn, Shard, ShardConfig};
 use imgate_core::Instant;
 use std::cell::{Cell, RefCell};
@@ -132,6 +133,9 @@ struct State {
     wake_mesh: Vec<Rc<Notify>>,
     admin_replies: VecDeque<AdminReply>,
     wake_admin: Rc<Notify>,
+    /// Log reads the engine asked for: (fetch, conv, from, to).
+    fetch_queue: VecDeque<(u64, ConvId, Seq, Seq)>,
+    wake_fetch: Rc<Notify>,
     scratch: Vec<u8>,
 }
 
@@ -152,6 +156,15 @@ impl State {
                 Effect::CommandDone { token, result } => {
                     self.admin_replies.push_back((token, result));
                     self.wake_admin.notify();
+                }
+                Effect::Fetch {
+                    fetch,
+                    conv,
+                    from,
+                    to,
+                } => {
+                    self.fetch_queue.push_back((fetch, conv, from, to));
+                    self.wake_fetch.notify();
                 }
             }
         }
@@ -369,6 +382,8 @@ async fn shard_main(setup: ShardSetup) -> Result<()> {
         wake_mesh: wake_mesh.clone(),
         admin_replies: VecDeque::new(),
         wake_admin: Rc::new(Notify::default()),
+        fetch_queue: VecDeque::new(),
+        wake_fetch: Rc::new(Notify::default()),
         scratch: vec![0; READ_SCRATCH_BYTES],
     }));
 
@@ -384,6 +399,7 @@ async fn shard_main(setup: ShardSetup) -> Result<()> {
         .detach();
         glommio::spawn_local(mesh_receiver(state.clone(), receivers.clone(), peer)).detach();
     }
+    glommio::spawn_local(fetch_task(state.clone())).detach();
     let log_idle = Rc::new(Cell::new(true));
     glommio::spawn_local(log_task(
         state.clone(),
@@ -684,6 +700,24 @@ async fn log_task(
                 st.pump();
             }
         }
+    }
+}
+
+/// Serves the engine's log reads (history older than its hot tier), one at a time.
+async fn fetch_task(state: Shared) {
+    let wake = state.borrow().wake_fetch.clone();
+    loop {
+        let next = state.borrow_mut().fetch_queue.pop_front();
+        let Some((fetch, _conv, _from, _to)) = next else {
+            wake.wait().await;
+            continue;
+        };
+        // Until the log has a read index, such history is reported unavailable.
+        let result = Err(());
+        let mut st = state.borrow_mut();
+        let now = st.clock.now();
+        st.shard.handle_fetched(now, fetch, result);
+        st.pump();
     }
 }
 
