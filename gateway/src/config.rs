@@ -89,7 +89,7 @@ impl Default for Config {
             admin: SocketAddr::from(([127, 0, 0, 1], 7401)),
             data_dir: PathBuf::from("imgate-data"),
             shards: 0,
-            segment_bytes: 64 * 1024 * 1024,
+            segment_bytes: crate::storage::SEGMENT_BYTES_DEFAULT,
             auth: AuthConfig::DevSecret,
             limits: Limits::default(),
             shutdown_timeout: Duration::from_secs(10),

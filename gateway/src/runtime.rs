@@ -32,6 +32,7 @@ use imgate_core::Instant;
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, VecDeque};
 use std::future::Future;
+use std::os::fd::AsRawFd;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -44,9 +45,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 const MESH_CHANNEL_SIZE: usize = 4096;
 /// The shard-wide read scratch buffer. 64 KiB: one read takes what a busy socket has.
 const READ_SCRATCH_BYTES: usize = 64 * 1024;
-/// Outbound bytes copied into one write buffer: below it, a transmit's chunks (headers
-/// and small payloads) are coalesced into one write; a larger payload is written as is.
-const COALESCE_BYTES: usize = 64 * 1024;
 /// How often the engine's timers are driven. Its wheel has 100 ms ticks.
 const TICK: Duration = Duration::from_millis(100);
 /// Commands from the admin server waiting for a shard's answer.
@@ -401,14 +399,15 @@ async fn shard_main(setup: ShardSetup) -> Result<()> {
     }
     glommio::spawn_local(fetch_task(state.clone())).detach();
     let log_idle = Rc::new(Cell::new(true));
-    glommio::spawn_local(log_task(
+    let closing_log = Rc::new(Cell::new(false));
+    let log_task = glommio::spawn_local(log_task(
         state.clone(),
         log,
         metrics.clone(),
         index,
         log_idle.clone(),
-    ))
-    .detach();
+        closing_log.clone(),
+    ));
     if let Some((req_rx, rep_tx)) = admin {
         let req_rx = req_rx.connect().await;
         let rep_tx = rep_tx.connect().await;
@@ -447,6 +446,10 @@ async fn shard_main(setup: ShardSetup) -> Result<()> {
         }
         glommio::timer::sleep(Duration::from_millis(10)).await;
     }
+    closing_log.set(true);
+    let wake_log = state.borrow().wake_log.clone();
+    wake_log.notify();
+    log_task.await;
     metrics.shard(index).publish(state.borrow().shard.stats());
     tracing::info!(shard = index, "drained");
     Ok(())
@@ -550,7 +553,9 @@ async fn reader(state: Shared, io: Rc<ConnIo>) {
     }
 }
 
-/// Writes the connection's queued chunks, coalescing small ones into one write.
+/// Writes the connection's queued chunks with vectored, non-blocking `sendmsg` calls:
+/// headers and the shared payload buffers go to the kernel as they are, never copied
+/// into a staging buffer. When the socket is full it waits for writability.
 async fn writer(state: Shared, io: Rc<ConnIo>) {
     loop {
         while io.outq.borrow().is_empty() && !io.closing.get() && !io.closed.get() {
@@ -559,28 +564,9 @@ async fn writer(state: Shared, io: Rc<ConnIo>) {
         if io.closed.get() {
             return;
         }
-        let chunks: Vec<Bytes> = io.outq.borrow_mut().drain(..).collect();
+        let mut chunks: VecDeque<Bytes> = io.outq.borrow_mut().drain(..).collect();
         let mut written = 0usize;
-        let mut failed = false;
-        let mut batch = BytesMut::new();
-        for chunk in chunks {
-            if chunk.len() > COALESCE_BYTES {
-                failed |= flush(&io, &mut batch, &mut written).await.is_err();
-                failed |= write_stream(&io, &chunk).await.is_err();
-                written += chunk.len();
-            } else {
-                batch.extend_from_slice(&chunk);
-                if batch.len() >= COALESCE_BYTES {
-                    failed |= flush(&io, &mut batch, &mut written).await.is_err();
-                }
-            }
-            if failed {
-                break;
-            }
-        }
-        if !failed {
-            failed = flush(&io, &mut batch, &mut written).await.is_err();
-        }
+        let failed = write_chunks(&io, &mut chunks, &mut written).await.is_err();
         {
             let mut st = state.borrow_mut();
             let now = st.clock.now();
@@ -588,7 +574,12 @@ async fn writer(state: Shared, io: Rc<ConnIo>) {
             st.pump();
         }
         if failed || (io.closing.get() && io.outq.borrow().is_empty()) {
-            let _ = poll_fn(|cx| Pin::new(&mut *io.stream.borrow_mut()).poll_close(cx)).await;
+            // Shut both directions: the reader, parked on a peer that may never send
+            // again, wakes with EOF and ends too.
+            let fd = io.stream.borrow().as_raw_fd();
+            // SAFETY: shutdown(2) on a descriptor this connection owns; it stays open
+            // until the stream is dropped.
+            unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
             io.closed.set(true);
             if failed && !io.closing.get() {
                 let mut st = state.borrow_mut();
@@ -603,36 +594,84 @@ async fn writer(state: Shared, io: Rc<ConnIo>) {
     }
 }
 
+/// Chunks handed to one `sendmsg` at most (the kernel's IOV_MAX is 1024).
+const IOV_BATCH: usize = 64;
+
+async fn write_chunks(
+    io: &ConnIo,
+    chunks: &mut VecDeque<Bytes>,
+    written: &mut usize,
+) -> std::io::Result<()> {
+    let fd = io.stream.borrow().as_raw_fd();
+    while !chunks.is_empty() {
+        let n = match sendmsg_nonblocking(fd, chunks) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                // Full socket: let glommio wait for writability and send the first chunk.
+                let first = chunks.front().cloned().unwrap_or_default();
+                poll_fn(|cx| Pin::new(&mut *io.stream.borrow_mut()).poll_write(cx, &first)).await?
+            }
+            Err(e) => return Err(e),
+        };
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        *written += n;
+        advance(chunks, n);
+    }
+    Ok(())
+}
+
+/// Drops `n` written bytes from the front of `chunks`.
+fn advance(chunks: &mut VecDeque<Bytes>, mut n: usize) {
+    while n > 0 {
+        let Some(front) = chunks.front_mut() else {
+            return;
+        };
+        if n >= front.len() {
+            n -= front.len();
+            chunks.pop_front();
+        } else {
+            bytes::Buf::advance(front, n);
+            n = 0;
+        }
+    }
+    while chunks.front().is_some_and(|c| c.is_empty()) {
+        chunks.pop_front();
+    }
+}
+
+/// One non-blocking vectored send of up to `IOV_BATCH` chunks.
+fn sendmsg_nonblocking(fd: std::os::fd::RawFd, chunks: &VecDeque<Bytes>) -> std::io::Result<usize> {
+    let iov: Vec<libc::iovec> = chunks
+        .iter()
+        .take(IOV_BATCH)
+        .map(|c| libc::iovec {
+            iov_base: c.as_ptr() as *mut libc::c_void,
+            iov_len: c.len(),
+        })
+        .collect();
+    // SAFETY: msghdr is plain data; all-zero is a valid empty header.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = iov.as_ptr() as *mut libc::iovec;
+    msg.msg_iovlen = iov.len() as _;
+    // SAFETY: the iovecs point into `chunks`, which outlive this call and are only read;
+    // MSG_DONTWAIT keeps the executor from blocking; MSG_NOSIGNAL turns a closed peer
+    // into EPIPE instead of SIGPIPE.
+    let n = unsafe { libc::sendmsg(fd, &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
+    if n < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
 fn release(st: &mut State, id: ConnId) {
     if let Some(slot) = st.conns.get_mut(id.index as usize) {
         if slot.as_ref().is_some_and(|c| c.id == id) {
             *slot = None;
         }
     }
-}
-
-async fn flush(io: &ConnIo, batch: &mut BytesMut, written: &mut usize) -> std::io::Result<()> {
-    if batch.is_empty() {
-        return Ok(());
-    }
-    let n = batch.len();
-    let r = write_stream(io, batch).await;
-    batch.clear();
-    if r.is_ok() {
-        *written += n;
-    }
-    r
-}
-
-async fn write_stream(io: &ConnIo, mut bytes: &[u8]) -> std::io::Result<()> {
-    while !bytes.is_empty() {
-        let n = poll_fn(|cx| Pin::new(&mut *io.stream.borrow_mut()).poll_write(cx, bytes)).await?;
-        if n == 0 {
-            return Err(std::io::ErrorKind::WriteZero.into());
-        }
-        bytes = &bytes[n..];
-    }
-    Ok(())
 }
 
 async fn write_all(stream: &mut TcpStream, mut bytes: &[u8]) -> std::io::Result<()> {
@@ -653,12 +692,20 @@ async fn log_task(
     metrics: Arc<Metrics>,
     index: usize,
     idle: Rc<Cell<bool>>,
+    closing: Rc<Cell<bool>>,
 ) {
     let wake = state.borrow().wake_log.clone();
     loop {
         let batch = std::mem::take(&mut state.borrow_mut().log_queue);
         let Some(&(last, _, _)) = batch.last() else {
             idle.set(true);
+            if closing.get() {
+                // Drained: seal the tail cleanly so the next start finds no padding.
+                if let Err(e) = log.close().await {
+                    tracing::error!(shard = index, error = %e, "closing the log");
+                }
+                return;
+            }
             wake.wait().await;
             continue;
         };
@@ -808,6 +855,18 @@ impl AdminControl {
     }
 }
 
+/// Removes a command's entry from `waiting` when dropped.
+struct Forget<'a> {
+    waiting: &'a RefCell<BTreeMap<u64, Waiting>>,
+    token: u64,
+}
+
+impl Drop for Forget<'_> {
+    fn drop(&mut self) {
+        self.waiting.borrow_mut().remove(&self.token);
+    }
+}
+
 impl Control for AdminControl {
     fn command(
         &self,
@@ -817,8 +876,13 @@ impl Control for AdminControl {
         self.next.set(token + 1);
         self.waiting.borrow_mut().insert(token, (None, None));
         Box::pin(async move {
+            // The entry goes when this future ends or is dropped (the admin server times
+            // commands out), so a late answer cannot leave it behind.
+            let _forget = Forget {
+                waiting: &self.waiting,
+                token,
+            };
             if self.tx.send((token, cmd)).await.is_err() {
-                self.waiting.borrow_mut().remove(&token);
                 return Err(CommandError::StorageFailed);
             }
             poll_fn(|cx| {
@@ -827,10 +891,7 @@ impl Control for AdminControl {
                     return Poll::Ready(Err(CommandError::StorageFailed));
                 };
                 match slot.0.take() {
-                    Some(result) => {
-                        waiting.remove(&token);
-                        Poll::Ready(result)
-                    }
+                    Some(result) => Poll::Ready(result),
                     None => {
                         slot.1 = Some(cx.waker().clone());
                         Poll::Pending

@@ -68,9 +68,6 @@ use std::path::{Path, PathBuf};
 /// enough that rotation (an fdatasync, a create and a directory fsync) is rare next to
 /// group commits; small enough that recovery, which reads a segment whole, and a future
 /// cold tier, which ships sealed segments, handle one at a time in modest memory.
-// The runtime's config is to take its default from here; until it does, only tests and
-// examples/log_bench.rs use it.
-#[cfg_attr(not(test), allow(dead_code))]
 pub const SEGMENT_BYTES_DEFAULT: u64 = 64 * 1024 * 1024;
 
 /// Most bytes staged in memory before they are written out: 128 KiB. A `write` larger
@@ -597,8 +594,6 @@ impl SegmentLog {
     /// ends exactly at its data. For the SIGTERM path. After a failed write, the bytes
     /// that were never synced are dropped first, as [`SegmentLog::reset_to_durable`] does:
     /// they were never acknowledged and may have been Nacked.
-    // The runtime's drain is to call this; until it does, only tests and the bench do.
-    #[cfg_attr(not(test), allow(dead_code))]
     pub async fn close(mut self) -> Result<(), StorageError> {
         if self.needs_reset {
             self.reset_to_durable().await?;
