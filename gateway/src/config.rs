@@ -288,6 +288,14 @@ mod tests {
     }
 
     #[test]
+    fn the_example_config_in_deploy_parses() {
+        let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/gateway.toml");
+        let c = Config::load(Some(&file), Overrides::default()).unwrap();
+        assert_eq!(c.listen, "0.0.0.0:7400".parse().unwrap());
+        assert_eq!(c.segment_bytes, 64 * 1024 * 1024);
+    }
+
+    #[test]
     fn the_dev_secret_is_created_once_and_then_reused() {
         let dir = temp_dir("secret");
         assert!(dev_secret(&dir, false).is_err());

@@ -1,18 +1,24 @@
-//! The warm tier: one shard's log as segment files on local disk, written with glommio.
+//! The warm tier: one shard's log as segment files on local disk, written with glommio,
+//! and the read index that serves history older than the engine's hot tier from it.
 //!
 //! A shard's log lives in one directory as numbered segment files,
 //! `<dir>/<index:020>.seg` with the index counting from 1. Each segment is a run of records
-//! framed by core ([`imgate_core::log::encode_record`]); this module never looks inside a
-//! record, except through core's [`scan`] at recovery. It owns:
+//! framed by core ([`imgate_core::log::encode_record`]); this module decodes records only
+//! through core ([`scan`] at recovery, [`decode_record`] on the write and read paths). It
+//! owns:
 //!
 //! - Appending: [`SegmentLog::write`] stages bytes and writes them out; nothing is durable
 //!   until [`SegmentLog::sync`] returns. The driver's group commit sits on top: it collects
 //!   appends while a sync runs, then hands them over in one `write` and one `sync`.
 //! - Rotation: a batch that would take the current segment past
 //!   [`LogConfig::segment_bytes`] first seals it (written out, cut to its exact length,
-//!   fdatasync'd) and starts the next. A batch always ends on a record boundary (the
-//!   caller's promise), so records never span segments. A batch larger than a whole
-//!   segment goes alone into a fresh one.
+//!   fdatasync'd) and starts the next, but only if the segment holds nothing unsynced:
+//!   sealing makes every byte in it durable, and bytes written since the last sync must
+//!   stay removable by `reset_to_durable` (see Failure). So a segment may grow past
+//!   `segment_bytes` by what is written between two syncs (one group commit); the first
+//!   write after the sync rotates. A batch always ends on a record boundary (the caller's
+//!   promise), so records never span segments. A batch larger than a whole segment goes
+//!   alone into a fresh one (if the segment before it was synced).
 //! - Failure: after a failed write or sync the log refuses appends until
 //!   [`SegmentLog::reset_to_durable`] has cut the file back to the durable prefix. Without
 //!   that, records the shard Nacked (and whose seqs it hands out again) could still be on
@@ -23,6 +29,38 @@
 //!   segment is [`StorageError::Corrupt`] and the log refuses to open: those segments were
 //!   sealed durable, so the damage would otherwise drop acknowledged messages silently. A
 //!   missing segment number is refused the same way.
+//! - The read index and [`LogReader`] (below).
+//!
+//! # The read index
+//!
+//! Sync and Pull ask for a conversation's messages by seq; those older than the engine's
+//! hot tier come from here. The index maps each conversation to the location of each of
+//! its message records: seqs of a conversation are consecutive from 1 in log order (the
+//! engine hands them out so, and recovery here and in core rejects a gap), so a
+//! `Vec<Location>` indexed by `seq - 1` is enough, where a [`Location`] packs the segment
+//! index (24 bits) and the byte offset of the frame in it (40 bits) into 8 bytes.
+//!
+//! - It is built at recovery from the scan, and on every [`SegmentLog::write`] by walking
+//!   the batch's frames with core's [`decode_record`] (which also checks each frame's CRC
+//!   just before it goes to disk).
+//! - An entry is served only once durable: entries of a write are pending until the next
+//!   successful `sync`, and `reset_to_durable` removes them again (the seqs they named are
+//!   handed out anew by the engine). Durable entries are never removed.
+//! - [`SegmentLog::reader`] hands out a [`LogReader`] that shares the index with the log
+//!   (`Rc<RefCell<..>>`, one shard, one thread; no borrow is held across an await), so
+//!   reads run on the shard's executor while the log task writes. A read copies the
+//!   locations it needs out of the index, then reads the segment files through its own
+//!   read-only handles (O_DIRECT if the log writes with it, so that no page cache stands
+//!   between it and the writer's direct writes).
+//!
+//! Memory: 8 bytes per durable message, plus up to as much again of `Vec` growth slack
+//! for conversations written since the last recovery (recovery shrinks every `Vec` to
+//! fit), plus per conversation a hash map slot (16 bytes of key, 32 of value, 1 of control,
+//! at a load between 7/16 and 7/8) and the `Vec`'s heap allocation: about 70-130 bytes.
+//! [`LogReader::index_stats`] reports the total. It grows with the whole log, without a
+//! bound: 100 million messages on a shard take about 800 MB. The cold tier is to bound it,
+//! by dropping the entries of the segments it ships away (and serving those from its own
+//! index).
 //!
 //! # Direct I/O and the partial last block
 //!
@@ -32,13 +70,18 @@
 //! after a crash a segment may end in zeros, which core's scan reports as
 //! [`ScanEnd::ZeroTail`] and recovery cuts off. Rewriting a block that holds durable bytes
 //! is safe even if the rewrite is torn: every sector of the block carries the same durable
-//! bytes in its old and its new version.
+//! bytes in its old and its new version. For the same reason a [`LogReader`] that reads the
+//! block while it is rewritten sees the durable bytes intact, whichever version of each
+//! sector it gets.
 //!
 //! glommio's own `DmaStreamWriter` is not used, for three reasons found in its source
 //! (0.9.0): its `sync` writes the whole staging buffer (128 KiB for a 100-byte batch), and
 //! the padding past the data is uninitialised buffer memory, not zeros, so after a crash
 //! stale bytes, possibly whole stale records, could sit past the end of the log; and it
-//! always starts at offset 0, so it cannot continue a segment after a restart.
+//! always starts at offset 0, so it cannot continue a segment after a restart. Nor is
+//! `DmaFile::read_at`: near the end of a file it returns up to (pos mod alignment) bytes
+//! past what the kernel read, uninitialised buffer memory; the reader aligns its reads
+//! itself and keeps only what was read.
 //!
 //! If the filesystem refuses O_DIRECT (EINVAL), the log falls back to buffered writes
 //! ([`BufferedFile`] and fdatasync) and logs a warning; durability is the same, only the
@@ -50,19 +93,29 @@
 //!   bytes from the start of the block holding `flushed` up to `written`.
 //! - Past `written`, the open segment's file holds only zeros or bytes that the next flush
 //!   overwrites; after `reset_to_durable` it ends exactly at `durable`.
+//! - Every pending (not yet durable) index entry points into the open segment at or past
+//!   its durable end; every served entry points at a durable frame of a message whose
+//!   conversation and seq the entry names (checked again when it is read).
 //!
-//! What it leaves to others: the record format and the scan (core), the `(conv, seq)`
-//! index and the mapping from appends to [`imgate_core::shard::Lsn`]s (the runtime), and
-//! the cold tier.
+//! What it leaves to others: the record format and the scan (core), the mapping from
+//! appends to [`imgate_core::shard::Lsn`]s and what to read when (the runtime), and the
+//! cold tier.
 //!
 //! Architecture invariant: a segment file is created fresh (`O_TRUNC`) and never reused,
 //! because core's scan cannot tell a stale record from a new one.
 
-use glommio::io::{BufferedFile, Directory, DmaFile, OpenOptions};
+use glommio::io::{BufferedFile, Directory, DmaFile, OpenOptions, ReadResult};
 use glommio::GlommioError;
-use imgate_core::log::{scan, CorruptReason, Record, ScanEnd};
+use imgate_core::log::{
+    decode_record, scan, CorruptReason, Decoded, Record, ScanEnd, StoredMessage,
+};
+use imgate_core::proto::{ConvId, Seq};
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 
 /// Default size at which a segment is sealed and the next one started: 64 MiB. Large
 /// enough that rotation (an fdatasync, a create and a directory fsync) is rare next to
@@ -97,6 +150,47 @@ const SEGMENT_SUFFIX: &str = ".seg";
 
 /// Digits of the zero-padded index in a segment file name: every u64 fits in 20.
 const SEGMENT_INDEX_DIGITS: usize = 20;
+
+/// Bits of a packed [`Location`] that hold the byte offset of a frame in its segment: 40,
+/// so offsets below 1 TiB. The other 24 hold the segment index. Together 8 bytes, the
+/// whole per-message cost of the read index.
+const LOCATION_OFFSET_BITS: u32 = 40;
+
+/// Largest segment index the read index can name: 2^24 - 1 = 16,777,215. At the default
+/// segment size that is 1 PiB of log in one shard, long past the point where the cold tier
+/// is to ship old segments away. A log that gets there refuses to rotate
+/// ([`StorageError::IndexLimit`]), as a full disk would refuse writes.
+const SEGMENT_INDEX_MAX: u64 = (1 << (64 - LOCATION_OFFSET_BITS)) - 1;
+
+/// Largest frame offset in a segment that the read index can name: 2^40 - 1.
+const RECORD_OFFSET_MAX: u64 = (1 << LOCATION_OFFSET_BITS) - 1;
+
+/// Largest [`LogConfig::segment_bytes`] accepted: 512 GiB, half of what a [`Location`]
+/// can address, which leaves a segment room to grow past its size by a group commit (see
+/// Rotation in the module docs). A write that would still place a frame past
+/// [`RECORD_OFFSET_MAX`] is refused with [`StorageError::IndexLimit`].
+const SEGMENT_BYTES_MAX: u64 = 1 << (LOCATION_OFFSET_BITS - 1);
+
+/// Most bytes one coalesced read of a [`LogReader`] covers: 128 KiB. Frames of one
+/// conversation that lie within this span of each other are read in one request, wasting
+/// at most the frames of other conversations between them; a larger span would waste more
+/// on logs where many conversations interleave, a smaller one would split the common case
+/// (a run of a busy conversation's messages) into more requests. A single frame larger
+/// than this is read alone, whole (at most `RECORD_HEADER_LEN + RECORD_BODY_MAX`).
+const READ_SPAN_BYTES_MAX: u64 = 128 * 1024;
+
+/// Bytes a coalesced read takes past the start of its last frame: 4 KiB, one physical
+/// block, which holds a typical message frame (a few hundred bytes) whole. A frame that
+/// does not fit is read again alone, whole.
+const READ_TAIL_BYTES: u64 = 4096;
+
+/// Most segment files the readers of one log keep open: 16. Reopening a segment costs an
+/// openat through io_uring; history reads mostly hit the few newest segments, so a small
+/// cache serves most reads, and the bound keeps a shard's file descriptors few.
+const READER_OPEN_SEGMENTS_MAX: usize = 16;
+
+// A coalesced read covers at least its last frame's tail.
+const _: () = assert!(READ_TAIL_BYTES <= READ_SPAN_BYTES_MAX);
 
 /// Where a shard's log is kept.
 #[derive(Clone, Debug)]
@@ -135,6 +229,16 @@ pub enum Damage {
     /// A frame that can never be valid.
     #[error("{0}")]
     Frame(CorruptReason),
+    /// The read index points here for a message, and a valid frame holds something else:
+    /// the index or the file is wrong, and the read serves nothing rather than a wrong
+    /// message.
+    #[error("the record here is not message {seq} of {conv}, which the index points to")]
+    Misplaced {
+        /// The conversation the index entry is for.
+        conv: ConvId,
+        /// The seq the index entry is for.
+        seq: Seq,
+    },
 }
 
 /// Errors of the warm-tier log.
@@ -180,6 +284,29 @@ pub enum StorageError {
     /// [`SegmentLog::reset_to_durable`] succeeds.
     #[error("the log has a failed write; reset_to_durable must succeed first")]
     NeedsReset,
+    /// A message in the log does not follow the one before it in its conversation: the
+    /// log refuses to open (core's recovery refuses the same log), since the read index
+    /// and the engine both rely on seqs 1, 2, 3, ... in log order.
+    #[error("message {found} of {conv} follows message {last} in the log")]
+    SeqGap {
+        /// The conversation.
+        conv: ConvId,
+        /// The seq of its message before (0 if none).
+        last: Seq,
+        /// The seq found.
+        found: Seq,
+    },
+    /// The log has outgrown what a read index [`Location`] can name (a segment index or
+    /// an offset in a segment): the write or the open is refused.
+    #[error("{what} {value} is over the read index's maximum {max}")]
+    IndexLimit {
+        /// What is too large ("segment index", "record offset").
+        what: &'static str,
+        /// Its value.
+        value: u64,
+        /// The largest value the index takes.
+        max: u64,
+    },
     /// The configuration cannot work.
     #[error("invalid log configuration: {reason}")]
     InvalidConfig {
@@ -524,6 +651,8 @@ pub struct SegmentLog {
     sealed_bytes: u64,
     /// A write or sync failed and `reset_to_durable` has not succeeded since.
     needs_reset: bool,
+    /// The read index and the readers' files, shared with every [`LogReader`].
+    read: Rc<ReadState>,
 }
 
 impl SegmentLog {
@@ -551,11 +680,63 @@ impl SegmentLog {
 
     async fn write_inner(&mut self, bytes: &[u8]) -> Result<(), StorageError> {
         let len = bytes.len() as u64;
-        if self.segment.written > 0 && self.segment.written.saturating_add(len) > self.segment_bytes
+        // Sealing makes the whole segment durable, so a segment with unsynced bytes is
+        // not sealed: `reset_to_durable` must be able to remove them (module docs).
+        let is_synced = self.segment.durable == self.segment.written;
+        if self.segment.written > 0
+            && is_synced
+            && self.segment.written.saturating_add(len) > self.segment_bytes
         {
             self.rotate().await?;
         }
+        // Indexed before the bytes are staged: if staging fails or is dropped halfway,
+        // the entries are pending and `reset_to_durable` (which must come next) removes
+        // them.
+        self.index_batch(bytes)?;
         self.segment.write(bytes).await
+    }
+
+    /// Adds the message records of `bytes`, about to be appended at the end of the open
+    /// segment, to the read index, pending until the next sync.
+    ///
+    /// Panics if `bytes` is not a run of whole, valid frames, or if a message's seq does
+    /// not follow its conversation's last one: both are the caller's promises (the engine
+    /// frames what it appends, and hands out each conversation's seqs one by one).
+    fn index_batch(&self, bytes: &[u8]) -> Result<(), StorageError> {
+        let segment = self.segment.index;
+        let base = self.segment.written;
+        // Every frame starts before the batch's last byte.
+        let last_byte = base + (bytes.len() as u64).saturating_sub(1);
+        if last_byte > RECORD_OFFSET_MAX {
+            return Err(StorageError::IndexLimit {
+                what: "record offset",
+                value: last_byte,
+                max: RECORD_OFFSET_MAX,
+            });
+        }
+        let mut index = self.read.index.borrow_mut();
+        let mut at = 0;
+        while let Some(rest) = bytes.get(at..).filter(|rest| !rest.is_empty()) {
+            match decode_record(rest) {
+                Decoded::Record { record, len } => {
+                    if let Record::Message(message) = record {
+                        let location = Location::new(segment, base + at as u64);
+                        if let Err(last) = index.push(message.conv, message.seq, location) {
+                            panic!(
+                                "message {} of {} written after message {last}: seqs must be consecutive",
+                                message.seq, message.conv
+                            );
+                        }
+                    }
+                    at += len;
+                }
+                other => panic!(
+                    "write was handed {other:?} at byte {at} of {}, not whole framed records",
+                    bytes.len()
+                ),
+            }
+        }
+        Ok(())
     }
 
     /// Makes everything written so far durable (write-out and fdatasync). Returns at once
@@ -566,6 +747,11 @@ impl SegmentLog {
         }
         let result = self.segment.sync().await;
         self.needs_reset = result.is_err();
+        if result.is_ok() {
+            // Every pending entry points into the open segment below `written`, which is
+            // now durable (rotation never seals a segment with pending entries).
+            self.read.index.borrow_mut().commit();
+        }
         result
     }
 
@@ -575,6 +761,9 @@ impl SegmentLog {
     /// fails too, the disk is not taking writes: the runtime should stop the shard rather
     /// than append after bytes it could not remove.
     pub async fn reset_to_durable(&mut self) -> Result<(), StorageError> {
+        // The entries go first: whatever becomes of the truncate, their records are not
+        // durable and never will be, and no write comes before a reset succeeds.
+        self.read.index.borrow_mut().discard();
         self.segment.reset_to_durable().await?;
         self.needs_reset = false;
         Ok(())
@@ -583,6 +772,15 @@ impl SegmentLog {
     /// Bytes over all segments that a successful fdatasync covered.
     pub fn durable_bytes(&self) -> u64 {
         self.sealed_bytes + self.segment.durable
+    }
+
+    /// A reader of this log's durable messages, sharing its index: see [`LogReader`].
+    // The runtime's fetch task is to call this; until it does, only tests and the bench do.
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub fn reader(&self) -> LogReader {
+        LogReader {
+            state: self.read.clone(),
+        }
     }
 
     /// Whether segments are written with O_DIRECT (`false`: buffered fallback).
@@ -599,6 +797,7 @@ impl SegmentLog {
             self.reset_to_durable().await?;
         }
         self.segment.seal().await?;
+        self.read.index.borrow_mut().commit();
         let path = self.segment.path;
         self.segment
             .file
@@ -611,13 +810,23 @@ impl SegmentLog {
     /// only once its file and directory entry are durable, so a failure anywhere leaves
     /// the old one open (and sealed: a retry seals it again at no cost).
     async fn rotate(&mut self) -> Result<(), StorageError> {
+        // Every record of the segment is durable, so are its index entries.
+        assert_eq!(
+            self.segment.durable,
+            self.segment.written,
+            "rotating {} with unsynced bytes",
+            self.segment.path.display()
+        );
+        assert!(self.read.index.borrow().pending.is_empty());
+        let index = self.segment.index + 1;
+        if index > SEGMENT_INDEX_MAX {
+            return Err(StorageError::IndexLimit {
+                what: "segment index",
+                value: index,
+                max: SEGMENT_INDEX_MAX,
+            });
+        }
         self.segment.seal().await?;
-        // Cannot fail: 2^64 segments of at least one byte each are more than any disk.
-        let index = self
-            .segment
-            .index
-            .checked_add(1)
-            .expect("segment index overflow");
         let next = create_segment(&self.dir, index, self.mode).await?;
         let sealed_len = self.segment.written;
         let old = std::mem::replace(&mut self.segment, next);
@@ -628,6 +837,424 @@ impl SegmentLog {
         }
         tracing::debug!(segment = index, "log segment started");
         Ok(())
+    }
+}
+
+/// Where one record's frame starts: a segment index (the high 24 bits) and the byte
+/// offset of the frame in that segment (the low 40), packed into 8 bytes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Location(u64);
+
+impl Location {
+    /// Packs `segment` and `offset`. Callers check both bounds first and refuse with
+    /// [`StorageError::IndexLimit`]; passing a value past them is our bug.
+    fn new(segment: u64, offset: u64) -> Location {
+        assert!(
+            (1..=SEGMENT_INDEX_MAX).contains(&segment),
+            "segment {segment} does not fit a location"
+        );
+        assert!(
+            offset <= RECORD_OFFSET_MAX,
+            "offset {offset} does not fit a location"
+        );
+        Location(segment << LOCATION_OFFSET_BITS | offset)
+    }
+
+    fn segment(self) -> u64 {
+        self.0 >> LOCATION_OFFSET_BITS
+    }
+
+    fn offset(self) -> u64 {
+        self.0 & RECORD_OFFSET_MAX
+    }
+}
+
+impl fmt::Debug for Location {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}@{}", self.segment(), self.offset())
+    }
+}
+
+/// The read index's entry for one conversation.
+#[derive(Debug, Default)]
+struct ConvIndex {
+    /// The location of seq `i + 1` at `i`: a conversation's seqs are consecutive from 1
+    /// in log order.
+    locations: Vec<Location>,
+    /// How many of `locations` are durable; only those are served. The rest were written
+    /// since the last sync and are removed again by `reset_to_durable`.
+    durable: usize,
+}
+
+/// The read index: for every conversation, where each of its messages is in the log.
+#[derive(Default)]
+struct Index {
+    convs: HashMap<ConvId, ConvIndex>,
+    /// The conversations that have entries past their durable count, each once.
+    pending: Vec<ConvId>,
+}
+
+impl Index {
+    /// Adds message `seq` of `conv` at `location`, pending until [`Index::commit`]. If
+    /// `seq` does not follow the conversation's last entry, changes nothing and returns
+    /// the last seq.
+    fn push(&mut self, conv: ConvId, seq: Seq, location: Location) -> Result<(), Seq> {
+        let entry = self.convs.entry(conv).or_default();
+        let last = entry.locations.len() as u64;
+        if seq.0 != last + 1 {
+            if entry.locations.is_empty() {
+                self.convs.remove(&conv);
+            }
+            return Err(Seq(last));
+        }
+        if entry.durable == entry.locations.len() {
+            self.pending.push(conv);
+        }
+        entry.locations.push(location);
+        Ok(())
+    }
+
+    /// Makes every pending entry durable: the bytes they point to were synced.
+    fn commit(&mut self) {
+        for conv in self.pending.drain(..) {
+            // Cannot fail: a conversation is pending only with an entry, and entries are
+            // removed only in `discard`, which empties `pending` as it does.
+            let entry = self
+                .convs
+                .get_mut(&conv)
+                .expect("pending conversation indexed");
+            entry.durable = entry.locations.len();
+        }
+    }
+
+    /// Removes every pending entry: the bytes they point to were cut from the log.
+    fn discard(&mut self) {
+        for conv in self.pending.drain(..) {
+            // Cannot fail: as in `commit`.
+            let entry = self
+                .convs
+                .get_mut(&conv)
+                .expect("pending conversation indexed");
+            entry.locations.truncate(entry.durable);
+            if entry.locations.is_empty() {
+                self.convs.remove(&conv);
+            }
+        }
+    }
+
+    /// The durable locations of `conv` for seqs `from..=to` (`from` at least 1), at most
+    /// `limit` of them, in seq order.
+    fn durable_locations(&self, conv: ConvId, from: Seq, to: Seq, limit: usize) -> Vec<Location> {
+        assert!(from.0 >= 1, "seq 0 is never indexed");
+        let Some(entry) = self.convs.get(&conv) else {
+            return Vec::new();
+        };
+        let durable = &entry.locations[..entry.durable];
+        // Seq s is at s - 1; the casts saturate, as no index holds usize::MAX entries.
+        let start = usize::try_from(from.0 - 1).unwrap_or(usize::MAX);
+        let end = usize::try_from(to.0).unwrap_or(usize::MAX);
+        let end = end.min(durable.len()).min(start.saturating_add(limit));
+        durable.get(start..end).unwrap_or_default().to_vec()
+    }
+
+    fn stats(&self) -> IndexStats {
+        let slot_bytes = std::mem::size_of::<(ConvId, ConvIndex)>() + 1;
+        let messages = self.convs.values().map(|c| c.durable as u64).sum();
+        let locations_bytes: usize = self
+            .convs
+            .values()
+            .map(|c| c.locations.capacity() * std::mem::size_of::<Location>())
+            .sum();
+        IndexStats {
+            conversations: self.convs.len(),
+            messages,
+            heap_bytes: self.convs.capacity() * slot_bytes
+                + locations_bytes
+                + self.pending.capacity() * std::mem::size_of::<ConvId>(),
+        }
+    }
+}
+
+impl fmt::Debug for Index {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Index")
+            .field("conversations", &self.convs.len())
+            .field("pending", &self.pending.len())
+            .finish()
+    }
+}
+
+/// The size of a log's read index.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IndexStats {
+    /// Conversations with at least one message in the log (durable or pending).
+    pub conversations: usize,
+    /// Durable messages indexed: what readers can be served.
+    pub messages: u64,
+    /// Heap bytes the index holds (hash table, location vectors with their slack, the
+    /// pending list); allocator overhead not included.
+    pub heap_bytes: usize,
+}
+
+/// A segment file opened for reading by [`LogReader`].
+#[derive(Debug)]
+enum ReadFile {
+    Direct(DmaFile),
+    Buffered(BufferedFile),
+}
+
+impl ReadFile {
+    async fn open(path: &Path, mode: IoMode) -> Result<Self, GlommioError<()>> {
+        Ok(match mode {
+            IoMode::Direct => ReadFile::Direct(DmaFile::open(path).await?),
+            IoMode::Buffered => ReadFile::Buffered(BufferedFile::open(path).await?),
+        })
+    }
+
+    /// Reads `len` bytes at `pos`, fewer only where the file ends first.
+    async fn read(&self, pos: u64, len: usize) -> Result<FileBytes, GlommioError<()>> {
+        match self {
+            ReadFile::Direct(file) => {
+                // Aligned here rather than by `DmaFile::read_at`, which near the end of
+                // the file returns bytes past what was read (see the module docs).
+                let align = file.alignment();
+                let aligned_pos = align_down(pos, align);
+                // The casts are lossless: both are below `align` plus `len`, which is at
+                // most a frame or a span, far below usize::MAX.
+                let skip = (pos - aligned_pos) as usize;
+                let aligned_len = align_up((skip + len) as u64, align) as usize;
+                let buffer = file.read_at_aligned(aligned_pos, aligned_len).await?;
+                let len = buffer.len().saturating_sub(skip).min(len);
+                Ok(FileBytes {
+                    buffer,
+                    start: skip,
+                    len,
+                })
+            }
+            ReadFile::Buffered(file) => {
+                let buffer = file.read_at(pos, len).await?;
+                let len = buffer.len().min(len);
+                Ok(FileBytes {
+                    buffer,
+                    start: 0,
+                    len,
+                })
+            }
+        }
+    }
+
+    async fn close(self) -> Result<(), GlommioError<()>> {
+        match self {
+            ReadFile::Direct(file) => file.close().await,
+            ReadFile::Buffered(file) => file.close().await,
+        }
+    }
+}
+
+/// Bytes read from a segment: `len` bytes of `buffer` from `start`, all of them read
+/// from the file.
+struct FileBytes {
+    buffer: ReadResult,
+    start: usize,
+    len: usize,
+}
+
+impl FileBytes {
+    fn as_slice(&self) -> &[u8] {
+        // `start + len <= buffer.len()` by construction in `ReadFile::read`; `get` keeps
+        // this panic-free regardless.
+        self.buffer
+            .get(self.start..self.start + self.len)
+            .unwrap_or_default()
+    }
+}
+
+/// What a log shares with its readers.
+#[derive(Debug)]
+struct ReadState {
+    dir: PathBuf,
+    mode: IoMode,
+    index: RefCell<Index>,
+    /// Segments the readers hold open, the most recently used last; at most
+    /// [`READER_OPEN_SEGMENTS_MAX`].
+    files: RefCell<Vec<(u64, Rc<ReadFile>)>>,
+}
+
+/// Reads durable messages of a log by conversation and seq, through the log's read index,
+/// while the log writes. Cheap to clone (clones share the index and the open files); it
+/// stays usable after the log is closed. Not `Send`: it lives on its shard's executor.
+#[derive(Clone, Debug)]
+// The runtime's fetch task is to call this; until it does, only tests and the bench do.
+#[cfg_attr(not(test), allow(dead_code))]
+pub struct LogReader {
+    state: Rc<ReadState>,
+}
+
+#[cfg_attr(not(test), allow(dead_code))]
+impl LogReader {
+    /// The durable messages of `conv` with seq in `from..=to`, in seq order, at most
+    /// `limit` of them: a run from `max(from, 1)` that ends early where the log has no
+    /// more (seqs not yet written, or not yet durable). Reads each run of frames that lie
+    /// within [`READ_SPAN_BYTES_MAX`] of each other in one request.
+    ///
+    /// Every frame read is checked (CRC, and that it is message `seq` of `conv`); a frame
+    /// that fails is [`StorageError::Corrupt`] and the whole read fails.
+    pub async fn read(
+        &self,
+        conv: ConvId,
+        from: Seq,
+        to: Seq,
+        limit: usize,
+    ) -> Result<Vec<StoredMessage>, StorageError> {
+        let first = from.max(Seq(1));
+        // The borrow ends here, before any await.
+        let locations = self
+            .state
+            .index
+            .borrow()
+            .durable_locations(conv, first, to, limit);
+        let mut messages = Vec::with_capacity(locations.len());
+        let mut run_start = 0;
+        while let Some(&head) = locations.get(run_start) {
+            let mut run_end = run_start + 1;
+            while let Some(&next) = locations.get(run_end) {
+                let fits = next.segment() == head.segment()
+                    && next.offset() >= head.offset()
+                    && next.offset() - head.offset() + READ_TAIL_BYTES <= READ_SPAN_BYTES_MAX;
+                if !fits {
+                    break;
+                }
+                run_end += 1;
+            }
+            let last = locations[run_end - 1];
+            // The cast is lossless: at most READ_SPAN_BYTES_MAX, checked above.
+            let span = (last.offset() - head.offset() + READ_TAIL_BYTES) as usize;
+            let file = self.file(head.segment()).await?;
+            let bytes = file
+                .read(head.offset(), span)
+                .await
+                .map_err(|err| io_error("read", &self.segment_path(head.segment()), err))?;
+            for (i, &location) in locations[run_start..run_end].iter().enumerate() {
+                let seq = Seq(first.0 + (run_start + i) as u64);
+                // The cast is lossless: at most READ_SPAN_BYTES_MAX.
+                let at = (location.offset() - head.offset()) as usize;
+                let decoded = match decode_record(bytes.as_slice().get(at..).unwrap_or_default()) {
+                    // Larger than what the span read took of it: read it alone, whole.
+                    Decoded::Incomplete { len } => self.read_frame(&file, location, len).await?,
+                    decoded => decoded,
+                };
+                messages.push(self.expect_message(decoded, location, conv, seq)?);
+            }
+            run_start = run_end;
+        }
+        Ok(messages)
+    }
+
+    /// The size of the index. Walks every conversation: for metrics and benches, not for
+    /// every request.
+    pub fn index_stats(&self) -> IndexStats {
+        self.state.index.borrow().stats()
+    }
+
+    /// Reads the frame at `location` alone, starting with `len` bytes and growing to its
+    /// whole length once its header is known. At most three reads: header, frame, and
+    /// one that finds the file ending inside the frame.
+    async fn read_frame(
+        &self,
+        file: &ReadFile,
+        location: Location,
+        mut len: usize,
+    ) -> Result<Decoded, StorageError> {
+        loop {
+            let bytes = file
+                .read(location.offset(), len)
+                .await
+                .map_err(|err| io_error("read", &self.segment_path(location.segment()), err))?;
+            match decode_record(bytes.as_slice()) {
+                // The frame is longer than what was asked for: ask for all of it. `len`
+                // only grows, and never past a whole frame, so this loop ends.
+                Decoded::Incomplete { len: whole } if whole > len => len = whole,
+                decoded => return Ok(decoded),
+            }
+        }
+    }
+
+    /// The message in `decoded`, if it is message `seq` of `conv`.
+    fn expect_message(
+        &self,
+        decoded: Decoded,
+        location: Location,
+        conv: ConvId,
+        seq: Seq,
+    ) -> Result<StoredMessage, StorageError> {
+        let reason = match decoded {
+            Decoded::Record {
+                record: Record::Message(message),
+                ..
+            } if message.conv == conv && message.seq == seq => return Ok(message),
+            Decoded::Record { .. } | Decoded::ZeroHeader => Damage::Misplaced { conv, seq },
+            // The file ends inside the frame: a durable frame was cut short.
+            Decoded::Incomplete { .. } => Damage::Torn,
+            Decoded::Corrupt(reason) => Damage::Frame(reason),
+        };
+        let path = self.segment_path(location.segment());
+        tracing::error!(
+            path = %path.display(), offset = location.offset(), %conv, %seq, %reason,
+            "an indexed message cannot be read from the log"
+        );
+        Err(StorageError::Corrupt {
+            path,
+            offset: location.offset(),
+            reason,
+        })
+    }
+
+    /// An open handle on `segment`, from the cache or newly opened (then cached, the
+    /// least recently used one closed if the cache is full).
+    async fn file(&self, segment: u64) -> Result<Rc<ReadFile>, StorageError> {
+        if let Some(file) = self.cached_file(segment) {
+            return Ok(file);
+        }
+        let path = self.segment_path(segment);
+        let opened = ReadFile::open(&path, self.state.mode)
+            .await
+            .map_err(|err| io_error("open", &path, err))?;
+        // Another read may have opened the same segment meanwhile: keep one handle.
+        let (file, spare) = match self.cached_file(segment) {
+            Some(file) => (file, Some((segment, Rc::new(opened)))),
+            None => {
+                let file = Rc::new(opened);
+                let mut files = self.state.files.borrow_mut();
+                files.push((segment, file.clone()));
+                let evicted = (files.len() > READER_OPEN_SEGMENTS_MAX).then(|| files.remove(0));
+                (file, evicted)
+            }
+        };
+        if let Some((spare_segment, spare)) = spare {
+            // A handle still used by a read in flight is closed by glommio when that read
+            // drops it.
+            if let Ok(spare) = Rc::try_unwrap(spare) {
+                if let Err(err) = spare.close().await {
+                    let path = self.segment_path(spare_segment);
+                    tracing::warn!(path = %path.display(), error = %os_error(err), "closing a segment opened for reading failed");
+                }
+            }
+        }
+        Ok(file)
+    }
+
+    /// The cached handle on `segment`, made the most recently used.
+    fn cached_file(&self, segment: u64) -> Option<Rc<ReadFile>> {
+        let mut files = self.state.files.borrow_mut();
+        let at = files.iter().position(|(s, _)| *s == segment)?;
+        let entry = files.remove(at);
+        let file = entry.1.clone();
+        files.push(entry);
+        Some(file)
+    }
+
+    fn segment_path(&self, segment: u64) -> PathBuf {
+        self.state.dir.join(segment_name(segment))
     }
 }
 
@@ -763,6 +1390,31 @@ fn list_segments(dir: &Path) -> Result<Vec<u64>, StorageError> {
     Ok(indexes)
 }
 
+/// Adds a recovered message, at `offset` in segment `segment`, to the read index.
+fn index_recovered(
+    index: &mut Index,
+    segment: u64,
+    offset: u64,
+    message: &StoredMessage,
+) -> Result<(), StorageError> {
+    if offset > RECORD_OFFSET_MAX {
+        return Err(StorageError::IndexLimit {
+            what: "record offset",
+            value: offset,
+            max: RECORD_OFFSET_MAX,
+        });
+    }
+    // `segment` was checked against SEGMENT_INDEX_MAX when the segments were listed.
+    let location = Location::new(segment, offset);
+    index
+        .push(message.conv, message.seq, location)
+        .map_err(|last| StorageError::SeqGap {
+            conv: message.conv,
+            last,
+            found: message.seq,
+        })
+}
+
 /// Opens the log in `config.dir`, creating the directory and a first segment if needed,
 /// and recovers it: returns every record in order and a log that appends after them.
 ///
@@ -776,7 +1428,8 @@ fn list_segments(dir: &Path) -> Result<Vec<u64>, StorageError> {
 /// [`ScanEnd::ZeroTail`] pass there.
 ///
 /// All records of the log are held in memory at once: the runtime rebuilds its state
-/// from them and drops them.
+/// from them and drops them. The read index is built from the same scan; a message whose
+/// seq does not follow its conversation's last is [`StorageError::SeqGap`].
 pub async fn open(config: LogConfig) -> Result<(SegmentLog, Recovery), StorageError> {
     open_with_mode(config, IoMode::Direct).await
 }
@@ -791,6 +1444,11 @@ pub(crate) async fn open_with_mode(
             reason: "segment_bytes must be at least 1",
         });
     }
+    if config.segment_bytes > SEGMENT_BYTES_MAX {
+        return Err(StorageError::InvalidConfig {
+            reason: "segment_bytes must be at most 512 GiB (the read index's reach)",
+        });
+    }
     let dir = config.dir;
     if !dir.is_dir() {
         std::fs::create_dir_all(&dir).map_err(|err| std_error("create directory", &dir, err))?;
@@ -799,8 +1457,16 @@ pub(crate) async fn open_with_mode(
         }
     }
     let indexes = list_segments(&dir)?;
+    if let Some(&last) = indexes.last().filter(|&&last| last > SEGMENT_INDEX_MAX) {
+        return Err(StorageError::IndexLimit {
+            what: "segment index",
+            value: last,
+            max: SEGMENT_INDEX_MAX,
+        });
+    }
 
     let mut records = Vec::new();
+    let mut read_index = Index::default();
     let mut sealed_bytes = 0;
     let mut recovered = None;
     // The last segment's bytes, kept until its partial last block is staged again.
@@ -828,8 +1494,21 @@ pub(crate) async fn open_with_mode(
             recovered = Some((index, path, found.valid_len, found.end));
             last_bytes = bytes;
         }
-        records.extend(found.records.into_iter().map(|(_, record)| record));
+        records.reserve(found.records.len());
+        for (offset, record) in found.records {
+            if let Record::Message(message) = &record {
+                index_recovered(&mut read_index, index, offset, message)?;
+            }
+            records.push(record);
+        }
     }
+    read_index.commit();
+    // Growth by doubling left up to half of each vector unused; recovery is the one
+    // moment every conversation is touched anyway.
+    for entry in read_index.convs.values_mut() {
+        entry.locations.shrink_to_fit();
+    }
+    read_index.convs.shrink_to_fit();
 
     let (segment, mode, truncated_bytes, tail) = match recovered {
         None => {
@@ -880,6 +1559,12 @@ pub(crate) async fn open_with_mode(
         }
     };
 
+    let read = Rc::new(ReadState {
+        dir: dir.clone(),
+        mode,
+        index: RefCell::new(read_index),
+        files: RefCell::new(Vec::new()),
+    });
     let log = SegmentLog {
         dir,
         segment_bytes: config.segment_bytes,
@@ -887,6 +1572,7 @@ pub(crate) async fn open_with_mode(
         sealed_bytes,
         needs_reset: false,
         segment,
+        read,
     };
     let recovery = Recovery {
         records,
