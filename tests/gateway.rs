@@ -29,6 +29,27 @@ fn error_of(frames: &[(Meta, bytes::Bytes)]) -> Option<ErrorCode> {
     })
 }
 
+/// Shards holding at least one connection, per /metrics (published every 100 ms: polls
+/// until two readings 150 ms apart agree, bounded by `WAIT`).
+fn shards_in_use(g: &Gateway) -> usize {
+    let count = || {
+        let (_, body) = g.http("GET", "/metrics", "").expect("metrics");
+        body.lines()
+            .filter(|l| l.starts_with("imgate_connections{") && !l.ends_with(" 0"))
+            .count()
+    };
+    let deadline = std::time::Instant::now() + WAIT;
+    let mut last = count();
+    loop {
+        std::thread::sleep(Duration::from_millis(150));
+        let now = count();
+        if now == last || std::time::Instant::now() > deadline {
+            return now;
+        }
+        last = now;
+    }
+}
+
 #[test]
 fn messages_reach_every_device_across_shards_and_groups() {
     let g = Gateway::start(2, &[]);
@@ -37,6 +58,20 @@ fn messages_reach_every_device_across_shards_and_groups() {
     let mut alice_tablet = Client::login(&g, 1, 2);
     let mut bob = Client::login(&g, 2, 1);
     let mut carol = Client::login(&g, 3, 1);
+    // SO_REUSEPORT picks the shard: add devices of bob until both shards hold
+    // connections, so that delivery crosses shards.
+    let mut bobs = Vec::new();
+    for device in 2..40 {
+        if shards_in_use(&g) == 2 {
+            break;
+        }
+        bobs.push(Client::login(&g, 2, device));
+    }
+    assert_eq!(
+        shards_in_use(&g),
+        2,
+        "connections never spread over both shards"
+    );
     let direct = ConvId::direct(UserId(1), UserId(2));
     alice.send_msg(1, direct, msg_id(1, 1), b"hello bob");
     let got = alice.recv_until(is_ack);
@@ -44,8 +79,10 @@ fn messages_reach_every_device_across_shards_and_groups() {
         matches!(got.last(), Some((Meta::Ack(a), _)) if a.seq == Seq(1)),
         "{got:?}"
     );
-    let got = bob.recv_until(|m| matches!(m, Meta::Deliver(_)));
-    assert_eq!(&got.last().unwrap().1[..], b"hello bob");
+    for b in std::iter::once(&mut bob).chain(bobs.iter_mut()) {
+        let got = b.recv_until(|m| matches!(m, Meta::Deliver(_)));
+        assert_eq!(&got.last().unwrap().1[..], b"hello bob");
+    }
     let got = alice_tablet.recv_until(|m| matches!(m, Meta::Deliver(_)));
     assert_eq!(
         &got.last().unwrap().1[..],
@@ -85,11 +122,10 @@ fn after_kill_9_every_acked_message_comes_back_once_in_order() {
         let acked = acked.clone();
         let stop = stop.clone();
         threads.push(std::thread::spawn(move || {
-            // Send, wait for the ack, repeat, until the gateway dies. Bounded to 80 each,
-            // so that the conversation stays within the hot tier (256) that serves Pull
-            // until Pull reads the disk.
+            // Send, wait for the ack, repeat, until the gateway dies. Bounded to 300
+            // each: more than the hot tier (256) holds, so the replay reads the log.
             let mut next = 0u64;
-            for _ in 0..80 {
+            for _ in 0..300 {
                 if stop.load(std::sync::atomic::Ordering::SeqCst) {
                     break;
                 }
@@ -122,7 +158,7 @@ fn after_kill_9_every_acked_message_comes_back_once_in_order() {
     }
     // Let some messages through, then kill -9 while the senders are busy.
     let deadline = std::time::Instant::now() + WAIT;
-    while acked.lock().unwrap().len() < 100 {
+    while acked.lock().unwrap().len() < 400 {
         assert!(
             std::time::Instant::now() < deadline,
             "sends are not being acked"

@@ -1579,9 +1579,11 @@ impl Shard {
             });
             return;
         }
-        // Either all of it is hot, or too many reads are in flight: then what is not hot
-        // is reported as unavailable rather than queued without bound.
-        let result = Ok(self.hot_batch(conv_id, from, limit, Vec::new()));
+        // Either all of it is hot (and the log holds everything older, from seq 1), or too
+        // many reads are in flight: then what is not hot is reported as unavailable
+        // rather than queued without bound.
+        let available_from = if from >= hot_from { Seq(1) } else { hot_from };
+        let result = Ok(self.hot_batch(conv_id, from, limit, Vec::new(), available_from));
         self.route(
             to.shard,
             ShardMsg::Replayed {
@@ -1594,12 +1596,14 @@ impl Shard {
     }
 
     /// `older` (read from the log, contiguous) followed by hot messages, up to `limit`.
+    /// `available_from` is the lowest seq still held when `older` is empty.
     fn hot_batch(
         &self,
         conv_id: ConvId,
         from: Seq,
         limit: u32,
         older: Vec<StoredMessage>,
+        available_from: Seq,
     ) -> ReplayBatch {
         let Some(conv) = self.convs.get(&conv_id) else {
             return ReplayBatch {
@@ -1608,10 +1612,7 @@ impl Shard {
                 available_from: Seq(1),
             };
         };
-        let available_from = match older.first() {
-            Some(first) => first.seq,
-            None => conv.hot_from().max(Seq(1)),
-        };
+        let available_from = older.first().map_or(available_from, |first| first.seq);
         let next = older
             .last()
             .map_or(from.max(available_from), |m| m.seq.next());
@@ -1653,7 +1654,8 @@ impl Shard {
                 }
                 Err(()) => Vec::new(),
             };
-            let batch = self.hot_batch(p.conv, p.from, p.limit, older);
+            let hot_from = self.convs.get(&p.conv).map_or(Seq(1), |c| c.hot_from());
+            let batch = self.hot_batch(p.conv, p.from, p.limit, older, hot_from);
             let to = p.to;
             self.route(
                 to.shard,

@@ -15,7 +15,7 @@
 use crate::admin::{AdminContext, Control};
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::storage::{self, LogConfig, SegmentLog};
+use crate::storage::{self, LogConfig, LogReader, SegmentLog};
 use anyhow::{bail, Context as _, Result};
 use bytes::{Bytes, BytesMut};
 use futures_lite::future::poll_fn;
@@ -359,10 +359,13 @@ async fn shard_main(setup: ShardSetup) -> Result<()> {
     shard
         .recover(recovery.records)
         .with_context(|| format!("recovering shard {index} from {}", dir.display()))?;
+    let index_stats = log.reader().index_stats();
     tracing::info!(
         shard = index,
         records,
         truncated_bytes = recovery.truncated_bytes,
+        indexed_messages = index_stats.messages,
+        index_heap_bytes = index_stats.heap_bytes,
         "log recovered"
     );
     let (senders, receivers) = mesh
@@ -397,7 +400,7 @@ async fn shard_main(setup: ShardSetup) -> Result<()> {
         .detach();
         glommio::spawn_local(mesh_receiver(state.clone(), receivers.clone(), peer)).detach();
     }
-    glommio::spawn_local(fetch_task(state.clone())).detach();
+    glommio::spawn_local(fetch_task(state.clone(), log.reader())).detach();
     let log_idle = Rc::new(Cell::new(true));
     let closing_log = Rc::new(Cell::new(false));
     let log_task = glommio::spawn_local(log_task(
@@ -751,16 +754,23 @@ async fn log_task(
 }
 
 /// Serves the engine's log reads (history older than its hot tier), one at a time.
-async fn fetch_task(state: Shared) {
+async fn fetch_task(state: Shared, reader: LogReader) {
     let wake = state.borrow().wake_fetch.clone();
     loop {
         let next = state.borrow_mut().fetch_queue.pop_front();
-        let Some((fetch, _conv, _from, _to)) = next else {
+        let Some((fetch, conv, from, to)) = next else {
             wake.wait().await;
             continue;
         };
-        // Until the log has a read index, such history is reported unavailable.
-        let result = Err(());
+        let limit = (to.0.saturating_sub(from.0) + 1) as usize;
+        let result = match reader.read(conv, from, to, limit).await {
+            Ok(msgs) => Ok(msgs),
+            Err(e) => {
+                // Reported to the client as history unavailable; the log itself is intact.
+                tracing::error!(%conv, error = %e, "reading history from the log");
+                Err(())
+            }
+        };
         let mut st = state.borrow_mut();
         let now = st.clock.now();
         st.shard.handle_fetched(now, fetch, result);

@@ -36,7 +36,7 @@
 //! Sync and Pull ask for a conversation's messages by seq; those older than the engine's
 //! hot tier come from here. The index maps each conversation to the location of each of
 //! its message records: seqs of a conversation are consecutive from 1 in log order (the
-//! engine hands them out so, and recovery here and in core rejects a gap), so a
+//! engine hands them out so, and recovery here and in core reject a gap), so a
 //! `Vec<Location>` indexed by `seq - 1` is enough, where a [`Location`] packs the segment
 //! index (24 bits) and the byte offset of the frame in it (40 bits) into 8 bytes.
 //!
@@ -51,16 +51,18 @@
 //!   reads run on the shard's executor while the log task writes. A read copies the
 //!   locations it needs out of the index, then reads the segment files through its own
 //!   read-only handles (O_DIRECT if the log writes with it, so that no page cache stands
-//!   between it and the writer's direct writes).
+//!   between it and the writer's direct writes), at most [`READER_OPEN_SEGMENTS_MAX`].
 //!
 //! Memory: 8 bytes per durable message, plus up to as much again of `Vec` growth slack
 //! for conversations written since the last recovery (recovery shrinks every `Vec` to
 //! fit), plus per conversation a hash map slot (16 bytes of key, 32 of value, 1 of control,
-//! at a load between 7/16 and 7/8) and the `Vec`'s heap allocation: about 70-130 bytes.
-//! [`LogReader::index_stats`] reports the total. It grows with the whole log, without a
-//! bound: 100 million messages on a shard take about 800 MB. The cold tier is to bound it,
-//! by dropping the entries of the segments it ships away (and serving those from its own
-//! index).
+//! at a load between 7/16 and 7/8) and the `Vec`'s heap allocation: about 60-130 bytes.
+//! Measured after recovery (examples/log_bench.rs): 202,200 messages in 1,011
+//! conversations take 1.71 MB, 8.4 bytes per message, or 8 per message and 87 per
+//! conversation. [`LogReader::index_stats`] reports the total. It grows with the whole
+//! log, without a bound: 100 million messages on a shard take about 800 MB. The cold tier
+//! is to bound it, by dropping the entries of the segments it ships away (and serving
+//! those from its own index).
 //!
 //! # Direct I/O and the partial last block
 //!
@@ -78,10 +80,11 @@
 //! (0.9.0): its `sync` writes the whole staging buffer (128 KiB for a 100-byte batch), and
 //! the padding past the data is uninitialised buffer memory, not zeros, so after a crash
 //! stale bytes, possibly whole stale records, could sit past the end of the log; and it
-//! always starts at offset 0, so it cannot continue a segment after a restart. Nor is
-//! `DmaFile::read_at`: near the end of a file it returns up to (pos mod alignment) bytes
-//! past what the kernel read, uninitialised buffer memory; the reader aligns its reads
-//! itself and keeps only what was read.
+//! always starts at offset 0, so it cannot continue a segment after a restart. Readers
+//! do not use [`DmaFile`] either, for a glommio bug described at `ReadFile`; they read
+//! through an O_DIRECT [`BufferedFile`] handle, aligning each read themselves (glommio's
+//! `DmaFile::read_at` would also return, near the end of a file, up to `pos % alignment`
+//! bytes past what the kernel read).
 //!
 //! If the filesystem refuses O_DIRECT (EINVAL), the log falls back to buffered writes
 //! ([`BufferedFile`] and fdatasync) and logs a warning; durability is the same, only the
@@ -179,6 +182,18 @@ const SEGMENT_BYTES_MAX: u64 = 1 << (LOCATION_OFFSET_BITS - 1);
 /// than this is read alone, whole (at most `RECORD_HEADER_LEN + RECORD_BODY_MAX`).
 const READ_SPAN_BYTES_MAX: u64 = 128 * 1024;
 
+/// Most reads one [`LogReader::read`] has in flight at once: 32. A conversation whose
+/// messages lie far apart in the log (many busy conversations interleaved) costs one
+/// read per message; issued one after another, 200 of them took 18 ms on this machine's
+/// disk (examples/log_bench.rs), 32 at a time 4.5 ms. More would gain little on one
+/// device queue and let one read crowd out the writer's I/O.
+const READ_REQUESTS_INFLIGHT_MAX: usize = 32;
+
+/// Most bytes the reads in flight of one [`LogReader::read`] cover: 1 MiB, so that a
+/// window of coalesced spans holds at most this much (plus one whole frame that is
+/// larger) in buffers at once.
+const READ_WINDOW_BYTES_MAX: usize = 1024 * 1024;
+
 /// Bytes a coalesced read takes past the start of its last frame: 4 KiB, one physical
 /// block, which holds a typical message frame (a few hundred bytes) whole. A frame that
 /// does not fit is read again alone, whole.
@@ -189,8 +204,9 @@ const READ_TAIL_BYTES: u64 = 4096;
 /// cache serves most reads, and the bound keeps a shard's file descriptors few.
 const READER_OPEN_SEGMENTS_MAX: usize = 16;
 
-// A coalesced read covers at least its last frame's tail.
+// A coalesced read covers at least its last frame's tail, and a window at least one read.
 const _: () = assert!(READ_TAIL_BYTES <= READ_SPAN_BYTES_MAX);
+const _: () = assert!(READ_SPAN_BYTES_MAX as usize <= READ_WINDOW_BYTES_MAX);
 
 /// Where a shard's log is kept.
 #[derive(Clone, Debug)]
@@ -659,8 +675,12 @@ impl SegmentLog {
     /// Appends `bytes` (whole framed records) after everything written before. They are
     /// not durable until [`SegmentLog::sync`] returns; a full stage is written out, but
     /// nothing is synced, except that a batch which does not fit the open segment first
-    /// seals it (one fdatasync, a create and a directory sync, once per segment).
+    /// seals it if nothing in it is unsynced (one fdatasync, a create and a directory
+    /// sync, once per segment; see Rotation in the module docs). Its message records go
+    /// into the read index, served once the next sync succeeds.
     ///
+    /// Panics if `bytes` is not a run of whole frames, or if a message's seq does not
+    /// follow the last one written in its conversation (both are the caller's promises).
     /// After an error, call [`SegmentLog::reset_to_durable`]; until then this returns
     /// [`StorageError::NeedsReset`].
     pub async fn write(&mut self, bytes: &[u8]) -> Result<(), StorageError> {
@@ -776,7 +796,6 @@ impl SegmentLog {
 
     /// A reader of this log's durable messages, sharing its index: see [`LogReader`].
     // The runtime's fetch task is to call this; until it does, only tests and the bench do.
-    #[cfg_attr(not(test), allow(dead_code))]
     pub fn reader(&self) -> LogReader {
         LogReader {
             state: self.read.clone(),
@@ -997,57 +1016,69 @@ pub struct IndexStats {
 }
 
 /// A segment file opened for reading by [`LogReader`].
+///
+/// Always a [`BufferedFile`] handle, which glommio reads through its main io_uring ring,
+/// opened with O_DIRECT when the log writes with it. Not a [`DmaFile`]: glommio (0.9.0)
+/// decides once per device and thread whether DMA files go to its polled ring, by reading
+/// from the first DMA file opened there; when that is a freshly created, empty segment
+/// the read succeeds without reaching the device, the device is taken to support polling,
+/// and every later O_DIRECT read on it fails with EOPNOTSUPP (seen on this machine's
+/// virtio disk; the log's own writes happen to work there). O_DIRECT here keeps the
+/// readers out of the page cache, so that buffered reads never race the writer's direct
+/// writes of the same block (the kernel's invalidation of cached pages after a direct
+/// write is best effort). glommio hands `read_at` a buffer aligned to 4 KiB (its buffer
+/// allocations are), and the reads are aligned to [`DIRECT_ALIGN_MIN`] here.
 #[derive(Debug)]
-enum ReadFile {
-    Direct(DmaFile),
-    Buffered(BufferedFile),
+struct ReadFile {
+    file: BufferedFile,
+    /// Alignment of every read's position and length (1 without O_DIRECT).
+    align: u64,
 }
 
 impl ReadFile {
+    /// Opens `path` read-only, with O_DIRECT if `mode` asks for it and the filesystem
+    /// allows it (as when the log opened it for writing).
     async fn open(path: &Path, mode: IoMode) -> Result<Self, GlommioError<()>> {
-        Ok(match mode {
-            IoMode::Direct => ReadFile::Direct(DmaFile::open(path).await?),
-            IoMode::Buffered => ReadFile::Buffered(BufferedFile::open(path).await?),
-        })
+        if mode == IoMode::Direct {
+            let direct = OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_DIRECT)
+                .buffered_open(path)
+                .await;
+            match direct {
+                Ok(file) => {
+                    return Ok(ReadFile {
+                        file,
+                        align: DIRECT_ALIGN_MIN,
+                    })
+                }
+                // tmpfs, where glommio writes without O_DIRECT too.
+                Err(err) if is_direct_io_refused(&err) => {}
+                Err(err) => return Err(err),
+            }
+        }
+        let file = BufferedFile::open(path).await?;
+        Ok(ReadFile { file, align: 1 })
     }
 
     /// Reads `len` bytes at `pos`, fewer only where the file ends first.
     async fn read(&self, pos: u64, len: usize) -> Result<FileBytes, GlommioError<()>> {
-        match self {
-            ReadFile::Direct(file) => {
-                // Aligned here rather than by `DmaFile::read_at`, which near the end of
-                // the file returns bytes past what was read (see the module docs).
-                let align = file.alignment();
-                let aligned_pos = align_down(pos, align);
-                // The casts are lossless: both are below `align` plus `len`, which is at
-                // most a frame or a span, far below usize::MAX.
-                let skip = (pos - aligned_pos) as usize;
-                let aligned_len = align_up((skip + len) as u64, align) as usize;
-                let buffer = file.read_at_aligned(aligned_pos, aligned_len).await?;
-                let len = buffer.len().saturating_sub(skip).min(len);
-                Ok(FileBytes {
-                    buffer,
-                    start: skip,
-                    len,
-                })
-            }
-            ReadFile::Buffered(file) => {
-                let buffer = file.read_at(pos, len).await?;
-                let len = buffer.len().min(len);
-                Ok(FileBytes {
-                    buffer,
-                    start: 0,
-                    len,
-                })
-            }
-        }
+        let aligned_pos = align_down(pos, self.align);
+        // The casts are lossless: both are below `align` plus `len`, which is at most a
+        // frame or a span, far below usize::MAX.
+        let skip = (pos - aligned_pos) as usize;
+        let aligned_len = align_up((skip + len) as u64, self.align) as usize;
+        let buffer = self.file.read_at(aligned_pos, aligned_len).await?;
+        let len = buffer.len().saturating_sub(skip).min(len);
+        Ok(FileBytes {
+            buffer,
+            start: skip,
+            len,
+        })
     }
 
     async fn close(self) -> Result<(), GlommioError<()>> {
-        match self {
-            ReadFile::Direct(file) => file.close().await,
-            ReadFile::Buffered(file) => file.close().await,
-        }
+        self.file.close().await
     }
 }
 
@@ -1085,17 +1116,18 @@ struct ReadState {
 /// stays usable after the log is closed. Not `Send`: it lives on its shard's executor.
 #[derive(Clone, Debug)]
 // The runtime's fetch task is to call this; until it does, only tests and the bench do.
-#[cfg_attr(not(test), allow(dead_code))]
 pub struct LogReader {
     state: Rc<ReadState>,
 }
 
-#[cfg_attr(not(test), allow(dead_code))]
 impl LogReader {
     /// The durable messages of `conv` with seq in `from..=to`, in seq order, at most
-    /// `limit` of them: a run from `max(from, 1)` that ends early where the log has no
-    /// more (seqs not yet written, or not yet durable). Reads each run of frames that lie
-    /// within [`READ_SPAN_BYTES_MAX`] of each other in one request.
+    /// `limit` of them: consecutive seqs from `max(from, 1)`, fewer than asked where the
+    /// log has no more (seqs not yet written, or not yet durable). Everything read is
+    /// held in memory at once, so the caller bounds `limit` (the engine asks for one
+    /// Sync or Pull page). Frames that lie within [`READ_SPAN_BYTES_MAX`] of each other
+    /// are read in one request, and up to [`READ_REQUESTS_INFLIGHT_MAX`] requests go out
+    /// at once.
     ///
     /// Every frame read is checked (CRC, and that it is message `seq` of `conv`); a frame
     /// that fails is [`StorageError::Corrupt`] and the whole read fails.
@@ -1113,39 +1145,53 @@ impl LogReader {
             .index
             .borrow()
             .durable_locations(conv, first, to, limit);
+        let runs = plan_runs(&locations);
         let mut messages = Vec::with_capacity(locations.len());
-        let mut run_start = 0;
-        while let Some(&head) = locations.get(run_start) {
-            let mut run_end = run_start + 1;
-            while let Some(&next) = locations.get(run_end) {
-                let fits = next.segment() == head.segment()
-                    && next.offset() >= head.offset()
-                    && next.offset() - head.offset() + READ_TAIL_BYTES <= READ_SPAN_BYTES_MAX;
-                if !fits {
+        let mut next = 0;
+        while next < runs.len() {
+            // A window of runs whose reads go to the kernel together.
+            let mut end = next + 1;
+            let mut window_bytes = runs[next].span;
+            while let Some(run) = runs.get(end) {
+                if end - next == READ_REQUESTS_INFLIGHT_MAX
+                    || window_bytes + run.span > READ_WINDOW_BYTES_MAX
+                {
                     break;
                 }
-                run_end += 1;
+                window_bytes += run.span;
+                end += 1;
             }
-            let last = locations[run_end - 1];
-            // The cast is lossless: at most READ_SPAN_BYTES_MAX, checked above.
-            let span = (last.offset() - head.offset() + READ_TAIL_BYTES) as usize;
-            let file = self.file(head.segment()).await?;
-            let bytes = file
-                .read(head.offset(), span)
-                .await
-                .map_err(|err| io_error("read", &self.segment_path(head.segment()), err))?;
-            for (i, &location) in locations[run_start..run_end].iter().enumerate() {
-                let seq = Seq(first.0 + (run_start + i) as u64);
-                // The cast is lossless: at most READ_SPAN_BYTES_MAX.
-                let at = (location.offset() - head.offset()) as usize;
-                let decoded = match decode_record(bytes.as_slice().get(at..).unwrap_or_default()) {
-                    // Larger than what the span read took of it: read it alone, whole.
-                    Decoded::Incomplete { len } => self.read_frame(&file, location, len).await?,
-                    decoded => decoded,
-                };
-                messages.push(self.expect_message(decoded, location, conv, seq)?);
+            let window = &runs[next..end];
+            let mut files = Vec::with_capacity(window.len());
+            for run in window {
+                files.push(self.file(run.segment).await?);
             }
-            run_start = run_end;
+            let reads = join_all(
+                window
+                    .iter()
+                    .zip(&files)
+                    .map(|(run, file)| file.read(run.offset, run.span))
+                    .collect(),
+            )
+            .await;
+            for ((run, file), bytes) in window.iter().zip(&files).zip(reads) {
+                let bytes =
+                    bytes.map_err(|err| io_error("read", &self.segment_path(run.segment), err))?;
+                for i in run.entries.clone() {
+                    let location = locations[i];
+                    let seq = Seq(first.0 + i as u64);
+                    // The cast is lossless: at most READ_SPAN_BYTES_MAX (`plan_runs`).
+                    let at = (location.offset() - run.offset) as usize;
+                    let rest = bytes.as_slice().get(at..).unwrap_or_default();
+                    let decoded = match decode_record(rest) {
+                        // Longer than what the run's read took of it: read it alone.
+                        Decoded::Incomplete { len } => self.read_frame(file, location, len).await?,
+                        decoded => decoded,
+                    };
+                    messages.push(self.expect_message(decoded, location, conv, seq)?);
+                }
+            }
+            next = end;
         }
         Ok(messages)
     }
@@ -1256,6 +1302,79 @@ impl LogReader {
     fn segment_path(&self, segment: u64) -> PathBuf {
         self.state.dir.join(segment_name(segment))
     }
+}
+
+/// Frames of one segment read in one request by [`LogReader::read`].
+#[derive(Debug, PartialEq, Eq)]
+struct Run {
+    segment: u64,
+    /// Where the read starts: the first frame's offset.
+    offset: u64,
+    /// Bytes read: up to the last frame's offset plus [`READ_TAIL_BYTES`], at most
+    /// [`READ_SPAN_BYTES_MAX`].
+    span: usize,
+    /// The positions in the locations list of the frames it covers.
+    entries: std::ops::Range<usize>,
+}
+
+/// Groups `locations` (in seq order, so in log order) into runs: consecutive entries in
+/// one segment within [`READ_SPAN_BYTES_MAX`] of the run's first.
+fn plan_runs(locations: &[Location]) -> Vec<Run> {
+    let mut runs = Vec::new();
+    let mut start = 0;
+    while let Some(&head) = locations.get(start) {
+        let mut end = start + 1;
+        while let Some(&next) = locations.get(end) {
+            let fits = next.segment() == head.segment()
+                && next.offset() >= head.offset()
+                && next.offset() - head.offset() + READ_TAIL_BYTES <= READ_SPAN_BYTES_MAX;
+            if !fits {
+                break;
+            }
+            end += 1;
+        }
+        let last = locations[end - 1];
+        runs.push(Run {
+            segment: head.segment(),
+            offset: head.offset(),
+            // The cast is lossless: at most READ_SPAN_BYTES_MAX, checked above.
+            span: (last.offset() - head.offset() + READ_TAIL_BYTES) as usize,
+            entries: start..end,
+        });
+        start = end;
+    }
+    runs
+}
+
+/// Runs `futures` together and returns their outputs in order: each is polled before
+/// any is awaited, so that their I/O goes to the kernel at once. Every future is polled
+/// again on each wake, which is cheap for the few ([`READ_REQUESTS_INFLIGHT_MAX`]) that
+/// the reader joins.
+async fn join_all<F: std::future::Future>(futures: Vec<F>) -> Vec<F::Output> {
+    let mut futures: Vec<_> = futures.into_iter().map(Box::pin).collect();
+    let mut outputs: Vec<Option<F::Output>> = futures.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut is_done = true;
+        for (future, output) in futures.iter_mut().zip(outputs.iter_mut()) {
+            if output.is_none() {
+                match future.as_mut().poll(cx) {
+                    std::task::Poll::Ready(value) => *output = Some(value),
+                    std::task::Poll::Pending => is_done = false,
+                }
+            }
+        }
+        if is_done {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
+    })
+    .await;
+    outputs
+        .into_iter()
+        // Cannot fail: the poll_fn above returns only once every output is set.
+        .map(|output| output.expect("every joined future is ready"))
+        .collect()
 }
 
 /// Creates segment `index` in `dir`, empty, and makes its directory entry durable.
@@ -1503,6 +1622,7 @@ pub(crate) async fn open_with_mode(
         }
     }
     read_index.commit();
+    read_index.pending.shrink_to_fit();
     // Growth by doubling left up to half of each vector unused; recovery is the one
     // moment every conversation is touched anyway.
     for entry in read_index.convs.values_mut() {
@@ -1601,6 +1721,7 @@ mod tests {
     use imgate_core::log::{encode_record, StoredMessage};
     use imgate_core::proto::{ClientMsgId, ConvId, DeviceId, Seq, UserId};
     use std::future::Future;
+    use std::rc::Rc;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     /// Both ways of writing segments; O_DIRECT is what /tmp (ext4 here) gets by default.
@@ -1694,6 +1815,11 @@ mod tests {
             SegmentFile::Direct(file) => file.as_raw_fd(),
             SegmentFile::Buffered(file) => file.as_raw_fd(),
         };
+        fd_has_o_direct(fd)
+    }
+
+    /// Whether descriptor `fd` of this process has O_DIRECT set, from /proc.
+    fn fd_has_o_direct(fd: std::os::fd::RawFd) -> bool {
         let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).expect("fdinfo");
         let flags = info
             .lines()
@@ -1813,6 +1939,7 @@ mod tests {
                 let before = log.segment.index;
                 log.write(&frames(&big)).await.expect("write");
                 assert_eq!(log.segment.index, before + 1);
+                log.sync().await.expect("sync");
                 log.write(&frames(&messages(340..341)))
                     .await
                     .expect("write");
@@ -1853,13 +1980,14 @@ mod tests {
                 assert_eq!(recovery.truncated_bytes, (torn.len() / 2) as u64);
                 assert!(matches!(recovery.tail, ScanEnd::Torn { .. }));
                 assert_eq!(log.durable_bytes(), frames(&kept).len() as u64);
-                log.write(&frames(&messages(10..12))).await.expect("write");
+                // Seq 4 again: the torn append was never acknowledged.
+                log.write(&frames(&messages(4..6))).await.expect("write");
                 log.sync().await.expect("sync");
             });
             run(async {
                 let (_, recovery) = open_mode(&dir, SEGMENT_BYTES_DEFAULT, mode).await;
                 let mut expected = kept.clone();
-                expected.extend(messages(10..12));
+                expected.extend(messages(4..6));
                 assert_eq!(recovery.records, expected);
             });
         }
@@ -1986,7 +2114,7 @@ mod tests {
                 let durable = log.durable_bytes();
                 // More than a stage, so that unsynced bytes reach the file, then a sync
                 // that ends inside a block and is followed by more writes.
-                let big: Vec<Record> = (100..110).map(|seq| message(seq, 20_000)).collect();
+                let big: Vec<Record> = (20..30).map(|seq| message(seq, 20_000)).collect();
                 log.write(&frames(&big)).await.expect("write");
                 assert!(written_bytes(&log) - durable > STAGE_BYTES as u64);
                 assert_eq!(log.durable_bytes(), durable);
@@ -2025,7 +2153,9 @@ mod tests {
             ));
             assert!(matches!(log.sync().await, Err(StorageError::NeedsReset)));
             log.reset_to_durable().await.expect("reset");
-            log.write(&frames(&messages(5..6))).await.expect("write");
+            // Seq 3 again, as the engine hands it out after the failure, but another
+            // message.
+            log.write(&frames(&[message(3, 11)])).await.expect("write");
             log.close().await.expect("close");
         });
         run(async {
@@ -2033,7 +2163,8 @@ mod tests {
                 .await
                 .expect("open");
             let mut expected = messages(1..3);
-            expected.extend(messages(5..6));
+            expected.push(message(3, 11));
+            assert_ne!(expected, messages(1..4));
             assert_eq!(recovery.records, expected);
         });
     }
@@ -2049,7 +2180,7 @@ mod tests {
             log.sync().await.expect("sync");
             // Larger than a stage, so the write has to wait for I/O: polled once, it has
             // staged part of its batch when it is dropped.
-            let big: Vec<Record> = (100..110).map(|seq| message(seq, 20_000)).collect();
+            let big: Vec<Record> = (3..13).map(|seq| message(seq, 20_000)).collect();
             let bytes = frames(&big);
             {
                 let mut write = std::pin::pin!(log.write(&bytes));
@@ -2084,5 +2215,596 @@ mod tests {
         assert_eq!(parse_segment_name("1.seg"), None);
         assert_eq!(parse_segment_name("0000000000000000000a.seg"), None);
         assert_eq!(parse_segment_name("00000000000000000001.log"), None);
+    }
+
+    // ---- The read index and LogReader ----
+
+    fn conv_a() -> ConvId {
+        ConvId::direct(UserId(3), UserId(9))
+    }
+
+    fn conv_b() -> ConvId {
+        ConvId::group(7)
+    }
+
+    /// Message `seq` of `conv`, the same for the same arguments. Payload lengths vary so
+    /// frames straddle blocks; every 17th of conversation A is larger than a reader's
+    /// tail read, and B's message 50 larger than a whole coalesced read, so both rereads
+    /// are exercised.
+    fn stored(conv: ConvId, seq: u64) -> StoredMessage {
+        let salt = conv.lo % 5;
+        let payload_len = if conv == conv_b() && seq == 50 {
+            200_000
+        } else if conv == conv_a() && seq % 17 == 0 {
+            9_000
+        } else {
+            50 + ((seq + salt) as usize * 37) % 700
+        };
+        StoredMessage {
+            conv,
+            seq: Seq(seq),
+            sender: UserId(3),
+            sender_device: DeviceId(2),
+            client_msg_id: ClientMsgId([(seq + salt) as u8; 16]),
+            high_priority: seq % 3 == 0,
+            payload: Bytes::from(vec![(seq * 7 + salt) as u8; payload_len]),
+        }
+    }
+
+    fn stored_range(conv: ConvId, seqs: std::ops::RangeInclusive<u64>) -> Vec<StoredMessage> {
+        seqs.map(|seq| stored(conv, seq)).collect()
+    }
+
+    /// A1, B1, A2, B2, ... for `seqs`, with a group record after every fifth pair (the
+    /// index must skip records that are not messages).
+    fn interleaved(seqs: std::ops::Range<u64>) -> Vec<Record> {
+        let mut records = Vec::new();
+        for seq in seqs {
+            records.push(Record::Message(stored(conv_a(), seq)));
+            records.push(Record::Message(stored(conv_b(), seq)));
+            if seq % 5 == 0 {
+                records.push(Record::MembersAdded {
+                    group: conv_b(),
+                    members: vec![UserId(seq)],
+                });
+            }
+        }
+        records
+    }
+
+    /// The location the index holds for `seq` of `conv`, durable or not.
+    fn location(log: &SegmentLog, conv: ConvId, seq: u64) -> Location {
+        log.read.index.borrow().convs[&conv].locations[seq as usize - 1]
+    }
+
+    async fn read(
+        reader: &LogReader,
+        conv: ConvId,
+        from: u64,
+        to: u64,
+        limit: usize,
+    ) -> Vec<StoredMessage> {
+        reader
+            .read(conv, Seq(from), Seq(to), limit)
+            .await
+            .expect("read")
+    }
+
+    /// The reads both tests of a full log make, before and after a reopen.
+    async fn assert_reads_of_the_interleaved_log(reader: &LogReader, count: u64) {
+        assert_eq!(
+            read(reader, conv_a(), 1, count, 10_000).await,
+            stored_range(conv_a(), 1..=count)
+        );
+        assert_eq!(
+            read(reader, conv_b(), 1, count, 10_000).await,
+            stored_range(conv_b(), 1..=count)
+        );
+        assert_eq!(
+            read(reader, conv_a(), 30, 60, 100).await,
+            stored_range(conv_a(), 30..=60)
+        );
+        // Beyond what exists: what there is, then nothing.
+        assert_eq!(
+            read(reader, conv_a(), count - 3, count + 50, 100).await,
+            stored_range(conv_a(), count - 3..=count)
+        );
+        assert!(read(reader, conv_a(), count + 1, count + 9, 100)
+            .await
+            .is_empty());
+        assert!(read(reader, ConvId::group(99), 1, 10, 100).await.is_empty());
+        // A limit smaller than the range: the first `limit` of it.
+        assert_eq!(
+            read(reader, conv_b(), 10, 100, 5).await,
+            stored_range(conv_b(), 10..=14)
+        );
+        // The large frame of B, alone and amid others.
+        assert_eq!(
+            read(reader, conv_b(), 50, 50, 1).await,
+            stored_range(conv_b(), 50..=50)
+        );
+        assert_eq!(
+            read(reader, conv_b(), 48, 52, 10).await,
+            stored_range(conv_b(), 48..=52)
+        );
+        // Seq 0 is before the first message; an empty range or limit reads nothing.
+        assert_eq!(
+            read(reader, conv_a(), 0, 2, 10).await,
+            stored_range(conv_a(), 1..=2)
+        );
+        assert!(read(reader, conv_a(), 5, 4, 10).await.is_empty());
+        assert!(read(reader, conv_a(), 1, 10, 0).await.is_empty());
+        assert_eq!(
+            reader.index_stats().messages,
+            2 * count,
+            "{:?}",
+            reader.index_stats()
+        );
+    }
+
+    #[test]
+    fn reads_return_a_conversations_durable_messages_across_segments_and_after_reopen() {
+        for mode in MODES {
+            let dir = TempDir::new("read");
+            let count = 150;
+            let segment_bytes = 8 * 1024;
+            let records = interleaved(1..count + 1);
+            run(async {
+                let (mut log, _) = open_mode(&dir, segment_bytes, mode).await;
+                for batch in records.chunks(7) {
+                    log.write(&frames(batch)).await.expect("write");
+                    log.sync().await.expect("sync");
+                }
+                let segments = log.segment.index;
+                assert!(
+                    segments > READER_OPEN_SEGMENTS_MAX as u64,
+                    "only {segments} segments"
+                );
+                // The range 30..=60 of A crosses segments.
+                assert!(
+                    location(&log, conv_a(), 30).segment() + 1
+                        < location(&log, conv_a(), 60).segment()
+                );
+                let reader = log.reader();
+                assert_reads_of_the_interleaved_log(&reader, count).await;
+                // Reading every segment kept only the newest handles open.
+                assert_eq!(reader.state.files.borrow().len(), READER_OPEN_SEGMENTS_MAX);
+                // Readers stay out of the page cache when the log does.
+                for (_, file) in reader.state.files.borrow().iter() {
+                    use std::os::fd::AsRawFd;
+                    let expected = mode == IoMode::Direct && !is_on_tmpfs(&dir.0);
+                    assert_eq!(fd_has_o_direct(file.file.as_raw_fd()), expected);
+                    assert_eq!(file.align > 1, expected);
+                }
+                // A frame read alone, from no more than its header's length, grows the
+                // read to the whole frame.
+                let big = location(&log, conv_b(), 50);
+                let file = reader.file(big.segment()).await.expect("open");
+                let decoded = reader
+                    .read_frame(&file, big, RECORD_BODY_OFFSET)
+                    .await
+                    .expect("read");
+                assert_eq!(
+                    reader
+                        .expect_message(decoded, big, conv_b(), Seq(50))
+                        .expect("message"),
+                    stored(conv_b(), 50)
+                );
+                log.close().await.expect("close");
+                // A reader outlives its log.
+                assert_eq!(
+                    read(&reader, conv_a(), 1, 3, 10).await,
+                    stored_range(conv_a(), 1..=3)
+                );
+            });
+            run(async {
+                let (log, recovery) = open_mode(&dir, segment_bytes, mode).await;
+                assert_eq!(recovery.records, records);
+                let reader = log.reader();
+                assert_reads_of_the_interleaved_log(&reader, count).await;
+                let stats = reader.index_stats();
+                assert_eq!(stats.conversations, 2);
+                // Recovery shrinks the vectors to fit: 8 bytes a message.
+                let locations = log.read.index.borrow().convs[&conv_a()]
+                    .locations
+                    .capacity();
+                assert_eq!(locations, count as usize);
+            });
+        }
+    }
+
+    #[test]
+    fn a_read_of_scattered_messages_goes_out_in_several_windows_of_reads() {
+        for mode in MODES {
+            let dir = TempDir::new("read-windows");
+            let count = 2 * READ_REQUESTS_INFLIGHT_MAX as u64 + 6;
+            let other = ConvId::group(5);
+            run(async {
+                let (mut log, _) = open_mode(&dir, SEGMENT_BYTES_DEFAULT, mode).await;
+                for seq in 1..=count {
+                    // A message of B between each two of A, too large to read across.
+                    let filler = StoredMessage {
+                        payload: Bytes::from(vec![1; READ_SPAN_BYTES_MAX as usize]),
+                        ..stored(other, seq)
+                    };
+                    let records = [
+                        Record::Message(stored(conv_a(), seq)),
+                        Record::Message(filler),
+                    ];
+                    log.write(&frames(&records)).await.expect("write");
+                }
+                log.sync().await.expect("sync");
+                let locations = log.read.index.borrow().durable_locations(
+                    conv_a(),
+                    Seq(1),
+                    Seq(count),
+                    usize::MAX,
+                );
+                assert_eq!(plan_runs(&locations).len() as u64, count);
+                let reader = log.reader();
+                assert_eq!(
+                    read(&reader, conv_a(), 1, count, usize::MAX).await,
+                    stored_range(conv_a(), 1..=count)
+                );
+                assert_eq!(
+                    read(&reader, conv_a(), 30, 40, 5).await,
+                    stored_range(conv_a(), 30..=34)
+                );
+            });
+        }
+    }
+
+    #[test]
+    fn unsynced_messages_are_not_read_and_a_reset_removes_them_from_the_index() {
+        for mode in MODES {
+            let dir = TempDir::new("read-reset");
+            let other = ConvId::group(11);
+            let replaced = |seq: u64| StoredMessage {
+                payload: Bytes::from_static(b"sent again after the failure"),
+                ..stored(conv_a(), seq)
+            };
+            run(async {
+                let (mut log, _) = open_mode(&dir, SEGMENT_BYTES_DEFAULT, mode).await;
+                let reader = log.reader();
+                log.write(&frames(&interleaved(1..6))).await.expect("write");
+                log.sync().await.expect("sync");
+                let mut unsynced: Vec<Record> = (6..9)
+                    .map(|seq| Record::Message(stored(conv_a(), seq)))
+                    .collect();
+                unsynced.push(Record::Message(stored(other, 1)));
+                log.write(&frames(&unsynced)).await.expect("write");
+                // Written, indexed, not served.
+                assert_eq!(location(&log, conv_a(), 8).segment(), 1);
+                assert_eq!(
+                    read(&reader, conv_a(), 1, 100, 100).await,
+                    stored_range(conv_a(), 1..=5)
+                );
+                assert!(read(&reader, other, 1, 1, 1).await.is_empty());
+                assert_eq!(reader.index_stats().messages, 10);
+
+                log.reset_to_durable().await.expect("reset");
+                {
+                    let index = log.read.index.borrow();
+                    assert_eq!(index.convs[&conv_a()].locations.len(), 5);
+                    assert!(!index.convs.contains_key(&other));
+                    assert!(index.pending.is_empty());
+                }
+                // The engine hands seqs 6 and 7 out again, for other messages.
+                let again: Vec<Record> = (6..8).map(|seq| Record::Message(replaced(seq))).collect();
+                log.write(&frames(&again)).await.expect("write");
+                log.sync().await.expect("sync");
+                let mut expected = stored_range(conv_a(), 1..=5);
+                expected.extend((6..8).map(replaced));
+                assert_eq!(read(&reader, conv_a(), 1, 100, 100).await, expected);
+                log.close().await.expect("close");
+            });
+            run(async {
+                let (log, _) = open_mode(&dir, SEGMENT_BYTES_DEFAULT, mode).await;
+                let mut expected = stored_range(conv_a(), 1..=5);
+                expected.extend((6..8).map(replaced));
+                assert_eq!(read(&log.reader(), conv_a(), 1, 100, 100).await, expected);
+            });
+        }
+    }
+
+    /// Rotation seals the segment, making every byte in it durable; if it sealed unsynced
+    /// bytes, a reset could no longer remove them, and records the shard Nacked (and
+    /// whose seqs it hands out again) would come back at recovery.
+    #[test]
+    fn a_segment_with_unsynced_bytes_is_not_sealed_so_a_reset_still_removes_them() {
+        let dir = TempDir::new("no-seal-unsynced");
+        let segment_bytes = 2 * 1024;
+        let synced = messages(1..4);
+        run(async {
+            let (mut log, _) = open(config(&dir, segment_bytes)).await.expect("open");
+            log.write(&frames(&synced)).await.expect("write");
+            log.sync().await.expect("sync");
+            log.write(&frames(&messages(4..5))).await.expect("write");
+            // Does not fit the segment, but the segment holds an unsynced record.
+            let over = frames(&messages(5..12));
+            assert!(written_bytes(&log) + over.len() as u64 > segment_bytes);
+            log.write(&over).await.expect("write");
+            assert_eq!(log.segment.index, 1);
+            // Then the sync fails, say: the shard Nacks 4..12 and resets.
+            log.reset_to_durable().await.expect("reset");
+            assert_eq!(written_bytes(&log), frames(&synced).len() as u64);
+            // Seq 4 again; once synced, the next batch that does not fit rotates.
+            log.write(&frames(&[message(4, 1_000)]))
+                .await
+                .expect("write");
+            log.sync().await.expect("sync");
+            assert_eq!(log.segment.index, 1);
+            let next = frames(&messages(5..7));
+            assert!(written_bytes(&log) + next.len() as u64 > segment_bytes);
+            log.write(&next).await.expect("write");
+            assert_eq!(log.segment.index, 2);
+            log.sync().await.expect("sync");
+            assert_eq!(location(&log, conv_a(), 5).segment(), 2);
+        });
+        run(async {
+            let (_, recovery) = open(config(&dir, segment_bytes)).await.expect("open");
+            let mut expected = synced.clone();
+            expected.push(message(4, 1_000));
+            expected.extend(messages(5..7));
+            assert_eq!(recovery.records, expected);
+        });
+    }
+
+    #[test]
+    fn a_read_concurrent_with_writes_sees_exactly_the_durable_messages() {
+        for mode in MODES {
+            let dir = TempDir::new("read-concurrent");
+            let batches = 60u64;
+            let per_batch = 4u64;
+            run(async {
+                let (log, _) = open_mode(&dir, 16 * 1024, mode).await;
+                let reader = log.reader();
+                // Messages of A durable so far, as the writer knows it: set right after
+                // each sync returns, with no await in between.
+                let durable = Rc::new(std::cell::Cell::new(0u64));
+                let done = Rc::new(std::cell::Cell::new(false));
+                let writer = glommio::spawn_local({
+                    let durable = durable.clone();
+                    let done = done.clone();
+                    async move {
+                        let mut log = log;
+                        for batch in 0..batches {
+                            let seqs = batch * per_batch + 1..(batch + 1) * per_batch + 1;
+                            let records = interleaved(seqs.clone());
+                            let (first, second) = records.split_at(records.len() / 2);
+                            log.write(&frames(first)).await.expect("write");
+                            // Let the reader run while entries are pending.
+                            futures_lite::future::yield_now().await;
+                            log.write(&frames(second)).await.expect("write");
+                            futures_lite::future::yield_now().await;
+                            log.sync().await.expect("sync");
+                            durable.set(seqs.end - 1);
+                        }
+                        done.set(true);
+                        log
+                    }
+                });
+                let mut reads = 0u64;
+                let mut partial_reads = 0u64;
+                let mut from = 1;
+                while !done.get() {
+                    // The index is read in the first poll of `read`, with no other task
+                    // in between: exactly the messages durable now come back.
+                    let known = durable.get();
+                    let got = read(&reader, conv_a(), from, u64::MAX, 1_000).await;
+                    let expected_len = (known + 1).saturating_sub(from);
+                    assert_eq!(
+                        got.len() as u64,
+                        expected_len,
+                        "from {from}, durable {known}"
+                    );
+                    assert_eq!(got, stored_range(conv_a(), from..=known));
+                    reads += 1;
+                    if known > 0 && known < batches * per_batch {
+                        partial_reads += 1;
+                    }
+                    from = (from + 13) % known.max(1) + 1;
+                    futures_lite::future::yield_now().await;
+                }
+                let log = writer.await;
+                assert!(
+                    partial_reads >= 10,
+                    "{partial_reads} of {reads} reads ran amid writes"
+                );
+                let total = batches * per_batch;
+                assert_eq!(
+                    read(&reader, conv_a(), 1, total, 10_000).await,
+                    stored_range(conv_a(), 1..=total)
+                );
+                assert!(log.segment.index > 2);
+                log.close().await.expect("close");
+            });
+        }
+    }
+
+    #[test]
+    fn a_damaged_or_misplaced_frame_fails_the_read_without_a_panic() {
+        for mode in MODES {
+            let dir = TempDir::new("read-damage");
+            run(async {
+                let (mut log, _) = open_mode(&dir, SEGMENT_BYTES_DEFAULT, mode).await;
+                log.write(&frames(&interleaved(1..10)))
+                    .await
+                    .expect("write");
+                log.sync().await.expect("sync");
+                let reader = log.reader();
+                let path = dir.segment(1);
+
+                // A flipped bit in the body of A's message 2, behind the log's back.
+                let at = location(&log, conv_a(), 2).offset() as usize + RECORD_BODY_OFFSET + 5;
+                let mut bytes = std::fs::read(&path).expect("read");
+                bytes[at] ^= 0x04;
+                std::fs::write(&path, &bytes).expect("write");
+                match reader.read(conv_a(), Seq(1), Seq(3), 10).await {
+                    Err(StorageError::Corrupt {
+                        reason: Damage::Frame(CorruptReason::CrcMismatch { .. }),
+                        offset,
+                        ..
+                    }) => assert_eq!(offset, location(&log, conv_a(), 2).offset()),
+                    other => panic!("unexpected {other:?}"),
+                }
+                assert_eq!(
+                    read(&reader, conv_a(), 3, 4, 10).await,
+                    stored_range(conv_a(), 3..=4)
+                );
+
+                // An index entry that points at another message.
+                let b3 = location(&log, conv_b(), 3);
+                log.read
+                    .index
+                    .borrow_mut()
+                    .convs
+                    .get_mut(&conv_a())
+                    .expect("a")
+                    .locations[3] = b3;
+                match reader.read(conv_a(), Seq(4), Seq(4), 1).await {
+                    Err(StorageError::Corrupt {
+                        reason: Damage::Misplaced { conv, seq },
+                        ..
+                    }) => assert_eq!((conv, seq), (conv_a(), Seq(4))),
+                    other => panic!("unexpected {other:?}"),
+                }
+
+                // An index entry past the end of the file.
+                let past = Location::new(1, bytes.len() as u64 + 100);
+                log.read
+                    .index
+                    .borrow_mut()
+                    .convs
+                    .get_mut(&conv_a())
+                    .expect("a")
+                    .locations[4] = past;
+                assert!(matches!(
+                    reader.read(conv_a(), Seq(5), Seq(5), 1).await,
+                    Err(StorageError::Corrupt {
+                        reason: Damage::Torn,
+                        ..
+                    })
+                ));
+                // A segment that is not there.
+                let missing = Location::new(9, 0);
+                log.read
+                    .index
+                    .borrow_mut()
+                    .convs
+                    .get_mut(&conv_a())
+                    .expect("a")
+                    .locations[5] = missing;
+                assert!(matches!(
+                    reader.read(conv_a(), Seq(6), Seq(6), 1).await,
+                    Err(StorageError::Io { op: "open", .. })
+                ));
+            });
+        }
+    }
+
+    #[test]
+    fn a_seq_gap_in_the_log_refuses_to_open() {
+        let dir = TempDir::new("seq-gap");
+        std::fs::create_dir_all(&dir.0).expect("mkdir");
+        let mut records = messages(1..3);
+        records.extend(messages(4..5));
+        std::fs::write(dir.segment(1), frames(&records)).expect("write");
+        let err = run(open(config(&dir, SEGMENT_BYTES_DEFAULT))).expect_err("opened");
+        assert!(
+            matches!(
+                err,
+                StorageError::SeqGap {
+                    last: Seq(2),
+                    found: Seq(4),
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    #[should_panic(expected = "seqs must be consecutive")]
+    fn writing_a_seq_gap_panics() {
+        let dir = TempDir::new("write-gap");
+        run(async {
+            let (mut log, _) = open(config(&dir, SEGMENT_BYTES_DEFAULT))
+                .await
+                .expect("open");
+            log.write(&frames(&messages(1..3))).await.expect("write");
+            let _ = log.write(&frames(&messages(4..5))).await;
+        });
+    }
+
+    #[test]
+    fn what_the_index_cannot_name_is_refused() {
+        let dir = TempDir::new("index-limit");
+        let err = run(open(config(&dir, SEGMENT_BYTES_MAX + 1))).expect_err("opened");
+        assert!(matches!(err, StorageError::InvalidConfig { .. }), "{err:?}");
+        std::fs::create_dir_all(&dir.0).expect("mkdir");
+        std::fs::write(dir.segment(SEGMENT_INDEX_MAX + 1), b"").expect("write");
+        let err = run(open(config(&dir, SEGMENT_BYTES_DEFAULT))).expect_err("opened");
+        assert!(
+            matches!(
+                err,
+                StorageError::IndexLimit {
+                    what: "segment index",
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        std::fs::remove_file(dir.segment(SEGMENT_INDEX_MAX + 1)).expect("rm");
+        std::fs::write(dir.segment(SEGMENT_INDEX_MAX), b"").expect("write");
+        run(async {
+            let (mut log, _) = open(config(&dir, 1)).await.expect("open");
+            log.write(&frames(&messages(1..2))).await.expect("write");
+            log.sync().await.expect("sync");
+            // The next write must rotate, to a segment the index cannot name.
+            let err = log
+                .write(&frames(&messages(2..3)))
+                .await
+                .expect_err("rotated");
+            assert!(
+                matches!(
+                    err,
+                    StorageError::IndexLimit {
+                        what: "segment index",
+                        ..
+                    }
+                ),
+                "{err:?}"
+            );
+            log.reset_to_durable().await.expect("reset");
+            assert_eq!(
+                read(&log.reader(), conv_a(), 1, 5, 5).await,
+                vec![match message(1, 50 + 37) {
+                    Record::Message(m) => m,
+                    _ => unreachable!(),
+                }]
+            );
+        });
+    }
+
+    #[test]
+    fn locations_pack_segment_and_offset_into_eight_bytes() {
+        assert_eq!(std::mem::size_of::<Location>(), 8);
+        for (segment, offset) in [(1, 0), (7, 12_345), (SEGMENT_INDEX_MAX, RECORD_OFFSET_MAX)] {
+            let location = Location::new(segment, offset);
+            assert_eq!((location.segment(), location.offset()), (segment, offset));
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "does not fit a location")]
+    fn a_location_past_the_segment_bound_panics() {
+        Location::new(SEGMENT_INDEX_MAX + 1, 0);
+    }
+
+    #[test]
+    #[should_panic(expected = "does not fit a location")]
+    fn a_location_past_the_offset_bound_panics() {
+        Location::new(1, RECORD_OFFSET_MAX + 1);
     }
 }
