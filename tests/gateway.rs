@@ -410,3 +410,30 @@ fn sigterm_sends_goaway_exits_zero_and_loses_nothing_acked() {
     let frames = bob.recv_until(|m| matches!(m, Meta::PullResult(_)));
     assert_eq!(deliver_seqs(&frames), (1..=20).collect::<Vec<_>>());
 }
+
+#[test]
+fn a_connection_over_the_limit_gets_too_many_connections_and_is_counted() {
+    let g = Gateway::start(1, &["--max-connections", "2"]);
+    let _a = Client::login(&g, 1, 1);
+    let _b = Client::login(&g, 2, 1);
+    let mut c = Client::connect(g.listen);
+    assert_eq!(
+        error_of(&c.drain_until_closed()),
+        Some(ErrorCode::TooManyConnections)
+    );
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let (_, body) = g.http("GET", "/metrics", "").expect("metrics");
+        if body
+            .lines()
+            .any(|l| l == "imgate_refused_connections_total{shard=\"0\"} 1")
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "refusal not counted:\n{body}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -129,6 +129,8 @@ pub struct ShardStats {
     pub frames_in: u64,
     /// Bytes received.
     pub bytes_in: u64,
+    /// Frames queued to clients.
+    pub frames_out: u64,
     /// Bytes handed to the driver to write.
     pub bytes_out: u64,
     /// Acks sent to clients.
@@ -629,6 +631,7 @@ impl Shard {
                 continue;
             };
             c.dirty = false;
+            self.stats.frames_out += (c.notifies.len() + c.signals.len()) as u64;
             for (conv, latest_seq) in std::mem::take(&mut c.notifies) {
                 c.outbox.push(
                     encoder,
@@ -703,6 +706,7 @@ impl Shard {
             self.dirty.push(id);
         }
         c.push(encoder, meta, payload);
+        self.stats.frames_out += 1;
         let backlog = c.outbox.backlog();
         if backlog > hard {
             self.stats.slow_consumer_closes += 1;
@@ -740,6 +744,7 @@ impl Shard {
             return;
         };
         c.outbox.push(encoder, last, Bytes::new());
+        self.stats.frames_out += 1;
         let chunks = c.outbox.take();
         self.stats.bytes_out += chunks.iter().map(|b| b.len() as u64).sum::<u64>();
         self.closing.push_back(Transmit {

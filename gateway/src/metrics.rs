@@ -66,6 +66,7 @@ pub struct ShardMetrics {
     connections: AtomicU64,
     refused: AtomicU64,
     frames_in: AtomicU64,
+    frames_out: AtomicU64,
     bytes_in: AtomicU64,
     bytes_out: AtomicU64,
     acks: AtomicU64,
@@ -147,6 +148,7 @@ impl ShardMetrics {
             connections: AtomicU64::new(0),
             refused: AtomicU64::new(0),
             frames_in: AtomicU64::new(0),
+            frames_out: AtomicU64::new(0),
             bytes_in: AtomicU64::new(0),
             bytes_out: AtomicU64::new(0),
             acks: AtomicU64::new(0),
@@ -169,6 +171,7 @@ impl ShardMetrics {
             refused,
             frames_in,
             bytes_in,
+            frames_out,
             bytes_out,
             acks,
             nacks,
@@ -180,6 +183,7 @@ impl ShardMetrics {
         self.connections.store(connections, Ordering::Relaxed);
         self.refused.store(refused, Ordering::Relaxed);
         self.frames_in.store(frames_in, Ordering::Relaxed);
+        self.frames_out.store(frames_out, Ordering::Relaxed);
         self.bytes_in.store(bytes_in, Ordering::Relaxed);
         self.bytes_out.store(bytes_out, Ordering::Relaxed);
         self.acks.store(acks, Ordering::Relaxed);
@@ -224,7 +228,7 @@ struct Family {
     read: fn(&ShardMetrics) -> &AtomicU64,
 }
 
-const FAMILIES: [Family; 12] = [
+const FAMILIES: [Family; 13] = [
     Family {
         name: "imgate_connections",
         kind: "gauge",
@@ -242,6 +246,12 @@ const FAMILIES: [Family; 12] = [
         kind: "counter",
         help: "Frames received from clients.",
         read: |s| &s.frames_in,
+    },
+    Family {
+        name: "imgate_frames_out_total",
+        kind: "counter",
+        help: "Frames queued to clients.",
+        read: |s| &s.frames_out,
     },
     Family {
         name: "imgate_bytes_in_total",
@@ -422,6 +432,7 @@ mod tests {
             refused: base + 2,
             frames_in: base + 3,
             bytes_in: base + 4,
+            frames_out: base + 12,
             bytes_out: base + 5,
             acks: base + 6,
             nacks: base + 7,
@@ -448,6 +459,7 @@ mod tests {
             ("imgate_refused_connections_total", 2.0),
             ("imgate_frames_in_total", 3.0),
             ("imgate_bytes_in_total", 4.0),
+            ("imgate_frames_out_total", 12.0),
             ("imgate_bytes_out_total", 5.0),
             ("imgate_acks_total", 6.0),
             ("imgate_nacks_total", 7.0),
