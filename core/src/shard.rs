@@ -622,12 +622,7 @@ impl Shard {
         }
         while let Some(id) = self.dirty.pop() {
             let encoder = &mut self.encoder;
-            let Some(c) = self
-                .slots
-                .get_mut(id.index as usize)
-                .filter(|s| s.generation == id.generation)
-                .and_then(|s| s.conn.as_mut())
-            else {
+            let Some(c) = live_conn(&mut self.slots, id) else {
                 continue;
             };
             c.dirty = false;
@@ -673,10 +668,7 @@ impl Shard {
     }
 
     fn conn_mut(&mut self, id: ConnId) -> Option<&mut Connection> {
-        self.slots
-            .get_mut(id.index as usize)
-            .filter(|s| s.generation == id.generation)
-            .and_then(|s| s.conn.as_mut())
+        live_conn(&mut self.slots, id)
     }
 
     fn me(&self, conn: ConnId) -> ConnRef {
@@ -694,12 +686,7 @@ impl Shard {
             self.limits.outbound_hard_bytes,
         );
         let encoder = &mut self.encoder;
-        let Some(c) = self
-            .slots
-            .get_mut(id.index as usize)
-            .filter(|s| s.generation == id.generation)
-            .and_then(|s| s.conn.as_mut())
-        else {
+        let Some(c) = live_conn(&mut self.slots, id) else {
             return;
         };
         if !c.dirty {
@@ -735,12 +722,7 @@ impl Shard {
     /// `close`, and forgets the connection.
     fn close_with(&mut self, id: ConnId, last: &Meta) {
         let encoder = &mut self.encoder;
-        let Some(c) = self
-            .slots
-            .get_mut(id.index as usize)
-            .filter(|s| s.generation == id.generation)
-            .and_then(|s| s.conn.as_mut())
-        else {
+        let Some(c) = live_conn(&mut self.slots, id) else {
             return;
         };
         c.outbox.push(encoder, last, Bytes::new());
@@ -1986,6 +1968,15 @@ impl Shard {
             }
         }
     }
+}
+
+/// The live connection `id` names, if its slot has not been reused since. A free function
+/// so that callers can borrow the encoder alongside it.
+fn live_conn(slots: &mut [Slot], id: ConnId) -> Option<&mut Connection> {
+    slots
+        .get_mut(id.index as usize)
+        .filter(|s| s.generation == id.generation)
+        .and_then(|s| s.conn.as_mut())
 }
 
 fn error_meta(code: ErrorCode, message: &str, req: u32) -> Meta {
