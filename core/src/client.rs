@@ -465,6 +465,8 @@ enum State {
 
 #[derive(Clone, Copy, Debug)]
 struct Session {
+    /// The authenticated user, to recognise this device's own messages.
+    user: UserId,
     heartbeat: Duration,
     payload_bytes_max: usize,
 }
@@ -989,6 +991,7 @@ impl Client {
             payload_bytes_max = payload_bytes_max.min(m.max_payload_bytes as usize);
         }
         self.state = State::Ready(Session {
+            user: m.user,
             heartbeat,
             payload_bytes_max,
         });
@@ -1078,6 +1081,18 @@ impl Client {
         if m.seq == Seq::ZERO {
             self.fail_connection(ErrorCode::MalformedFrame, "Deliver with seq 0".into());
             return;
+        }
+        // One of this device's own unacked messages, durable while its Ack was lost (a
+        // replay after a reconnect): it is the Ack, so it is reported once, by `Acked`.
+        let own = matches!(&self.state, State::Ready(s) if s.user == m.sender)
+            && self.outbox_index.contains_key(&m.client_msg_id);
+        if own {
+            self.on_ack(meta::Ack {
+                req: 0,
+                client_msg_id: m.client_msg_id,
+                conv: m.conv,
+                seq: m.seq,
+            });
         }
         let conv = m.conv;
         let cursor = *self.cursors.entry(conv).or_default();

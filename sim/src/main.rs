@@ -1,9 +1,8 @@
 //! `sim`: deterministic fault simulation of imgate-core on turmoil.
-//!
-//! The simulation and its oracle arrive with the sim issue; today this binary parses its
-//! command line and says what is not built yet.
 
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
+use imgate_sim::{run_seed, FaultSet, Outcome, RunConfig};
+use std::time::Instant as WallInstant;
 
 /// imgate sim: run the real engine under seeded network and disk faults and check the
 /// invariants I1-I5 with an oracle. Every run is a seed; a seed replays exactly.
@@ -14,6 +13,13 @@ struct Cli {
     command: Command,
 }
 
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Faults {
+    None,
+    All,
+    List,
+}
+
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run one seed.
@@ -21,12 +27,21 @@ enum Command {
         /// The seed to run.
         #[arg(long)]
         seed: u64,
+        /// Simulated seconds (the last 3/8, at least 8, are the heal period).
+        #[arg(long, default_value_t = 40)]
+        duration: u64,
+        /// Faults: none, all, or list (print the kinds and exit).
+        #[arg(long, value_enum, default_value_t = Faults::All)]
+        faults: Faults,
     },
     /// Run a range of seeds, e.g. `--seeds 1..1000`, and print a summary.
     Sweep {
         /// Seed range, `A..B` (B excluded).
         #[arg(long)]
         seeds: String,
+        /// Simulated seconds per seed.
+        #[arg(long, default_value_t = 40)]
+        duration: u64,
     },
     /// Replay one seed and print its event trace.
     Replay {
@@ -36,10 +51,107 @@ enum Command {
         /// Print every event.
         #[arg(long)]
         trace: bool,
+        /// Simulated seconds.
+        #[arg(long, default_value_t = 40)]
+        duration: u64,
     },
 }
 
+fn report(o: &Outcome) {
+    println!(
+        "seed {} trace {:016x} events {} simulated {}ms durable {} checked {} faults {:?}",
+        o.seed, o.trace_hash, o.events, o.simulated_ms, o.durable, o.checked, o.counts
+    );
+    if let Some(v) = o.violations.first() {
+        println!("VIOLATION seed {}: {v}", o.seed);
+        println!("replay: sim replay --seed {} --trace", o.seed);
+    }
+}
+
 fn main() -> anyhow::Result<()> {
-    let _cli = Cli::parse();
-    anyhow::bail!("the simulation is not built yet (see the open sim issue)")
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run {
+            seed,
+            duration,
+            faults,
+        } => {
+            let faults = match faults {
+                Faults::List => {
+                    println!("crash partition hold link-fail disk mesh-delay storm takeover retry");
+                    return Ok(());
+                }
+                Faults::None => FaultSet::None,
+                Faults::All => FaultSet::All,
+            };
+            let mut cfg = RunConfig::new(seed);
+            cfg.duration_secs = duration;
+            cfg.faults = faults;
+            let o = run_seed(&cfg);
+            report(&o);
+            if !o.violations.is_empty() {
+                std::process::exit(1);
+            }
+        }
+        Command::Replay {
+            seed,
+            trace,
+            duration,
+        } => {
+            let mut cfg = RunConfig::new(seed);
+            cfg.duration_secs = duration;
+            cfg.keep_trace = trace;
+            let o = run_seed(&cfg);
+            for line in &o.trace {
+                println!("{line}");
+            }
+            report(&o);
+            if !o.violations.is_empty() {
+                std::process::exit(1);
+            }
+        }
+        Command::Sweep { seeds, duration } => {
+            let (a, b) = seeds
+                .split_once("..")
+                .ok_or_else(|| anyhow::anyhow!("--seeds wants A..B"))?;
+            let (a, b): (u64, u64) = (a.parse()?, b.parse()?);
+            let wall = WallInstant::now();
+            let mut failed = Vec::new();
+            let mut sim_ms = 0;
+            let mut checked = 0;
+            let mut counts = imgate_sim::run::FaultCounts::default();
+            for seed in a..b {
+                let mut cfg = RunConfig::new(seed);
+                cfg.duration_secs = duration;
+                let o = run_seed(&cfg);
+                sim_ms += o.simulated_ms;
+                checked += o.checked;
+                let c = &o.counts;
+                counts.crash += c.crash;
+                counts.partition += c.partition;
+                counts.hold += c.hold;
+                counts.disk += c.disk;
+                counts.mesh += c.mesh;
+                counts.storm += c.storm;
+                counts.takeover += c.takeover;
+                counts.retry += c.retry;
+                if !o.violations.is_empty() {
+                    report(&o);
+                    failed.push(seed);
+                }
+            }
+            println!(
+                "seeds {a}..{b}: simulated {}s, faults {:?}, messages checked {checked}, violations {} {:?}, wall {:.1}s",
+                sim_ms / 1000,
+                counts,
+                failed.len(),
+                failed,
+                wall.elapsed().as_secs_f64()
+            );
+            if !failed.is_empty() {
+                std::process::exit(1);
+            }
+        }
+    }
+    Ok(())
 }

@@ -1,0 +1,523 @@
+//! The gateway host: every shard of the gateway in one task loop, over turmoil TCP and the
+//! shared [`MemLog`](imgate_core::log::MemLog)s.
+//!
+//! Driver contract as in `core/src/shard.rs`: Append -> log append; group commit every
+//! tick -> sync -> `handle_durable(lsn)`; a failed commit truncates to the durable length and
+//! calls `handle_log_failed`; Fetch reads the durable log. Shard messages travel one FIFO
+//! queue per ordered pair; the loop delivers pairs in a seeded order and may hold a pair
+//! back for a while (never reordering inside it).
+
+use crate::rng::Rng;
+use crate::run::{core_now, Planted, Shared, GROUP, USERS};
+use bytes::{Bytes, BytesMut};
+use imgate_core::auth::{KeyConfig, TokenVerifier};
+use imgate_core::log::{scan, Record};
+use imgate_core::mesh::{Command, ConnId, ShardId, ShardMsg};
+use imgate_core::proto::meta::Meta;
+use imgate_core::proto::{Decoder, UserId};
+use imgate_core::shard::{Effect, Lsn, Shard, ShardConfig};
+use imgate_core::Limits;
+use std::cell::RefCell;
+use std::collections::{BTreeMap, VecDeque};
+use std::rc::Rc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
+use turmoil::net::{TcpListener, TcpStream};
+
+/// The gateway's port.
+pub const PORT: u16 = 9000;
+/// The token secret shared by gateway and devices.
+pub const SECRET: &[u8] = b"imgate sim secret, 32 bytes or more";
+
+/// Limits of the simulated gateway: short heartbeats so that dead links show within seconds.
+pub fn limits() -> Limits {
+    Limits {
+        heartbeat_interval: Duration::from_secs(2),
+        auth_timeout: Duration::from_secs(2),
+        ..Limits::default()
+    }
+}
+
+enum IoEvent {
+    Accepted(TcpStream),
+    Bytes(u64, BytesMut),
+    Written(u64, usize),
+    Closed(u64),
+}
+
+enum WriteCmd {
+    Data(Vec<Bytes>, usize),
+    Close,
+}
+
+struct Conn {
+    shard: usize,
+    id: ConnId,
+    tx: mpsc::UnboundedSender<WriteCmd>,
+    /// Planted bug (c) has been applied on this connection.
+    skipped: bool,
+}
+
+struct Node {
+    shard: Shard,
+    /// Highest Lsn appended and not yet reported durable.
+    appended: Option<Lsn>,
+    /// Planted bug (a): reported durable, to be synced at this tick.
+    lagging_sync_at: Option<u64>,
+}
+
+/// The gateway host's software: boots (recovering from the logs), then loops.
+pub async fn host(shared: Rc<RefCell<Shared>>, shard_count: u16) -> turmoil::Result {
+    let io: Rc<RefCell<VecDeque<IoEvent>>> = Rc::new(RefCell::new(VecDeque::new()));
+    let mut gw = Gateway::boot(&shared, shard_count);
+    let listener = TcpListener::bind(("0.0.0.0", PORT)).await?;
+    {
+        let io = io.clone();
+        tokio::task::spawn_local(async move {
+            while let Ok((s, _)) = listener.accept().await {
+                io.borrow_mut().push_back(IoEvent::Accepted(s));
+            }
+        });
+    }
+    loop {
+        gw.turn(&shared, &io);
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+struct Gateway {
+    nodes: Vec<Node>,
+    mesh: BTreeMap<(usize, usize), VecDeque<ShardMsg>>,
+    held_until: BTreeMap<(usize, usize), u64>,
+    conns: BTreeMap<u64, Conn>,
+    by_id: BTreeMap<(usize, ConnId), u64>,
+    next_key: u64,
+    rng: Rng,
+    tick: u64,
+    commands: BTreeMap<u64, bool>,
+}
+
+fn verifier(limits: &Limits) -> TokenVerifier {
+    TokenVerifier::new(
+        &KeyConfig::Hs256 {
+            secret: SECRET.to_vec(),
+        },
+        limits.token_leeway,
+        limits.token_bytes_max,
+    )
+    .expect("the sim's key is valid")
+}
+
+impl Gateway {
+    fn boot(shared: &Rc<RefCell<Shared>>, shard_count: u16) -> Gateway {
+        let mut sh = shared.borrow_mut();
+        let restarts = sh.counts.crash;
+        let rng = Rng::new(sh.cfg.seed, 1000 + restarts);
+        let planted = sh.cfg.planted;
+        let limits = limits();
+        let mut nodes = Vec::new();
+        for i in 0..shard_count as usize {
+            let log = &mut sh.logs[i];
+            let s = scan(log.bytes());
+            log.truncate(s.valid_len);
+            let mut records: Vec<(u64, Record)> = s.records;
+            if planted == Some(Planted::SeqNotRecovered) && restarts > 0 {
+                // Planted bug (d): recover from the log less its last message record.
+                if let Some(pos) = records
+                    .iter()
+                    .rposition(|(_, r)| matches!(r, Record::Message(_)))
+                {
+                    let off = records[pos].0;
+                    records.truncate(pos);
+                    log.truncate(off);
+                }
+            }
+            let records: Vec<Record> = records.into_iter().map(|(_, r)| r).collect();
+            let id = ShardId(i as u16);
+            let before = sh.violation_count();
+            sh.oracle_len[i] = sh.oracle_len[i].min(sh.logs[i].len() as usize);
+            sh.oracle.check_recovered(
+                i as u16,
+                |c| Shard::owner_of(c, shard_count) == id,
+                &records,
+            );
+            sh.note_violations(before);
+            let mut shard = Shard::new(
+                ShardConfig {
+                    id,
+                    shard_count,
+                    limits: limits.clone(),
+                },
+                verifier(&limits),
+            );
+            let n = records.len();
+            if let Err(e) = shard.recover(records) {
+                let v = format!("I3: shard {i} refused its log: {e}");
+                sh.oracle.violations.push(v);
+            }
+            sh.event(format!("boot: shard {i} recovered {n} records"));
+            nodes.push(Node {
+                shard,
+                appended: None,
+                lagging_sync_at: None,
+            });
+        }
+        let booted = sh.booted;
+        drop(sh);
+        let mut gw = Gateway {
+            nodes,
+            mesh: BTreeMap::new(),
+            held_until: BTreeMap::new(),
+            conns: BTreeMap::new(),
+            by_id: BTreeMap::new(),
+            next_key: 0,
+            rng,
+            tick: 0,
+            commands: BTreeMap::new(),
+        };
+        if !booted {
+            let now = core_now();
+            let members = (1..=USERS).map(UserId).collect();
+            gw.nodes[0].shard.handle_command(
+                now,
+                Command::CreateGroup {
+                    group: GROUP,
+                    members,
+                },
+                1,
+            );
+            // No faults at boot: pump and commit until the command is done.
+            for _ in 0..16 {
+                gw.pump_with(shared, false);
+                gw.commit(shared, false);
+                if gw.commands.contains_key(&1) {
+                    break;
+                }
+            }
+            let ok = gw.commands.get(&1).copied() == Some(true);
+            assert!(ok, "the group could not be created at first boot");
+            let mut sh = shared.borrow_mut();
+            sh.booted = true;
+            sh.event("boot: group created".into());
+        }
+        gw
+    }
+
+    fn turn(&mut self, shared: &Rc<RefCell<Shared>>, io: &Rc<RefCell<VecDeque<IoEvent>>>) {
+        self.tick += 1;
+        let now = core_now();
+        let events: Vec<IoEvent> = io.borrow_mut().drain(..).collect();
+        for ev in events {
+            match ev {
+                IoEvent::Accepted(stream) => self.accept(shared, io, stream),
+                IoEvent::Bytes(key, mut buf) => {
+                    if let Some(c) = self.conns.get(&key) {
+                        self.nodes[c.shard].shard.handle_bytes(now, c.id, &mut buf);
+                    }
+                }
+                IoEvent::Written(key, n) => {
+                    if let Some(c) = self.conns.get(&key) {
+                        self.nodes[c.shard].shard.handle_written(now, c.id, n);
+                    }
+                }
+                IoEvent::Closed(key) => {
+                    if let Some(c) = self.conns.remove(&key) {
+                        self.by_id.remove(&(c.shard, c.id));
+                        self.nodes[c.shard].shard.handle_closed(now, c.id);
+                    }
+                }
+            }
+        }
+        for node in &mut self.nodes {
+            if node.shard.poll_timeout().is_some_and(|t| t <= now) {
+                node.shard.handle_timeout(now);
+            }
+        }
+        self.pump(shared);
+        let faults_on = shared.borrow().faults_on;
+        self.commit(shared, faults_on);
+        self.pump(shared);
+    }
+
+    fn accept(
+        &mut self,
+        shared: &Rc<RefCell<Shared>>,
+        io: &Rc<RefCell<VecDeque<IoEvent>>>,
+        stream: TcpStream,
+    ) {
+        let now = core_now();
+        let shard = self.rng.range(0, self.nodes.len() as u64) as usize;
+        let (mut rd, mut wr) = stream.into_split();
+        let key = self.next_key;
+        self.next_key += 1;
+        let (tx, mut rx) = mpsc::unbounded_channel::<WriteCmd>();
+        match self.nodes[shard].shard.handle_open(now) {
+            Ok(id) => {
+                shared
+                    .borrow_mut()
+                    .event(format!("gw: conn {key} opened on shard {shard}"));
+                self.conns.insert(
+                    key,
+                    Conn {
+                        shard,
+                        id,
+                        tx,
+                        skipped: false,
+                    },
+                );
+                self.by_id.insert((shard, id), key);
+                let rio = io.clone();
+                tokio::task::spawn_local(async move {
+                    let mut buf = vec![0u8; 16 * 1024];
+                    loop {
+                        match rd.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => rio
+                                .borrow_mut()
+                                .push_back(IoEvent::Bytes(key, BytesMut::from(&buf[..n]))),
+                        }
+                    }
+                    rio.borrow_mut().push_back(IoEvent::Closed(key));
+                });
+            }
+            Err(bytes) => {
+                let _ = tx.send(WriteCmd::Data(vec![bytes], 0));
+                let _ = tx.send(WriteCmd::Close);
+            }
+        }
+        let wio = io.clone();
+        tokio::task::spawn_local(async move {
+            while let Some(cmd) = rx.recv().await {
+                match cmd {
+                    WriteCmd::Data(chunks, n) => {
+                        for c in chunks {
+                            if wr.write_all(&c).await.is_err() {
+                                wio.borrow_mut().push_back(IoEvent::Closed(key));
+                                return;
+                            }
+                        }
+                        if n > 0 {
+                            wio.borrow_mut().push_back(IoEvent::Written(key, n));
+                        }
+                    }
+                    WriteCmd::Close => break,
+                }
+            }
+            let _ = wr.shutdown().await;
+        });
+    }
+
+    /// Moves effects, transmits and shard messages until nothing moves.
+    fn pump(&mut self, shared: &Rc<RefCell<Shared>>) {
+        let faults_on = shared.borrow().faults_on;
+        self.pump_with(shared, faults_on);
+    }
+
+    fn pump_with(&mut self, shared: &Rc<RefCell<Shared>>, faults_on: bool) {
+        let now = core_now();
+        let (mesh_delay, planted) = {
+            let sh = shared.borrow();
+            (sh.rates.mesh_delay, sh.cfg.planted)
+        };
+        let ms = now.as_millis();
+        // Each round either moves something or ends; the engine's queues are bounded.
+        for _round in 0..10_000 {
+            let mut moved = false;
+            for i in 0..self.nodes.len() {
+                while let Some(effect) = self.nodes[i].shard.poll_effect() {
+                    moved = true;
+                    match effect {
+                        Effect::Append { lsn, bytes } => {
+                            shared.borrow_mut().logs[i].append(&bytes);
+                            self.nodes[i].appended = Some(lsn);
+                        }
+                        Effect::ToShard { to, msg } => {
+                            self.mesh
+                                .entry((i, to.0 as usize))
+                                .or_default()
+                                .push_back(msg);
+                        }
+                        Effect::Fetch {
+                            fetch,
+                            conv,
+                            from,
+                            to,
+                        } => {
+                            let sh = shared.borrow();
+                            let log = &sh.logs[i];
+                            let durable = &log.bytes()[..log.durable_len() as usize];
+                            let msgs = scan(durable)
+                                .records
+                                .into_iter()
+                                .filter_map(|(_, r)| match r {
+                                    Record::Message(m)
+                                        if m.conv == conv && m.seq >= from && m.seq <= to =>
+                                    {
+                                        Some(m)
+                                    }
+                                    _ => None,
+                                })
+                                .collect();
+                            drop(sh);
+                            self.nodes[i].shard.handle_fetched(now, fetch, Ok(msgs));
+                        }
+                        Effect::CommandDone { token, result } => {
+                            self.commands.insert(token, result.is_ok());
+                        }
+                    }
+                }
+                while let Some(t) = self.nodes[i].shard.poll_transmit() {
+                    moved = true;
+                    let Some(&key) = self.by_id.get(&(i, t.conn)) else {
+                        continue;
+                    };
+                    let n: usize = t.chunks.iter().map(|b| b.len()).sum();
+                    let mut chunks = t.chunks;
+                    if planted == Some(Planted::SyncReplaySkip) {
+                        let c = self.conns.get_mut(&key).expect("mapped");
+                        if !c.skipped {
+                            if let Some(kept) = drop_deliver_before_sync_done(&chunks) {
+                                c.skipped = true;
+                                shared
+                                    .borrow_mut()
+                                    .event(format!("planted: conn {key} replay Deliver dropped"));
+                                chunks = vec![kept];
+                            }
+                        }
+                    }
+                    let c = if t.close {
+                        self.by_id.remove(&(i, t.conn));
+                        self.conns.remove(&key)
+                    } else {
+                        self.conns.get(&key).map(|c| Conn {
+                            shard: c.shard,
+                            id: c.id,
+                            tx: c.tx.clone(),
+                            skipped: c.skipped,
+                        })
+                    };
+                    if let Some(c) = c {
+                        let _ =
+                            c.tx.send(WriteCmd::Data(chunks, if t.close { 0 } else { n }));
+                        if t.close {
+                            let _ = c.tx.send(WriteCmd::Close);
+                        }
+                    }
+                }
+            }
+            // Shard pairs in a seeded order; a held pair waits, keeping its FIFO order.
+            let mut pairs: Vec<(usize, usize)> = self
+                .mesh
+                .iter()
+                .filter(|(_, q)| !q.is_empty())
+                .map(|(p, _)| *p)
+                .collect();
+            for k in (1..pairs.len()).rev() {
+                let j = self.rng.range(0, k as u64 + 1) as usize;
+                pairs.swap(k, j);
+            }
+            for p in pairs {
+                if self.held_until.get(&p).is_some_and(|&t| t > ms) {
+                    continue;
+                }
+                if faults_on && self.rng.chance(mesh_delay) {
+                    let d = self.rng.range(1, 50);
+                    self.held_until.insert(p, ms + d);
+                    let mut sh = shared.borrow_mut();
+                    sh.counts.mesh += 1;
+                    sh.event(format!("fault: shard pair {p:?} held {d}ms"));
+                    continue;
+                }
+                let msgs: Vec<ShardMsg> =
+                    self.mesh.get_mut(&p).expect("listed").drain(..).collect();
+                for m in msgs {
+                    moved = true;
+                    self.nodes[p.1].shard.handle_shard_msg(now, m);
+                }
+            }
+            if !moved {
+                return;
+            }
+        }
+    }
+
+    /// Group commit: one sync for every shard with appends, or a failed write.
+    fn commit(&mut self, shared: &Rc<RefCell<Shared>>, faults_on: bool) {
+        let now = core_now();
+        let (disk_fail, planted) = {
+            let sh = shared.borrow();
+            (sh.rates.disk_fail, sh.cfg.planted)
+        };
+        for i in 0..self.nodes.len() {
+            if let Some(at) = self.nodes[i].lagging_sync_at {
+                if self.tick >= at {
+                    self.nodes[i].lagging_sync_at = None;
+                    let mut sh = shared.borrow_mut();
+                    sh.logs[i].sync();
+                    sh.observe_durable(i);
+                }
+            }
+            let Some(lsn) = self.nodes[i].appended.take() else {
+                continue;
+            };
+            if faults_on && self.rng.chance(disk_fail) {
+                let mut sh = shared.borrow_mut();
+                sh.counts.disk += 1;
+                sh.event(format!("fault: shard {i} log write failed"));
+                let durable = sh.logs[i].durable_len();
+                sh.logs[i].truncate(durable);
+                drop(sh);
+                self.nodes[i].shard.handle_log_failed(now);
+                continue;
+            }
+            if planted == Some(Planted::AckBeforeDurable) && self.nodes[i].lagging_sync_at.is_none()
+            {
+                // Planted bug (a): report durable now, sync 50 ticks later.
+                self.nodes[i].lagging_sync_at = Some(self.tick + 50);
+                self.nodes[i].shard.handle_durable(now, lsn);
+                continue;
+            }
+            {
+                let mut sh = shared.borrow_mut();
+                sh.logs[i].sync();
+                sh.observe_durable(i);
+            }
+            self.nodes[i].shard.handle_durable(now, lsn);
+        }
+    }
+}
+
+/// Planted bug (c): if `chunks` hold a SyncDone right after a Deliver, the bytes without that
+/// Deliver.
+fn drop_deliver_before_sync_done(chunks: &[Bytes]) -> Option<Bytes> {
+    let mut all = BytesMut::new();
+    for c in chunks {
+        all.extend_from_slice(c);
+    }
+    let whole = all.clone().freeze();
+    let decoder = Decoder::new(u32::MAX);
+    let mut spans: Vec<(usize, usize, bool, bool)> = Vec::new();
+    let total = all.len();
+    loop {
+        let start = total - all.len();
+        match decoder.decode(&mut all) {
+            Ok(Some(f)) => {
+                let end = total - all.len();
+                spans.push((
+                    start,
+                    end,
+                    matches!(f.meta, Meta::Deliver(_)),
+                    matches!(f.meta, Meta::SyncDone(_)),
+                ));
+            }
+            _ => break,
+        }
+    }
+    let pos = spans.windows(2).position(|w| w[0].2 && w[1].3)?;
+    let (s, e, _, _) = spans[pos];
+    let mut out = BytesMut::new();
+    out.extend_from_slice(&whole[..s]);
+    out.extend_from_slice(&whole[e..]);
+    Some(out.freeze())
+}

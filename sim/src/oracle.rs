@@ -1,0 +1,236 @@
+//! The oracle: what the drivers saw, checked against I1-I5 and liveness as it happens and
+//! again at the end of a run.
+//!
+//! It keeps every message record that ever became durable (`durable`), every Ack a client
+//! saw, and per device what was shown. Invariants it checks:
+//! - I1: an Ack names a durable record of that sender's message; after every restart and at
+//!   the end, every acked message is in the recovered log.
+//! - I2: one (conv, seq) per (sender, client_msg_id), in the log and in Acks.
+//! - I3: per conversation durable seqs come as 1, 2, 3, ... and never go back across restarts.
+//! - I4: per device and conversation, messages shown in increasing seq order, each once, and
+//!   after the heal every seq of every conversation of the device's user.
+//! - I5: a Message shown only for a durable (conv, seq), with that record's payload; a
+//!   (conv, seq) never names two messages.
+
+use bytes::Bytes;
+use imgate_core::log::{Record, StoredMessage};
+use imgate_core::proto::{ClientMsgId, ConvId, Seq, UserId};
+use std::collections::{BTreeMap, BTreeSet};
+
+/// A durable message as the oracle remembers it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Durable {
+    sender: UserId,
+    client_msg_id: ClientMsgId,
+    payload: Bytes,
+}
+
+/// What the oracle knows. One per run.
+#[derive(Debug, Default)]
+pub struct Oracle {
+    durable: BTreeMap<(ConvId, Seq), Durable>,
+    by_id: BTreeMap<(UserId, ClientMsgId), (ConvId, Seq)>,
+    last_seq: BTreeMap<ConvId, Seq>,
+    acked: BTreeMap<(UserId, ClientMsgId), (ConvId, Seq)>,
+    /// Per device index and conversation, the seqs shown (Message) or acked as its own.
+    shown: BTreeMap<(usize, ConvId), BTreeSet<Seq>>,
+    /// Per device index and conversation, the last seq of a Message event.
+    last_message: BTreeMap<(usize, ConvId), Seq>,
+    /// Violations, first first.
+    pub violations: Vec<String>,
+}
+
+impl Oracle {
+    fn violate(&mut self, what: String) {
+        self.violations.push(what);
+    }
+
+    /// Records that became durable on a shard's log, in log order.
+    pub fn handle_durable(&mut self, records: &[StoredMessage]) {
+        for m in records {
+            let d = Durable {
+                sender: m.sender,
+                client_msg_id: m.client_msg_id,
+                payload: m.payload.clone(),
+            };
+            match self.durable.get(&(m.conv, m.seq)) {
+                Some(old) if *old == d => continue,
+                Some(old) => {
+                    let v = format!(
+                        "I3/I5: {} seq {} names two messages: {:?} then {:?} (seq reused)",
+                        m.conv, m.seq.0, old.client_msg_id, d.client_msg_id
+                    );
+                    self.violate(v);
+                    continue;
+                }
+                None => {}
+            }
+            let last = self.last_seq.get(&m.conv).copied().unwrap_or(Seq(0));
+            if m.seq.0 != last.0 + 1 {
+                let v = format!(
+                    "I3: {} durable seq {} follows {} (gap or repeat)",
+                    m.conv, m.seq.0, last.0
+                );
+                self.violate(v);
+            }
+            self.last_seq.insert(m.conv, Seq(last.0.max(m.seq.0)));
+            if let Some(&(c, s)) = self.by_id.get(&(m.sender, m.client_msg_id)) {
+                let v = format!(
+                    "I2: {:?} of user {} stored twice: ({}, {}) and ({}, {})",
+                    m.client_msg_id, m.sender.0, c, s.0, m.conv, m.seq.0
+                );
+                self.violate(v);
+            } else {
+                self.by_id
+                    .insert((m.sender, m.client_msg_id), (m.conv, m.seq));
+            }
+            self.durable.insert((m.conv, m.seq), d);
+        }
+    }
+
+    /// A client saw an Ack for its own message.
+    pub fn handle_acked(
+        &mut self,
+        device: usize,
+        user: UserId,
+        id: ClientMsgId,
+        conv: ConvId,
+        seq: Seq,
+    ) {
+        match self.durable.get(&(conv, seq)) {
+            Some(d) if d.sender == user && d.client_msg_id == id => {}
+            Some(_) => self.violate(format!(
+                "I1/I2: ack of {id:?} names ({conv}, {}) which holds another message",
+                seq.0
+            )),
+            None => self.violate(format!(
+                "I1: ack of {id:?} as ({conv}, {}) before it was durable",
+                seq.0
+            )),
+        }
+        if let Some(&(c, s)) = self.acked.get(&(user, id)) {
+            if (c, s) != (conv, seq) {
+                self.violate(format!(
+                    "I2: {id:?} acked as ({c}, {}) and as ({conv}, {})",
+                    s.0, seq.0
+                ));
+            }
+        }
+        self.acked.insert((user, id), (conv, seq));
+        if !self.shown.entry((device, conv)).or_default().insert(seq) {
+            self.violate(format!(
+                "I4: device {device} shown ({conv}, {}) twice (ack)",
+                seq.0
+            ));
+        }
+    }
+
+    /// A client engine emitted a Message event.
+    pub fn handle_message(
+        &mut self,
+        device: usize,
+        conv: ConvId,
+        seq: Seq,
+        id: ClientMsgId,
+        payload: &Bytes,
+    ) {
+        match self.durable.get(&(conv, seq)) {
+            Some(d) if d.client_msg_id == id && d.payload == *payload => {}
+            Some(_) => self.violate(format!(
+                "I5: device {device} shown ({conv}, {}) with another message than the log's",
+                seq.0
+            )),
+            None => self.violate(format!(
+                "I5: device {device} shown ({conv}, {}) before it was durable",
+                seq.0
+            )),
+        }
+        let last = self.last_message.insert((device, conv), seq);
+        if let Some(last) = last {
+            if seq <= last {
+                self.violate(format!(
+                    "I4: device {device} shown ({conv}, {}) after {}",
+                    seq.0, last.0
+                ));
+            }
+        }
+        if !self.shown.entry((device, conv)).or_default().insert(seq) {
+            self.violate(format!(
+                "I4: device {device} shown ({conv}, {}) twice",
+                seq.0
+            ));
+        }
+    }
+
+    /// A shard recovered from `records` (after truncation): I1 and I3 across the restart.
+    pub fn check_recovered(
+        &mut self,
+        shard: u16,
+        owned: impl Fn(ConvId) -> bool,
+        records: &[Record],
+    ) {
+        let mut present: BTreeSet<(ConvId, Seq)> = BTreeSet::new();
+        let mut last: BTreeMap<ConvId, Seq> = BTreeMap::new();
+        for r in records {
+            if let Record::Message(m) = r {
+                present.insert((m.conv, m.seq));
+                let l = last.entry(m.conv).or_insert(Seq(0));
+                if m.seq.0 != l.0 + 1 {
+                    let v = format!(
+                        "I3: shard {shard} recovered {} seq {} after {}",
+                        m.conv, m.seq.0, l.0
+                    );
+                    self.violate(v);
+                }
+                *l = m.seq;
+            }
+        }
+        let lost: Vec<String> = self
+            .acked
+            .iter()
+            .filter(|(_, &(c, s))| owned(c) && !present.contains(&(c, s)))
+            .map(|(&(u, id), &(c, s))| format!("user {} {id:?} acked as ({c}, {})", u.0, s.0))
+            .collect();
+        if let Some(first) = lost.first() {
+            let v = format!(
+                "I1: shard {shard} restarted without {} acked message(s), first: {first}",
+                lost.len()
+            );
+            self.violate(v);
+        }
+        let back: Vec<String> = self
+            .last_seq
+            .iter()
+            .filter(|(&c, &s)| owned(c) && last.get(&c).copied().unwrap_or(Seq(0)) < s)
+            .map(|(c, s)| format!("{c} was at {} before", s.0))
+            .collect();
+        if let Some(first) = back.first() {
+            let v = format!("I3: shard {shard} went back after restart: {first}");
+            self.violate(v);
+        }
+    }
+
+    /// After the heal: device `device` of a user in `convs` has seen all of each, `1..=n`.
+    pub fn check_complete(&mut self, device: usize, convs: &[ConvId]) -> u64 {
+        let mut checked = 0;
+        for &conv in convs {
+            let n = self.last_seq.get(&conv).copied().unwrap_or(Seq(0)).0;
+            let shown = self.shown.get(&(device, conv)).cloned().unwrap_or_default();
+            let missing: Vec<u64> = (1..=n).filter(|s| !shown.contains(&Seq(*s))).collect();
+            if let Some(first) = missing.first() {
+                let v = format!(
+                    "I4: after the heal device {device} misses {} of {conv} (1..={n}), first seq {first}",
+                    missing.len()
+                );
+                self.violate(v);
+            }
+            checked += n;
+        }
+        checked
+    }
+
+    /// Durable messages known.
+    pub fn durable_count(&self) -> usize {
+        self.durable.len()
+    }
+}

@@ -1,0 +1,550 @@
+//! One run: the world, its fault schedule, the step loop and the final checks.
+
+use crate::device::{self, Device};
+use crate::gateway;
+use crate::oracle::Oracle;
+use crate::rng::Rng;
+use imgate_core::log::{scan, MemLog, Record};
+use imgate_core::mesh::ShardId;
+use imgate_core::proto::{ConvId, UserId};
+use imgate_core::shard::Shard;
+use imgate_core::Instant;
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::rc::Rc;
+use std::time::Duration;
+
+/// Core time 0 of a run: 2026-01-01, so tokens are checked against real Unix time.
+pub const EPOCH_MS: u64 = 1_767_225_600_000;
+/// Users in the world; each has [`DEVICES_PER_USER`] devices.
+pub const USERS: u64 = 3;
+/// Devices per user.
+pub const DEVICES_PER_USER: u32 = 2;
+/// The one group: every user is a member.
+pub const GROUP: ConvId = ConvId { hi: 0, lo: 7 };
+/// The heal period at the end of a run (no faults, no new sends): 15 s of a 40 s run, and
+/// never under 8 s, which covers a dead-link detection (2 heartbeats of 2 s), a reconnect
+/// and a few retry rounds.
+fn heal_secs(duration_secs: u64) -> u64 {
+    (duration_secs * 3 / 8).max(8)
+}
+
+/// Which fault kinds a run may draw.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FaultSet {
+    /// No faults: a baseline.
+    None,
+    /// Every kind, each on or off and at its own rate by the seed.
+    All,
+}
+
+/// A bug planted in the driver (never on by default): the oracle must catch each.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Planted {
+    /// The driver calls `handle_durable` before the bytes are synced.
+    AckBeforeDurable,
+    /// The driver drops the last Deliver frame written before a SyncDone.
+    SyncReplaySkip,
+    /// The driver recovers a shard from its log less the last message record.
+    SeqNotRecovered,
+}
+
+/// What a run does.
+#[derive(Clone, Debug)]
+pub struct RunConfig {
+    /// The seed: everything follows from it.
+    pub seed: u64,
+    /// Simulated seconds, heal period included.
+    pub duration_secs: u64,
+    /// Faults allowed.
+    pub faults: FaultSet,
+    /// A planted driver bug, for the oracle's acceptance tests.
+    pub planted: Option<Planted>,
+    /// Keep every trace line (otherwise only the hash).
+    pub keep_trace: bool,
+}
+
+impl RunConfig {
+    /// A run of `seed` with defaults: 40 s, every fault kind.
+    pub fn new(seed: u64) -> RunConfig {
+        RunConfig {
+            seed,
+            duration_secs: 40,
+            faults: FaultSet::All,
+            planted: None,
+            keep_trace: false,
+        }
+    }
+}
+
+/// Per-kind rates drawn for a run (0 = off).
+#[derive(Clone, Debug, Default)]
+pub struct Rates {
+    /// Mean seconds between gateway crashes.
+    pub crash_every_s: f64,
+    /// Mean seconds between client partitions.
+    pub partition_every_s: f64,
+    /// Mean seconds between holds.
+    pub hold_every_s: f64,
+    /// turmoil link fail rate per step.
+    pub link_fail: f64,
+    /// Probability that a group commit fails.
+    pub disk_fail: f64,
+    /// Probability per tick that a shard pair is held back.
+    pub mesh_delay: f64,
+    /// Mean seconds between reconnect storms.
+    pub storm_every_s: f64,
+    /// Probability per device tick of a takeover (a second login of the device).
+    pub takeover: f64,
+    /// Probability per device tick of retrying an unacked message.
+    pub retry: f64,
+}
+
+/// Counters of faults injected, by kind.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FaultCounts {
+    /// Gateway crashes.
+    pub crash: u64,
+    /// Partitions.
+    pub partition: u64,
+    /// Holds.
+    pub hold: u64,
+    /// Failed group commits.
+    pub disk: u64,
+    /// Shard-pair delays.
+    pub mesh: u64,
+    /// Reconnect storms.
+    pub storm: u64,
+    /// Takeovers.
+    pub takeover: u64,
+    /// Explicit retries.
+    pub retry: u64,
+}
+
+/// The state every host shares (one thread: `Rc<RefCell<_>>`, never held across an await).
+pub struct Shared {
+    /// The run.
+    pub cfg: RunConfig,
+    /// The rates of this run.
+    pub rates: Rates,
+    /// Faults are on (false during the heal).
+    pub faults_on: bool,
+    /// Devices send new messages (false during the heal).
+    pub workload_on: bool,
+    /// The shard logs; they outlive gateway crashes.
+    pub logs: Vec<MemLog>,
+    /// Bytes of each log the oracle has read as durable.
+    pub oracle_len: Vec<usize>,
+    /// The groups were created (first boot done).
+    pub booted: bool,
+    /// The oracle.
+    pub oracle: Oracle,
+    /// Fault counters.
+    pub counts: FaultCounts,
+    /// Bumped by a reconnect storm.
+    pub storm_gen: u64,
+    /// The devices, by index.
+    pub devices: Vec<Device>,
+    trace_hash: u64,
+    /// Trace lines, if kept.
+    pub trace: Vec<String>,
+    /// Trace events recorded.
+    pub events: u64,
+}
+
+impl Shared {
+    /// Adds an event to the trace (and its hash).
+    pub fn event(&mut self, line: String) {
+        let now = turmoil::sim_elapsed().map_or(0, |d| d.as_millis() as u64);
+        let line = format!("{now:>6}ms {line}");
+        for b in line.bytes().chain(std::iter::once(b'\n')) {
+            self.trace_hash ^= u64::from(b);
+            self.trace_hash = self.trace_hash.wrapping_mul(0x0100_0000_01b3);
+        }
+        self.events += 1;
+        if self.cfg.keep_trace {
+            self.trace.push(line);
+        }
+    }
+
+    /// Violations so far.
+    pub fn violation_count(&self) -> usize {
+        self.oracle.violations.len()
+    }
+
+    /// Reads newly durable bytes of log `shard` into the oracle.
+    pub fn observe_durable(&mut self, shard: usize) {
+        let log = &self.logs[shard];
+        let durable = log.durable_len() as usize;
+        let from = self.oracle_len[shard].min(durable);
+        let s = scan(&log.bytes()[from..durable]);
+        let msgs: Vec<_> = s
+            .records
+            .into_iter()
+            .filter_map(|(_, r)| match r {
+                Record::Message(m) => Some(m),
+                _ => None,
+            })
+            .collect();
+        self.oracle_len[shard] = durable;
+        for m in &msgs {
+            let line = format!(
+                "durable s{shard} {} seq {} from u{}",
+                m.conv, m.seq.0, m.sender.0
+            );
+            self.event(line);
+        }
+        let before = self.violation_count();
+        self.oracle.handle_durable(&msgs);
+        self.note_violations(before);
+    }
+
+    /// Adds trace lines for violations found since `before`.
+    pub fn note_violations(&mut self, before: usize) {
+        let new: Vec<String> = self.oracle.violations[before..].to_vec();
+        for v in new {
+            self.event(format!("VIOLATION {v}"));
+        }
+    }
+}
+
+/// Core time now.
+pub fn core_now() -> Instant {
+    let ms = turmoil::sim_elapsed().map_or(0, |d| d.as_millis() as u64);
+    Instant::from_millis(EPOCH_MS + ms)
+}
+
+/// The conversations of `user`: the group and a direct chat with every other user.
+pub fn convs_of(user: u64) -> Vec<ConvId> {
+    let mut v = vec![GROUP];
+    for other in 1..=USERS {
+        if other != user {
+            v.push(ConvId::direct(
+                UserId(user.min(other)),
+                UserId(user.max(other)),
+            ));
+        }
+    }
+    v
+}
+
+/// The result of one run.
+#[derive(Clone, Debug)]
+pub struct Outcome {
+    /// The seed.
+    pub seed: u64,
+    /// Hash of the event trace.
+    pub trace_hash: u64,
+    /// Trace events recorded.
+    pub events: u64,
+    /// Simulated milliseconds run.
+    pub simulated_ms: u64,
+    /// Faults injected.
+    pub counts: FaultCounts,
+    /// Message deliveries checked at the end (seqs times devices).
+    pub checked: u64,
+    /// Durable messages.
+    pub durable: usize,
+    /// Violations, first first.
+    pub violations: Vec<String>,
+    /// Trace lines if kept.
+    pub trace: Vec<String>,
+}
+
+fn draw_rates(rng: &mut Rng, faults: FaultSet) -> Rates {
+    if faults == FaultSet::None {
+        return Rates::default();
+    }
+    // Swarm testing: each kind is on with probability 1/2, at a rate of its own.
+    let on = |rng: &mut Rng| rng.chance(0.5);
+    Rates {
+        crash_every_s: if on(rng) {
+            3.0 + 10.0 * rng.unit()
+        } else {
+            0.0
+        },
+        partition_every_s: if on(rng) { 1.0 + 5.0 * rng.unit() } else { 0.0 },
+        hold_every_s: if on(rng) { 1.0 + 5.0 * rng.unit() } else { 0.0 },
+        link_fail: if on(rng) { 0.0005 * rng.unit() } else { 0.0 },
+        disk_fail: if on(rng) { 0.05 * rng.unit() } else { 0.0 },
+        mesh_delay: if on(rng) { 0.05 * rng.unit() } else { 0.0 },
+        storm_every_s: if on(rng) {
+            3.0 + 10.0 * rng.unit()
+        } else {
+            0.0
+        },
+        takeover: if on(rng) { 0.002 * rng.unit() } else { 0.0 },
+        retry: if on(rng) { 0.02 * rng.unit() } else { 0.0 },
+    }
+}
+
+#[derive(Debug)]
+enum Fault {
+    Crash { down_ms: u64 },
+    Partition { dev: usize, ms: u64 },
+    Hold { dev: usize, ms: u64 },
+    Storm,
+}
+
+fn schedule(rng: &mut Rng, rates: &Rates, until_ms: u64, devices: usize) -> Vec<(u64, Fault)> {
+    let mut out = Vec::new();
+    let mut add = |every_s: f64, rng: &mut Rng, make: &mut dyn FnMut(&mut Rng) -> Fault| {
+        if every_s <= 0.0 {
+            return;
+        }
+        let mut t = 1000.0;
+        loop {
+            // Exponential gaps: -ln(u) * mean.
+            t += -(1.0 - rng.unit()).ln() * every_s * 1000.0;
+            if t as u64 >= until_ms {
+                break;
+            }
+            out.push((t as u64, make(rng)));
+        }
+    };
+    add(rates.crash_every_s, rng, &mut |r| Fault::Crash {
+        down_ms: r.range(10, 2000),
+    });
+    add(rates.partition_every_s, rng, &mut |r| Fault::Partition {
+        dev: r.range(0, devices as u64) as usize,
+        ms: r.range(100, 6000),
+    });
+    add(rates.hold_every_s, rng, &mut |r| Fault::Hold {
+        dev: r.range(0, devices as u64) as usize,
+        ms: r.range(100, 3000),
+    });
+    add(rates.storm_every_s, rng, &mut |_| Fault::Storm);
+    out.sort_by_key(|(t, _)| *t);
+    out
+}
+
+/// Host name of device `i`.
+pub fn device_host(i: usize) -> String {
+    format!("dev{i}")
+}
+
+/// Runs one seed and checks it.
+pub fn run_seed(cfg: &RunConfig) -> Outcome {
+    let mut rng = Rng::new(cfg.seed, 0);
+    let rates = draw_rates(&mut rng, cfg.faults);
+    let duration_ms = cfg.duration_secs * 1000;
+    let faults_until_ms = duration_ms.saturating_sub(heal_secs(cfg.duration_secs) * 1000);
+    let devices: Vec<Device> = (1..=USERS)
+        .flat_map(|u| (1..=DEVICES_PER_USER).map(move |d| (u, d)))
+        .enumerate()
+        .map(|(i, (u, d))| Device::new(cfg.seed, i, UserId(u), d))
+        .collect();
+    let n_devices = devices.len();
+    let shard_count = 2 + (cfg.seed % 2) as u16;
+    let shared = Rc::new(RefCell::new(Shared {
+        cfg: cfg.clone(),
+        rates: rates.clone(),
+        faults_on: true,
+        workload_on: true,
+        logs: (0..shard_count).map(|_| MemLog::new()).collect(),
+        oracle_len: vec![0; shard_count as usize],
+        booted: false,
+        oracle: Oracle::default(),
+        counts: FaultCounts::default(),
+        storm_gen: 0,
+        devices,
+        trace_hash: 0xcbf2_9ce4_8422_2325,
+        trace: Vec::new(),
+        events: 0,
+    }));
+    shared.borrow_mut().event(format!(
+        "seed {} shards {shard_count} rates {rates:?}",
+        cfg.seed
+    ));
+    let faults = schedule(&mut rng, &rates, faults_until_ms, n_devices);
+
+    let mut sim = turmoil::Builder::new()
+        .rng_seed(cfg.seed)
+        .simulation_duration(Duration::from_millis(duration_ms + 1000))
+        .tick_duration(Duration::from_millis(1))
+        .min_message_latency(Duration::from_millis(1))
+        .max_message_latency(Duration::from_millis(20))
+        .build();
+    {
+        let s = shared.clone();
+        sim.host("gateway", move || gateway::host(s.clone(), shard_count));
+    }
+    for i in 0..n_devices {
+        let s = shared.clone();
+        sim.host(device_host(i), move || device::host(s.clone(), i));
+    }
+    if rates.link_fail > 0.0 {
+        sim.set_fail_rate(rates.link_fail);
+    }
+
+    // Timed undo actions: (at_ms, action).
+    let mut undo: BTreeMap<(u64, u64), Undo> = BTreeMap::new();
+    let mut undo_n = 0u64;
+    let mut next_fault = 0;
+    let mut gateway_down = false;
+    let mut healed = false;
+    let mut ms = 0u64;
+    let mut error: Option<String> = None;
+    while ms < duration_ms {
+        ms = sim.elapsed().as_millis() as u64;
+        if !healed && ms >= faults_until_ms {
+            healed = true;
+            let mut sh = shared.borrow_mut();
+            sh.faults_on = false;
+            sh.workload_on = false;
+            sh.event("heal: faults and new sends stop".into());
+            drop(sh);
+            sim.set_fail_rate(0.0);
+            for (_, u) in std::mem::take(&mut undo) {
+                apply_undo(&mut sim, &shared, u, &mut gateway_down);
+            }
+            for i in 0..n_devices {
+                sim.repair(device_host(i), "gateway");
+            }
+        }
+        while let Some(((at, _), _)) = undo.first_key_value() {
+            if *at > ms {
+                break;
+            }
+            let (_, u) = undo.pop_first().expect("non-empty");
+            apply_undo(&mut sim, &shared, u, &mut gateway_down);
+        }
+        while !healed && next_fault < faults.len() && faults[next_fault].0 <= ms {
+            let (_, f) = &faults[next_fault];
+            next_fault += 1;
+            let mut sh = shared.borrow_mut();
+            match *f {
+                Fault::Crash { down_ms } if !gateway_down => {
+                    sh.counts.crash += 1;
+                    sh.event(format!("fault: gateway crash, down {down_ms}ms"));
+                    for log in &mut sh.logs {
+                        log.crash();
+                    }
+                    drop(sh);
+                    sim.crash("gateway");
+                    gateway_down = true;
+                    undo_n += 1;
+                    undo.insert((ms + down_ms, undo_n), Undo::Restart);
+                }
+                Fault::Crash { .. } => {}
+                Fault::Partition { dev, ms: d } => {
+                    sh.counts.partition += 1;
+                    sh.event(format!("fault: partition dev{dev} for {d}ms"));
+                    drop(sh);
+                    sim.partition(device_host(dev), "gateway");
+                    undo_n += 1;
+                    undo.insert((ms + d, undo_n), Undo::Repair(dev));
+                }
+                Fault::Hold { dev, ms: d } => {
+                    sh.counts.hold += 1;
+                    sh.event(format!("fault: hold dev{dev} for {d}ms"));
+                    drop(sh);
+                    sim.hold(device_host(dev), "gateway");
+                    undo_n += 1;
+                    undo.insert((ms + d, undo_n), Undo::Release(dev));
+                }
+                Fault::Storm => {
+                    sh.counts.storm += 1;
+                    sh.storm_gen += 1;
+                    sh.event("fault: reconnect storm".into());
+                }
+            }
+        }
+        if let Err(e) = sim.step() {
+            error = Some(format!("a host failed: {e}"));
+            break;
+        }
+        if shared.borrow().violation_count() > 0 {
+            break;
+        }
+    }
+    let simulated_ms = sim.elapsed().as_millis() as u64;
+    drop(sim);
+    let mut sh = shared.borrow_mut();
+    if let Some(e) = error {
+        sh.oracle.violations.push(e);
+    }
+    let mut checked = 0;
+    if sh.violation_count() == 0 {
+        checked = final_checks(&mut sh, shard_count);
+    }
+    Outcome {
+        seed: cfg.seed,
+        trace_hash: sh.trace_hash,
+        events: sh.events,
+        simulated_ms,
+        counts: sh.counts.clone(),
+        checked,
+        durable: sh.oracle.durable_count(),
+        violations: sh.oracle.violations.clone(),
+        trace: std::mem::take(&mut sh.trace),
+    }
+}
+
+enum Undo {
+    Restart,
+    Repair(usize),
+    Release(usize),
+}
+
+fn apply_undo(sim: &mut turmoil::Sim<'_>, shared: &Rc<RefCell<Shared>>, u: Undo, down: &mut bool) {
+    match u {
+        Undo::Restart => {
+            shared.borrow_mut().event("gateway restart".into());
+            sim.bounce("gateway");
+            *down = false;
+        }
+        Undo::Repair(dev) => {
+            shared.borrow_mut().event(format!("repair dev{dev}"));
+            sim.repair(device_host(dev), "gateway");
+        }
+        Undo::Release(dev) => {
+            shared.borrow_mut().event(format!("release dev{dev}"));
+            sim.release(device_host(dev), "gateway");
+        }
+    }
+}
+
+/// The end of a run: liveness, then I1/I3 over the final logs as a restart would see them,
+/// then I4 for every device.
+fn final_checks(sh: &mut Shared, shard_count: u16) -> u64 {
+    let before = sh.violation_count();
+    let mut stuck = Vec::new();
+    for (i, d) in sh.devices.iter().enumerate() {
+        if !d.engine.is_authenticated() || d.engine.outbox_len() > 0 {
+            stuck.push(format!(
+                "dev{i}: authenticated {}, {} unacked",
+                d.engine.is_authenticated(),
+                d.engine.outbox_len()
+            ));
+        }
+    }
+    if let Some(first) = stuck.first() {
+        let v = format!(
+            "liveness: {} device(s) not settled after the heal, first: {first}",
+            stuck.len()
+        );
+        sh.oracle.violations.push(v);
+    }
+    for s in 0..sh.logs.len() {
+        let durable = sh.logs[s].durable_len() as usize;
+        let records: Vec<Record> = scan(&sh.logs[s].bytes()[..durable])
+            .records
+            .into_iter()
+            .map(|(_, r)| r)
+            .collect();
+        let id = ShardId(s as u16);
+        sh.oracle.check_recovered(
+            s as u16,
+            |c| Shard::owner_of(c, shard_count) == id,
+            &records,
+        );
+    }
+    let mut checked = 0;
+    for i in 0..sh.devices.len() {
+        let convs = convs_of(sh.devices[i].user.0);
+        checked += sh.oracle.check_complete(i, &convs);
+    }
+    sh.note_violations(before);
+    checked
+}
