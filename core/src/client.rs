@@ -2134,6 +2134,51 @@ mod tests {
     }
 
     #[test]
+    fn an_own_message_replayed_before_its_ack_is_reported_once_as_acked() {
+        let mut c = synced(config());
+        let id = send_text(&mut c, T0, "mine");
+        let _ = sent_metas(&mut c);
+        // The Ack is lost with the connection; the replay brings the message back first.
+        c.handle_disconnected(T0);
+        let _ = events(&mut c);
+        c.handle_connected(T0);
+        let _ = sent_metas(&mut c);
+        feed(&mut c, T0, auth_ok(), &[]);
+        let own = Meta::Deliver(meta::Deliver {
+            sender: UserId(1),
+            sender_device: DeviceId(7),
+            client_msg_id: id,
+            ..match deliver(conv(), 1) {
+                Meta::Deliver(d) => d,
+                _ => unreachable!(),
+            }
+        });
+        feed(&mut c, T0, own, b"mine");
+        // The resend's Ack arrives later and must not report it again.
+        let ack = Meta::Ack(meta::Ack {
+            req: 99,
+            client_msg_id: id,
+            conv: conv(),
+            seq: Seq(1),
+        });
+        feed(&mut c, T0, ack, &[]);
+        let evs = events(&mut c);
+        assert!(
+            messages(&evs).is_empty(),
+            "own message shown as a Message: {evs:?}"
+        );
+        let acked = evs
+            .iter()
+            .filter(
+                |e| matches!(e, ClientEvent::Acked { client_msg_id, .. } if *client_msg_id == id),
+            )
+            .count();
+        assert_eq!(acked, 1, "{evs:?}");
+        assert_eq!(c.outbox_len(), 0);
+        assert_eq!(c.cursors()[&conv()], Seq(1));
+    }
+
+    #[test]
     fn sends_beyond_the_in_flight_limit_wait_and_go_out_in_order_as_acks_free_room() {
         let mut c = synced(ClientConfig {
             inflight_sends_max: 2,
