@@ -215,6 +215,9 @@ pub struct Shard {
     closing: VecDeque<Transmit>,
     dirty: Vec<ConnId>,
     stats: ShardStats,
+    /// Planted bug for the simulator's oracle tests: skip the dedupe window.
+    #[cfg(feature = "planted-bugs")]
+    dedupe_off: bool,
 }
 
 impl Shard {
@@ -253,7 +256,16 @@ impl Shard {
             closing: VecDeque::new(),
             dirty: Vec::new(),
             stats: ShardStats::default(),
+            #[cfg(feature = "planted-bugs")]
+            dedupe_off: false,
         }
+    }
+
+    /// Plants a bug: Sends are sequenced without looking at the dedupe window, so a retry
+    /// gets a second seq (I2). Only for proving that the simulator's oracle catches it.
+    #[cfg(feature = "planted-bugs")]
+    pub fn plant_dedupe_off(&mut self) {
+        self.dedupe_off = true;
     }
 
     /// This shard's id.
@@ -1373,7 +1385,11 @@ impl Shard {
 
     fn on_submit(&mut self, from: ConnRef, req: u32, mut msg: StoredMessage) {
         let key = (msg.sender, msg.client_msg_id);
-        if let Some(seen) = self.dedupe.get(&key) {
+        #[cfg(feature = "planted-bugs")]
+        let seen = self.dedupe.get(&key).filter(|_| !self.dedupe_off);
+        #[cfg(not(feature = "planted-bugs"))]
+        let seen = self.dedupe.get(&key);
+        if let Some(seen) = seen {
             if seen.durable {
                 self.route(
                     from.shard,

@@ -151,6 +151,10 @@ impl Gateway {
                 },
                 verifier(&limits),
             );
+            #[cfg(test)]
+            if planted == Some(Planted::DedupeOff) {
+                shard.plant_dedupe_off();
+            }
             let n = records.len();
             if let Err(e) = shard.recover(records) {
                 let v = format!("I3: shard {i} refused its log: {e}");

@@ -47,6 +47,10 @@ pub enum Planted {
     SyncReplaySkip,
     /// The driver recovers a shard from its log less the last message record.
     SeqNotRecovered,
+    /// The engine skips its dedupe window (core's `planted-bugs` feature, on only in the
+    /// sim's tests).
+    #[cfg(test)]
+    DedupeOff,
 }
 
 /// What a run does.

@@ -59,3 +59,10 @@ fn planted_seq_not_recovered_is_caught() {
     let found = first_violation(1..11, Planted::SeqNotRecovered);
     assert!(found.is_some(), "no violation in seeds 1..11");
 }
+
+#[test]
+fn planted_dedupe_off_is_caught() {
+    let found = first_violation(1..11, Planted::DedupeOff);
+    let (_, v) = found.expect("no violation in seeds 1..11");
+    assert!(v.starts_with("I2"), "{v}");
+}
