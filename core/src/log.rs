@@ -488,6 +488,13 @@ impl MemLog {
         &self.bytes
     }
 
+    /// Makes the first `len` bytes durable (clamped to what was appended): a sync that
+    /// started when the log was `len` bytes long, while later appends stay volatile.
+    pub fn sync_to(&mut self, len: u64) {
+        let len = usize::try_from(len).map_or(self.bytes.len(), |l| l.min(self.bytes.len()));
+        self.durable_len = self.durable_len.max(len);
+    }
+
     /// A power loss that keeps none of the volatile tail.
     pub fn crash(&mut self) {
         self.crash_torn(0);

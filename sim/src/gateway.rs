@@ -65,6 +65,9 @@ struct Node {
     appended: Option<Lsn>,
     /// Planted bug (a): reported durable, to be synced at this tick.
     lagging_sync_at: Option<u64>,
+    /// An fdatasync in progress: the Lsn it covers and the tick it returns. A crash
+    /// before then loses (or tears) what it was syncing.
+    syncing: Option<(Lsn, u64, u64)>,
 }
 
 /// The gateway host's software: boots (recovering from the logs), then loops.
@@ -143,6 +146,9 @@ impl Gateway {
                 &records,
             );
             sh.note_violations(before);
+            // What a crash left of the tail (whole records of an interrupted sync) is
+            // durable from now on.
+            sh.observe_durable(i);
             let mut shard = Shard::new(
                 ShardConfig {
                     id,
@@ -165,6 +171,7 @@ impl Gateway {
                 shard,
                 appended: None,
                 lagging_sync_at: None,
+                syncing: None,
             });
         }
         let booted = sh.booted;
@@ -193,6 +200,8 @@ impl Gateway {
             );
             // No faults at boot: pump and commit until the command is done.
             for _ in 0..16 {
+                // Each round is a tick, so that the log's sync can return.
+                gw.tick += 1;
                 gw.pump_with(shared, false);
                 gw.commit(shared, false);
                 if gw.commands.contains_key(&1) {
@@ -462,6 +471,19 @@ impl Gateway {
                     sh.observe_durable(i);
                 }
             }
+            if let Some((lsn, at, len)) = self.nodes[i].syncing {
+                if self.tick < at {
+                    continue;
+                }
+                self.nodes[i].syncing = None;
+                {
+                    // fdatasync covers what was written when it started, nothing later.
+                    let mut sh = shared.borrow_mut();
+                    sh.logs[i].sync_to(len);
+                    sh.observe_durable(i);
+                }
+                self.nodes[i].shard.handle_durable(now, lsn);
+            }
             let Some(lsn) = self.nodes[i].appended.take() else {
                 continue;
             };
@@ -482,12 +504,10 @@ impl Gateway {
                 self.nodes[i].shard.handle_durable(now, lsn);
                 continue;
             }
-            {
-                let mut sh = shared.borrow_mut();
-                sh.logs[i].sync();
-                sh.observe_durable(i);
-            }
-            self.nodes[i].shard.handle_durable(now, lsn);
+            // The sync takes 1-3 ms (ticks); appends meanwhile wait for the next one.
+            let latency = self.rng.range(1, 4);
+            let len = shared.borrow().logs[i].len();
+            self.nodes[i].syncing = Some((lsn, self.tick + latency, len));
         }
     }
 }

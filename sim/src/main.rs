@@ -128,6 +128,7 @@ fn main() -> anyhow::Result<()> {
                 checked += o.checked;
                 let c = &o.counts;
                 counts.crash += c.crash;
+                counts.torn += c.torn;
                 counts.partition += c.partition;
                 counts.hold += c.hold;
                 counts.disk += c.disk;

@@ -109,6 +109,8 @@ pub struct Rates {
 pub struct FaultCounts {
     /// Gateway crashes.
     pub crash: u64,
+    /// Shard logs left with a torn or unacked tail by a crash.
+    pub torn: u64,
     /// Partitions.
     pub partition: u64,
     /// Holds.
@@ -421,9 +423,17 @@ pub fn run_seed(cfg: &RunConfig) -> Outcome {
                 Fault::Crash { down_ms } if !gateway_down => {
                     sh.counts.crash += 1;
                     sh.event(format!("fault: gateway crash, down {down_ms}ms"));
+                    // Power loss mid-write: each log keeps a seeded share of its unsynced
+                    // tail, so recovery meets torn records as well as whole unacked ones.
+                    let mut torn = Rng::new(sh.cfg.seed, 7_000 + sh.counts.crash);
+                    let mut kept = 0;
                     for log in &mut sh.logs {
-                        log.crash();
+                        let tail = log.len() - log.durable_len();
+                        let keep = torn.range(0, tail + 1);
+                        log.crash_torn(keep);
+                        kept += u64::from(keep > 0);
                     }
+                    sh.counts.torn += kept;
                     drop(sh);
                     sim.crash("gateway");
                     gateway_down = true;
