@@ -437,3 +437,45 @@ fn a_connection_over_the_limit_gets_too_many_connections_and_is_counted() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+#[test]
+fn the_gateway_runs_on_its_defaults_in_an_empty_directory() {
+    // Only the ports are given (the defaults may be taken on a shared machine): the data
+    // dir is the default, relative `imgate-data`, in a fresh working directory.
+    let cwd = std::env::temp_dir().join(format!("imgate-e2e-cwd-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&cwd);
+    std::fs::create_dir_all(&cwd).unwrap();
+    let mut g = Gateway::start(1, &[]);
+    g.kill();
+    g.data_dir = cwd.join("imgate-data");
+    let child = std::process::Command::new(gateway_bin())
+        .args([
+            "--listen",
+            &g.listen.to_string(),
+            "--admin",
+            &g.admin.to_string(),
+        ])
+        .current_dir(&cwd)
+        .env("RUST_LOG", "warn")
+        .spawn()
+        .expect("gateway starts");
+    g.child = Some(child);
+    let deadline = std::time::Instant::now() + WAIT;
+    while g.http("GET", "/healthz", "").is_none()
+        || !g.data_dir.join("dev-secret.hex").exists()
+        || std::net::TcpStream::connect(g.listen).is_err()
+    {
+        assert!(std::time::Instant::now() < deadline, "gateway not ready");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut a = Client::login(&g, 1, 1);
+    a.send_msg(1, ConvId::direct(UserId(1), UserId(2)), msg_id(1, 1), b"hi");
+    let got = a.recv_until(is_ack);
+    assert!(
+        matches!(got.last(), Some((Meta::Ack(x), _)) if x.seq == Seq(1)),
+        "{got:?}"
+    );
+    assert!(g.data_dir.join("shard-0").is_dir());
+    g.kill();
+    let _ = std::fs::remove_dir_all(&cwd);
+}

@@ -222,6 +222,11 @@ pub fn run(config: Config) -> Result<()> {
     }
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
+    // glommio opens directories by absolute path only ("Bad file descriptor" otherwise),
+    // and the default data dir is relative.
+    let mut config = config;
+    config.data_dir = std::fs::canonicalize(&config.data_dir)
+        .with_context(|| format!("resolving data dir {}", config.data_dir.display()))?;
     check_shard_count(&config, count)?;
     let key = config.verification_key()?;
     let verifier = TokenVerifier::new(
@@ -230,7 +235,6 @@ pub fn run(config: Config) -> Result<()> {
         config.limits.token_bytes_max,
     )
     .map_err(|e| anyhow::anyhow!("verification key: {e}"))?;
-    let mut config = config;
     let per_shard = (capacity / count as u64) as usize;
     config.limits.connections_max = config.limits.connections_max.min(per_shard.max(1));
     tracing::info!(
