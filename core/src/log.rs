@@ -551,7 +551,7 @@ mod tests {
             sender: UserId(3),
             sender_device: DeviceId(2),
             client_msg_id: ClientMsgId([seq as u8; 16]),
-            high_priority: seq % 2 == 0,
+            high_priority: seq.is_multiple_of(2),
             payload: Bytes::from_static(payload),
         })
     }

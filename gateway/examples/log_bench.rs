@@ -212,7 +212,7 @@ async fn read_bench(dir: PathBuf, mode: IoMode) -> anyhow::Result<()> {
                 );
                 written += 1;
                 // A group commit of a few hundred messages.
-                if written % 500 == 0 {
+                if written.is_multiple_of(500) {
                     log.write(&batch).await?;
                     log.sync().await?;
                     batch.clear();

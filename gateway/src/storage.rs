@@ -429,7 +429,10 @@ impl SegmentFile {
     async fn write_padded(&self, data: &[u8], pos: u64) -> Result<(), GlommioError<()>> {
         let align = self.alignment();
         assert!(!data.is_empty(), "empty write at {pos}");
-        assert!(pos % align == 0, "write at {pos} is not aligned to {align}");
+        assert!(
+            pos.is_multiple_of(align),
+            "write at {pos} is not aligned to {align}"
+        );
         let written = match self {
             SegmentFile::Direct(file) => {
                 // The cast is lossless: `data` is at most a stage (asserted by the
@@ -2235,7 +2238,7 @@ mod tests {
         let salt = conv.lo % 5;
         let payload_len = if conv == conv_b() && seq == 50 {
             200_000
-        } else if conv == conv_a() && seq % 17 == 0 {
+        } else if conv == conv_a() && seq.is_multiple_of(17) {
             9_000
         } else {
             50 + ((seq + salt) as usize * 37) % 700
@@ -2246,7 +2249,7 @@ mod tests {
             sender: UserId(3),
             sender_device: DeviceId(2),
             client_msg_id: ClientMsgId([(seq + salt) as u8; 16]),
-            high_priority: seq % 3 == 0,
+            high_priority: seq.is_multiple_of(3),
             payload: Bytes::from(vec![(seq * 7 + salt) as u8; payload_len]),
         }
     }
