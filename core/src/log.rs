@@ -495,6 +495,19 @@ impl MemLog {
         self.durable_len = self.durable_len.max(len);
     }
 
+    /// The durable messages of `conv` with seq in `from..=to`, in log order: how a driver
+    /// built on this log answers the engine's `Fetch`.
+    pub fn durable_messages(&self, conv: ConvId, from: Seq, to: Seq) -> Vec<StoredMessage> {
+        scan(&self.bytes[..self.durable_len])
+            .records
+            .into_iter()
+            .filter_map(|(_, r)| match r {
+                Record::Message(m) if m.conv == conv && m.seq >= from && m.seq <= to => Some(m),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// A power loss that keeps none of the volatile tail.
     pub fn crash(&mut self) {
         self.crash_torn(0);

@@ -357,22 +357,7 @@ impl Gateway {
                             from,
                             to,
                         } => {
-                            let sh = shared.borrow();
-                            let log = &sh.logs[i];
-                            let durable = &log.bytes()[..log.durable_len() as usize];
-                            let msgs = scan(durable)
-                                .records
-                                .into_iter()
-                                .filter_map(|(_, r)| match r {
-                                    Record::Message(m)
-                                        if m.conv == conv && m.seq >= from && m.seq <= to =>
-                                    {
-                                        Some(m)
-                                    }
-                                    _ => None,
-                                })
-                                .collect();
-                            drop(sh);
+                            let msgs = shared.borrow().logs[i].durable_messages(conv, from, to);
                             self.nodes[i].shard.handle_fetched(now, fetch, Ok(msgs));
                         }
                         Effect::CommandDone { token, result } => {

@@ -25,7 +25,7 @@
 
 use bytes::{Bytes, BytesMut};
 use imgate_core::auth::{KeyConfig, SigningKey, TokenSigner, TokenVerifier};
-use imgate_core::log::{scan, MemLog, Record};
+use imgate_core::log::MemLog;
 use imgate_core::mesh::{ConnId, ShardId, ShardMsg};
 use imgate_core::proto::meta::{self, Meta};
 use imgate_core::proto::{ClientMsgId, ConvId, Decoder, DeviceId, Encoder, ErrorCode, Seq, UserId};
@@ -293,18 +293,7 @@ impl Node {
                         from,
                         to,
                     } => {
-                        let msgs = scan(self.log.bytes())
-                            .records
-                            .into_iter()
-                            .filter_map(|(_, r)| match r {
-                                Record::Message(m)
-                                    if m.conv == conv && m.seq >= from && m.seq <= to =>
-                                {
-                                    Some(m)
-                                }
-                                _ => None,
-                            })
-                            .collect();
+                        let msgs = self.log.durable_messages(conv, from, to);
                         self.shard.handle_fetched(NOW, fetch, Ok(msgs));
                     }
                     Effect::CommandDone { .. } => panic!("no commands in these models"),

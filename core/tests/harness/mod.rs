@@ -265,21 +265,8 @@ impl World {
                             from,
                             to,
                         } => {
-                            // Served from the durable part of the log only.
                             let node = &mut self.nodes[i];
-                            let durable = &node.log.bytes()[..node.log.durable_len() as usize];
-                            let msgs = scan(durable)
-                                .records
-                                .into_iter()
-                                .filter_map(|(_, r)| match r {
-                                    Record::Message(m)
-                                        if m.conv == conv && m.seq >= from && m.seq <= to =>
-                                    {
-                                        Some(m)
-                                    }
-                                    _ => None,
-                                })
-                                .collect();
+                            let msgs = node.log.durable_messages(conv, from, to);
                             node.shard.handle_fetched(self.now, fetch, Ok(msgs));
                         }
                     }
