@@ -1060,17 +1060,13 @@ impl Shard {
             self.finish_sync(id);
         }
         for (conv, from) in replays {
-            let owner = Shard::owner_of(conv, self.shard_count);
-            self.route(
-                owner,
-                ShardMsg::Replay {
-                    to: self.me(id),
-                    user,
-                    conv,
-                    from,
-                    limit,
-                    purpose: ReplayPurpose::Sync { req: sync.req },
-                },
+            self.ask_replay(
+                id,
+                user,
+                conv,
+                from,
+                limit,
+                ReplayPurpose::Sync { req: sync.req },
             );
         }
     }
@@ -1094,16 +1090,38 @@ impl Shard {
             return;
         }
         let limit = pull.limit.clamp(1, self.limits.pull_limit_max);
-        let owner = Shard::owner_of(pull.conv, self.shard_count);
+        let from = pull.from_seq.max(Seq(1));
+        self.ask_replay(
+            id,
+            user,
+            pull.conv,
+            from,
+            limit,
+            ReplayPurpose::Pull { req: pull.req },
+        );
+    }
+
+    /// Asks `conv`'s owner to send connection `id` its messages from `from` on.
+    fn ask_replay(
+        &mut self,
+        id: ConnId,
+        user: UserId,
+        conv: ConvId,
+        from: Seq,
+        limit: u32,
+        purpose: ReplayPurpose,
+    ) {
+        let owner = Shard::owner_of(conv, self.shard_count);
+        let to = self.me(id);
         self.route(
             owner,
             ShardMsg::Replay {
-                to: self.me(id),
+                to,
                 user,
-                conv: pull.conv,
-                from: pull.from_seq.max(Seq(1)),
+                conv,
+                from,
                 limit,
-                purpose: ReplayPurpose::Pull { req: pull.req },
+                purpose,
             },
         );
     }
@@ -1833,18 +1851,8 @@ impl Shard {
             self.push_deliver(id, m);
         }
         if let (Some(from), Some(user)) = (request, user) {
-            let owner = Shard::owner_of(conv, self.shard_count);
-            self.route(
-                owner,
-                ShardMsg::Replay {
-                    to: self.me(id),
-                    user,
-                    conv,
-                    from,
-                    limit: self.limits.sync_batch_per_conv,
-                    purpose: ReplayPurpose::CatchUp,
-                },
-            );
+            let limit = self.limits.sync_batch_per_conv;
+            self.ask_replay(id, user, conv, from, limit, ReplayPurpose::CatchUp);
         }
     }
 
