@@ -29,24 +29,25 @@ fn error_of(frames: &[(Meta, bytes::Bytes)]) -> Option<ErrorCode> {
     })
 }
 
-/// Shards holding at least one connection, per /metrics (published every 100 ms: polls
-/// until two readings 150 ms apart agree, bounded by `WAIT`).
-fn shards_in_use(g: &Gateway) -> usize {
-    let count = || {
-        let (_, body) = g.http("GET", "/metrics", "").expect("metrics");
-        body.lines()
-            .filter(|l| l.starts_with("imgate_connections{") && !l.ends_with(" 0"))
-            .count()
-    };
+/// Shards holding at least one connection, read from /metrics once it accounts for
+/// exactly `clients` connections (shards publish every 100 ms; bounded by `WAIT`).
+fn shards_in_use(g: &Gateway, clients: usize) -> usize {
     let deadline = std::time::Instant::now() + WAIT;
-    let mut last = count();
     loop {
-        std::thread::sleep(Duration::from_millis(150));
-        let now = count();
-        if now == last || std::time::Instant::now() > deadline {
-            return now;
+        let (_, body) = g.http("GET", "/metrics", "").expect("metrics");
+        let per_shard: Vec<usize> = body
+            .lines()
+            .filter(|l| l.starts_with("imgate_connections{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+            .collect();
+        if per_shard.iter().sum::<usize>() == clients {
+            return per_shard.iter().filter(|&&n| n > 0).count();
         }
-        last = now;
+        assert!(
+            std::time::Instant::now() < deadline,
+            "metrics never showed {clients} connections"
+        );
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -62,13 +63,13 @@ fn messages_reach_every_device_across_shards_and_groups() {
     // connections, so that delivery crosses shards.
     let mut bobs = Vec::new();
     for device in 2..40 {
-        if shards_in_use(&g) == 2 {
+        if shards_in_use(&g, 4 + bobs.len()) == 2 {
             break;
         }
         bobs.push(Client::login(&g, 2, device));
     }
     assert_eq!(
-        shards_in_use(&g),
+        shards_in_use(&g, 4 + bobs.len()),
         2,
         "connections never spread over both shards"
     );
