@@ -1,6 +1,7 @@
 //! `sim`: deterministic fault simulation of imgate-core on turmoil.
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
+use imgate_sim::run::{FaultCounts, FaultKind};
 use imgate_sim::{run_seed, FaultSet, Outcome, RunConfig};
 use std::time::Instant as WallInstant;
 
@@ -13,13 +14,6 @@ struct Cli {
     command: Command,
 }
 
-#[derive(Clone, Copy, Debug, ValueEnum)]
-enum Faults {
-    None,
-    All,
-    List,
-}
-
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run one seed.
@@ -30,9 +24,10 @@ enum Command {
         /// Simulated seconds (the last 3/8, at least 8, are the heal period).
         #[arg(long, default_value_t = 40)]
         duration: u64,
-        /// Faults: none, all, or list (print the kinds and exit).
-        #[arg(long, value_enum, default_value_t = Faults::All)]
-        faults: Faults,
+        /// Faults: none, all, one kind by name (only it, always on), or list (print the
+        /// kinds and exit).
+        #[arg(long, default_value = "all")]
+        faults: String,
     },
     /// Run a range of seeds, e.g. `--seeds 1..1000`, and print a summary.
     Sweep {
@@ -42,6 +37,9 @@ enum Command {
         /// Simulated seconds per seed.
         #[arg(long, default_value_t = 40)]
         duration: u64,
+        /// Faults: none, all, or one kind by name (see `run --faults list`).
+        #[arg(long, default_value = "all")]
+        faults: String,
     },
     /// Replay one seed and print its event trace.
     Replay {
@@ -68,6 +66,17 @@ fn report(o: &Outcome) {
     }
 }
 
+/// The fault set named on the command line: none, all, or one kind.
+fn fault_set(name: &str) -> anyhow::Result<FaultSet> {
+    Ok(match name {
+        "none" => FaultSet::None,
+        "all" => FaultSet::All,
+        name => FaultSet::Only(FaultKind::from_name(name).ok_or_else(|| {
+            anyhow::anyhow!("unknown fault kind {name:?} (see `sim run --faults list`)")
+        })?),
+    })
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
@@ -76,14 +85,12 @@ fn main() -> anyhow::Result<()> {
             duration,
             faults,
         } => {
-            let faults = match faults {
-                Faults::List => {
-                    println!("crash partition hold link-fail disk mesh-delay storm takeover retry");
-                    return Ok(());
-                }
-                Faults::None => FaultSet::None,
-                Faults::All => FaultSet::All,
-            };
+            if faults == "list" {
+                let names: Vec<&str> = FaultKind::ALL.iter().map(|k| k.name()).collect();
+                println!("{}", names.join(" "));
+                return Ok(());
+            }
+            let faults = fault_set(&faults)?;
             let mut cfg = RunConfig::new(seed);
             cfg.duration_secs = duration;
             cfg.faults = faults;
@@ -110,7 +117,12 @@ fn main() -> anyhow::Result<()> {
                 std::process::exit(1);
             }
         }
-        Command::Sweep { seeds, duration } => {
+        Command::Sweep {
+            seeds,
+            duration,
+            faults,
+        } => {
+            let faults = fault_set(&faults)?;
             let (a, b) = seeds
                 .split_once("..")
                 .ok_or_else(|| anyhow::anyhow!("--seeds wants A..B"))?;
@@ -119,23 +131,15 @@ fn main() -> anyhow::Result<()> {
             let mut failed = Vec::new();
             let mut sim_ms = 0;
             let mut checked = 0;
-            let mut counts = imgate_sim::run::FaultCounts::default();
+            let mut counts = FaultCounts::default();
             for seed in a..b {
                 let mut cfg = RunConfig::new(seed);
                 cfg.duration_secs = duration;
+                cfg.faults = faults;
                 let o = run_seed(&cfg);
                 sim_ms += o.simulated_ms;
                 checked += o.checked;
-                let c = &o.counts;
-                counts.crash += c.crash;
-                counts.torn += c.torn;
-                counts.partition += c.partition;
-                counts.hold += c.hold;
-                counts.disk += c.disk;
-                counts.mesh += c.mesh;
-                counts.storm += c.storm;
-                counts.takeover += c.takeover;
-                counts.retry += c.retry;
+                counts.add(&o.counts);
                 if !o.violations.is_empty() {
                     report(&o);
                     failed.push(seed);

@@ -29,6 +29,68 @@ fn heal_secs(duration_secs: u64) -> u64 {
     (duration_secs * 3 / 8).max(8)
 }
 
+/// A kind of fault. Each is on or off per seed, at a rate of its own (swarm testing).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum FaultKind {
+    /// Gateway crash and restart at a random instant.
+    Crash,
+    /// Both directions of a device's link to the gateway dropped for a while.
+    Partition,
+    /// A device's link held (nothing delivered), then released.
+    Hold,
+    /// turmoil breaks links at random (a TCP connection dies).
+    LinkFail,
+    /// A group commit fails (write or fdatasync error).
+    Disk,
+    /// A shard pair's queue is held back for a while.
+    MeshDelay,
+    /// Every device drops its connection at once.
+    Storm,
+    /// A device logs in again while its session is live.
+    Takeover,
+    /// Eager explicit retries of timed-out messages.
+    Retry,
+    /// One direction of a device's link dropped (device to gateway, or back).
+    OneWay,
+}
+
+impl FaultKind {
+    /// Every kind, in the order rates are drawn.
+    pub const ALL: [FaultKind; 10] = [
+        FaultKind::Crash,
+        FaultKind::Partition,
+        FaultKind::Hold,
+        FaultKind::LinkFail,
+        FaultKind::Disk,
+        FaultKind::MeshDelay,
+        FaultKind::Storm,
+        FaultKind::Takeover,
+        FaultKind::Retry,
+        FaultKind::OneWay,
+    ];
+
+    /// The kind's name on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            FaultKind::Crash => "crash",
+            FaultKind::Partition => "partition",
+            FaultKind::Hold => "hold",
+            FaultKind::LinkFail => "link-fail",
+            FaultKind::Disk => "disk",
+            FaultKind::MeshDelay => "mesh-delay",
+            FaultKind::Storm => "storm",
+            FaultKind::Takeover => "takeover",
+            FaultKind::Retry => "retry",
+            FaultKind::OneWay => "one-way",
+        }
+    }
+
+    /// The kind named `name`.
+    pub fn from_name(name: &str) -> Option<FaultKind> {
+        FaultKind::ALL.into_iter().find(|k| k.name() == name)
+    }
+}
+
 /// Which fault kinds a run may draw.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FaultSet {
@@ -36,6 +98,8 @@ pub enum FaultSet {
     None,
     /// Every kind, each on or off and at its own rate by the seed.
     All,
+    /// One kind only, on at a rate drawn by the seed (to show what that kind can catch).
+    Only(FaultKind),
 }
 
 /// A bug planted in the driver (never on by default): the oracle must catch each.
@@ -102,6 +166,8 @@ pub struct Rates {
     pub takeover: f64,
     /// Probability per device tick of retrying an unacked message.
     pub retry: f64,
+    /// Mean seconds between one-way partitions.
+    pub oneway_every_s: f64,
 }
 
 /// Counters of faults injected, by kind.
@@ -125,6 +191,36 @@ pub struct FaultCounts {
     pub takeover: u64,
     /// Explicit retries.
     pub retry: u64,
+    /// One-way partitions.
+    pub oneway: u64,
+}
+
+impl FaultCounts {
+    /// Adds `other`'s counts to these.
+    pub fn add(&mut self, other: &FaultCounts) {
+        let FaultCounts {
+            crash,
+            torn,
+            partition,
+            hold,
+            disk,
+            mesh,
+            storm,
+            takeover,
+            retry,
+            oneway,
+        } = other;
+        self.crash += crash;
+        self.torn += torn;
+        self.partition += partition;
+        self.hold += hold;
+        self.disk += disk;
+        self.mesh += mesh;
+        self.storm += storm;
+        self.takeover += takeover;
+        self.retry += retry;
+        self.oneway += oneway;
+    }
 }
 
 /// The state every host shares (one thread: `Rc<RefCell<_>>`, never held across an await).
@@ -258,38 +354,57 @@ pub struct Outcome {
 }
 
 fn draw_rates(rng: &mut Rng, faults: FaultSet) -> Rates {
-    if faults == FaultSet::None {
-        return Rates::default();
+    // Swarm testing: each kind is on with probability 1/2 (or only the one asked for), at a
+    // rate of its own. Both draws are made for every kind, so that a kind's rate does not
+    // depend on which others are on.
+    let mut r = Rates::default();
+    for kind in FaultKind::ALL {
+        let coin = rng.chance(0.5);
+        let u = rng.unit();
+        let on = match faults {
+            FaultSet::None => false,
+            FaultSet::All => coin,
+            FaultSet::Only(k) => k == kind,
+        };
+        if !on {
+            continue;
+        }
+        match kind {
+            FaultKind::Crash => r.crash_every_s = 3.0 + 10.0 * u,
+            FaultKind::Partition => r.partition_every_s = 1.0 + 5.0 * u,
+            FaultKind::Hold => r.hold_every_s = 1.0 + 5.0 * u,
+            FaultKind::LinkFail => r.link_fail = 0.0005 * u,
+            FaultKind::Disk => r.disk_fail = 0.05 * u,
+            FaultKind::MeshDelay => r.mesh_delay = 0.05 * u,
+            FaultKind::Storm => r.storm_every_s = 3.0 + 10.0 * u,
+            FaultKind::Takeover => r.takeover = 0.002 * u,
+            FaultKind::Retry => r.retry = 0.02 * u,
+            FaultKind::OneWay => r.oneway_every_s = 1.0 + 5.0 * u,
+        }
     }
-    // Swarm testing: each kind is on with probability 1/2, at a rate of its own.
-    let on = |rng: &mut Rng| rng.chance(0.5);
-    Rates {
-        crash_every_s: if on(rng) {
-            3.0 + 10.0 * rng.unit()
-        } else {
-            0.0
-        },
-        partition_every_s: if on(rng) { 1.0 + 5.0 * rng.unit() } else { 0.0 },
-        hold_every_s: if on(rng) { 1.0 + 5.0 * rng.unit() } else { 0.0 },
-        link_fail: if on(rng) { 0.0005 * rng.unit() } else { 0.0 },
-        disk_fail: if on(rng) { 0.05 * rng.unit() } else { 0.0 },
-        mesh_delay: if on(rng) { 0.05 * rng.unit() } else { 0.0 },
-        storm_every_s: if on(rng) {
-            3.0 + 10.0 * rng.unit()
-        } else {
-            0.0
-        },
-        takeover: if on(rng) { 0.002 * rng.unit() } else { 0.0 },
-        retry: if on(rng) { 0.02 * rng.unit() } else { 0.0 },
-    }
+    r
 }
 
 #[derive(Debug)]
 enum Fault {
-    Crash { down_ms: u64 },
-    Partition { dev: usize, ms: u64 },
-    Hold { dev: usize, ms: u64 },
+    Crash {
+        down_ms: u64,
+    },
+    Partition {
+        dev: usize,
+        ms: u64,
+    },
+    Hold {
+        dev: usize,
+        ms: u64,
+    },
     Storm,
+    /// Drop what `dev` sends to the gateway (`up`) or what the gateway sends to `dev`.
+    OneWay {
+        dev: usize,
+        up: bool,
+        ms: u64,
+    },
 }
 
 fn schedule(rng: &mut Rng, rates: &Rates, until_ms: u64, devices: usize) -> Vec<(u64, Fault)> {
@@ -320,6 +435,11 @@ fn schedule(rng: &mut Rng, rates: &Rates, until_ms: u64, devices: usize) -> Vec<
         ms: r.range(100, 3000),
     });
     add(rates.storm_every_s, rng, &mut |_| Fault::Storm);
+    add(rates.oneway_every_s, rng, &mut |r| Fault::OneWay {
+        dev: r.range(0, devices as u64) as usize,
+        up: r.chance(0.5),
+        ms: r.range(100, 6000),
+    });
     out.sort_by_key(|(t, _)| *t);
     out
 }
@@ -383,11 +503,12 @@ pub fn run_seed(cfg: &RunConfig) -> Outcome {
         sim.set_fail_rate(rates.link_fail);
     }
 
-    // Timed undo actions: (at_ms, action).
-    let mut undo: BTreeMap<(u64, u64), Undo> = BTreeMap::new();
-    let mut undo_n = 0u64;
+    let mut w = World {
+        undo: BTreeMap::new(),
+        undo_n: 0,
+        gateway_down: false,
+    };
     let mut next_fault = 0;
-    let mut gateway_down = false;
     let mut healed = false;
     let mut ms = 0u64;
     let mut error: Option<String> = None;
@@ -401,68 +522,24 @@ pub fn run_seed(cfg: &RunConfig) -> Outcome {
             sh.event("heal: faults and new sends stop".into());
             drop(sh);
             sim.set_fail_rate(0.0);
-            for (_, u) in std::mem::take(&mut undo) {
-                apply_undo(&mut sim, &shared, u, &mut gateway_down);
+            for (_, u) in std::mem::take(&mut w.undo) {
+                w.apply(&mut sim, &shared, u);
             }
             for i in 0..n_devices {
                 sim.repair(device_host(i), "gateway");
             }
         }
-        while let Some(((at, _), _)) = undo.first_key_value() {
+        while let Some(((at, _), _)) = w.undo.first_key_value() {
             if *at > ms {
                 break;
             }
-            let (_, u) = undo.pop_first().expect("non-empty");
-            apply_undo(&mut sim, &shared, u, &mut gateway_down);
+            let (_, u) = w.undo.pop_first().expect("non-empty");
+            w.apply(&mut sim, &shared, u);
         }
         while !healed && next_fault < faults.len() && faults[next_fault].0 <= ms {
             let (_, f) = &faults[next_fault];
             next_fault += 1;
-            let mut sh = shared.borrow_mut();
-            match *f {
-                Fault::Crash { down_ms } if !gateway_down => {
-                    sh.counts.crash += 1;
-                    sh.event(format!("fault: gateway crash, down {down_ms}ms"));
-                    // Power loss mid-write: each log keeps a seeded share of its unsynced
-                    // tail, so recovery meets torn records as well as whole unacked ones.
-                    let mut torn = Rng::new(sh.cfg.seed, 7_000 + sh.counts.crash);
-                    let mut kept = 0;
-                    for log in &mut sh.logs {
-                        let tail = log.len() - log.durable_len();
-                        let keep = torn.range(0, tail + 1);
-                        log.crash_torn(keep);
-                        kept += u64::from(keep > 0);
-                    }
-                    sh.counts.torn += kept;
-                    drop(sh);
-                    sim.crash("gateway");
-                    gateway_down = true;
-                    undo_n += 1;
-                    undo.insert((ms + down_ms, undo_n), Undo::Restart);
-                }
-                Fault::Crash { .. } => {}
-                Fault::Partition { dev, ms: d } => {
-                    sh.counts.partition += 1;
-                    sh.event(format!("fault: partition dev{dev} for {d}ms"));
-                    drop(sh);
-                    sim.partition(device_host(dev), "gateway");
-                    undo_n += 1;
-                    undo.insert((ms + d, undo_n), Undo::Repair(dev));
-                }
-                Fault::Hold { dev, ms: d } => {
-                    sh.counts.hold += 1;
-                    sh.event(format!("fault: hold dev{dev} for {d}ms"));
-                    drop(sh);
-                    sim.hold(device_host(dev), "gateway");
-                    undo_n += 1;
-                    undo.insert((ms + d, undo_n), Undo::Release(dev));
-                }
-                Fault::Storm => {
-                    sh.counts.storm += 1;
-                    sh.storm_gen += 1;
-                    sh.event("fault: reconnect storm".into());
-                }
-            }
+            w.inject(&mut sim, &shared, ms, f);
         }
         if let Err(e) = sim.step() {
             error = Some(format!("a host failed: {e}"));
@@ -495,27 +572,117 @@ pub fn run_seed(cfg: &RunConfig) -> Outcome {
     }
 }
 
+/// Something a fault left to be undone at a time.
 enum Undo {
     Restart,
     Repair(usize),
     Release(usize),
+    RepairOneWay { dev: usize, up: bool },
 }
 
-fn apply_undo(sim: &mut turmoil::Sim<'_>, shared: &Rc<RefCell<Shared>>, u: Undo, down: &mut bool) {
-    match u {
-        Undo::Restart => {
-            shared.borrow_mut().event("gateway restart".into());
-            sim.bounce("gateway");
-            *down = false;
+/// The run loop's view of the faults in force.
+struct World {
+    /// Timed undo actions: (at_ms, n) -> action.
+    undo: BTreeMap<(u64, u64), Undo>,
+    undo_n: u64,
+    gateway_down: bool,
+}
+
+impl World {
+    fn later(&mut self, at_ms: u64, u: Undo) {
+        self.undo_n += 1;
+        self.undo.insert((at_ms, self.undo_n), u);
+    }
+
+    fn inject(
+        &mut self,
+        sim: &mut turmoil::Sim<'_>,
+        shared: &Rc<RefCell<Shared>>,
+        ms: u64,
+        f: &Fault,
+    ) {
+        let mut sh = shared.borrow_mut();
+        match *f {
+            Fault::Crash { down_ms } if !self.gateway_down => {
+                sh.counts.crash += 1;
+                sh.event(format!("fault: gateway crash, down {down_ms}ms"));
+                // Power loss mid-write: each log keeps a seeded share of its unsynced
+                // tail, so recovery meets torn records as well as whole unacked ones.
+                let mut torn = Rng::new(sh.cfg.seed, 7_000 + sh.counts.crash);
+                let mut kept = 0;
+                for log in &mut sh.logs {
+                    let tail = log.len() - log.durable_len();
+                    let keep = torn.range(0, tail + 1);
+                    log.crash_torn(keep);
+                    kept += u64::from(keep > 0);
+                }
+                sh.counts.torn += kept;
+                drop(sh);
+                sim.crash("gateway");
+                self.gateway_down = true;
+                self.later(ms + down_ms, Undo::Restart);
+            }
+            Fault::Crash { .. } => {}
+            Fault::Partition { dev, ms: d } => {
+                sh.counts.partition += 1;
+                sh.event(format!("fault: partition dev{dev} for {d}ms"));
+                drop(sh);
+                sim.partition(device_host(dev), "gateway");
+                self.later(ms + d, Undo::Repair(dev));
+            }
+            Fault::Hold { dev, ms: d } => {
+                sh.counts.hold += 1;
+                sh.event(format!("fault: hold dev{dev} for {d}ms"));
+                drop(sh);
+                sim.hold(device_host(dev), "gateway");
+                self.later(ms + d, Undo::Release(dev));
+            }
+            Fault::Storm => {
+                sh.counts.storm += 1;
+                sh.storm_gen += 1;
+                sh.event("fault: reconnect storm".into());
+            }
+            Fault::OneWay { dev, up, ms: d } => {
+                sh.counts.oneway += 1;
+                let (from, to) = one_way(dev, up);
+                sh.event(format!("fault: one-way partition {from} -> {to} for {d}ms"));
+                drop(sh);
+                sim.partition_oneway(from, to);
+                self.later(ms + d, Undo::RepairOneWay { dev, up });
+            }
         }
-        Undo::Repair(dev) => {
-            shared.borrow_mut().event(format!("repair dev{dev}"));
-            sim.repair(device_host(dev), "gateway");
+    }
+
+    fn apply(&mut self, sim: &mut turmoil::Sim<'_>, shared: &Rc<RefCell<Shared>>, u: Undo) {
+        match u {
+            Undo::Restart => {
+                shared.borrow_mut().event("gateway restart".into());
+                sim.bounce("gateway");
+                self.gateway_down = false;
+            }
+            Undo::Repair(dev) => {
+                shared.borrow_mut().event(format!("repair dev{dev}"));
+                sim.repair(device_host(dev), "gateway");
+            }
+            Undo::Release(dev) => {
+                shared.borrow_mut().event(format!("release dev{dev}"));
+                sim.release(device_host(dev), "gateway");
+            }
+            Undo::RepairOneWay { dev, up } => {
+                let (from, to) = one_way(dev, up);
+                shared.borrow_mut().event(format!("repair {from} -> {to}"));
+                sim.repair_oneway(from, to);
+            }
         }
-        Undo::Release(dev) => {
-            shared.borrow_mut().event(format!("release dev{dev}"));
-            sim.release(device_host(dev), "gateway");
-        }
+    }
+}
+
+/// The hosts of a one-way partition: `dev` to the gateway if `up`, else the other way.
+fn one_way(dev: usize, up: bool) -> (String, String) {
+    if up {
+        (device_host(dev), "gateway".into())
+    } else {
+        ("gateway".into(), device_host(dev))
     }
 }
 

@@ -1,7 +1,8 @@
 //! The sim's own tests: a clean sweep, determinism, and the planted driver bugs that the
 //! oracle must catch.
 
-use crate::{run_seed, Planted, RunConfig};
+use crate::run::FaultKind;
+use crate::{run_seed, FaultSet, Planted, RunConfig};
 
 fn config(seed: u64, planted: Option<Planted>) -> RunConfig {
     let mut cfg = RunConfig::new(seed);
@@ -12,10 +13,34 @@ fn config(seed: u64, planted: Option<Planted>) -> RunConfig {
 
 /// The first seed in `seeds` whose run reports a violation, with it.
 fn first_violation(seeds: std::ops::Range<u64>, planted: Planted) -> Option<(u64, String)> {
+    first_violation_under(seeds, planted, FaultSet::All)
+}
+
+/// As [`first_violation`], with only the faults of `faults`.
+fn first_violation_under(
+    seeds: std::ops::Range<u64>,
+    planted: Planted,
+    faults: FaultSet,
+) -> Option<(u64, String)> {
     seeds.into_iter().find_map(|seed| {
-        let o = run_seed(&config(seed, Some(planted)));
+        let mut cfg = config(seed, Some(planted));
+        cfg.faults = faults;
+        let o = run_seed(&cfg);
         o.violations.first().map(|v| (seed, v.clone()))
     })
+}
+
+/// A planted bug that a fault-free run does not reveal is caught by `kind` alone, with a
+/// violation starting with `what`: the kind can fail a run.
+fn caught_by(kind: FaultKind, planted: Planted, seeds: std::ops::Range<u64>, what: &str) {
+    let (seed, v) = first_violation_under(seeds.clone(), planted, FaultSet::Only(kind))
+        .unwrap_or_else(|| panic!("{planted:?} not caught by {} in {seeds:?}", kind.name()));
+    assert!(v.starts_with(what), "seed {seed}: {v}");
+    let quiet = first_violation_under(seed..seed + 1, planted, FaultSet::None);
+    assert!(
+        quiet.is_none(),
+        "seed {seed} fails without faults too: {quiet:?}"
+    );
 }
 
 #[test]
@@ -65,4 +90,9 @@ fn planted_dedupe_off_is_caught() {
     let found = first_violation(1..11, Planted::DedupeOff);
     let (_, v) = found.expect("no violation in seeds 1..11");
     assert!(v.starts_with("I2"), "{v}");
+}
+
+#[test]
+fn one_way_partitions_lose_acks_so_dedupe_off_is_caught() {
+    caught_by(FaultKind::OneWay, Planted::DedupeOff, 1..11, "I2");
 }
