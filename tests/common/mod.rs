@@ -22,26 +22,30 @@ static NEXT: AtomicU32 = AtomicU32::new(0);
 /// The gateway binary, built on first use.
 pub fn gateway_bin() -> PathBuf {
     static BUILT: std::sync::Once = std::sync::Once::new();
+    debug_bin(&BUILT, "imgate-gateway", "gateway")
+}
+
+/// The loadgen binary, built on first use.
+pub fn loadgen_bin() -> PathBuf {
+    static BUILT: std::sync::Once = std::sync::Once::new();
+    debug_bin(&BUILT, "imgate-loadgen", "loadgen")
+}
+
+/// Builds `bin` of `package` (debug) once per test process and returns its path.
+fn debug_bin(built: &std::sync::Once, package: &str, bin: &str) -> PathBuf {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    BUILT.call_once(|| {
+    built.call_once(|| {
         let status = Command::new(env!("CARGO"))
-            .args([
-                "build",
-                "--quiet",
-                "-p",
-                "imgate-gateway",
-                "--bin",
-                "gateway",
-            ])
+            .args(["build", "--quiet", "-p", package, "--bin", bin])
             .current_dir(root)
             .status()
             .expect("cargo build runs");
-        assert!(status.success(), "building the gateway failed");
+        assert!(status.success(), "building {bin} failed");
     });
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| root.join("target"));
-    target.join("debug").join("gateway")
+    target.join("debug").join(bin)
 }
 
 fn free_port() -> SocketAddr {
