@@ -52,11 +52,13 @@ pub enum FaultKind {
     Retry,
     /// One direction of a device's link dropped (device to gateway, or back).
     OneWay,
+    /// A device's link to the gateway slows to a fixed latency of up to 2.5 s for a while.
+    Spike,
 }
 
 impl FaultKind {
     /// Every kind, in the order rates are drawn.
-    pub const ALL: [FaultKind; 10] = [
+    pub const ALL: [FaultKind; 11] = [
         FaultKind::Crash,
         FaultKind::Partition,
         FaultKind::Hold,
@@ -67,6 +69,7 @@ impl FaultKind {
         FaultKind::Takeover,
         FaultKind::Retry,
         FaultKind::OneWay,
+        FaultKind::Spike,
     ];
 
     /// The kind's name on the command line.
@@ -82,6 +85,7 @@ impl FaultKind {
             FaultKind::Takeover => "takeover",
             FaultKind::Retry => "retry",
             FaultKind::OneWay => "one-way",
+            FaultKind::Spike => "spike",
         }
     }
 
@@ -168,6 +172,8 @@ pub struct Rates {
     pub retry: f64,
     /// Mean seconds between one-way partitions.
     pub oneway_every_s: f64,
+    /// Mean seconds between latency spikes on a device's link.
+    pub spike_every_s: f64,
 }
 
 /// Counters of faults injected, by kind.
@@ -193,6 +199,8 @@ pub struct FaultCounts {
     pub retry: u64,
     /// One-way partitions.
     pub oneway: u64,
+    /// Latency spikes.
+    pub spike: u64,
 }
 
 impl FaultCounts {
@@ -209,6 +217,7 @@ impl FaultCounts {
             takeover,
             retry,
             oneway,
+            spike,
         } = other;
         self.crash += crash;
         self.torn += torn;
@@ -220,6 +229,7 @@ impl FaultCounts {
         self.takeover += takeover;
         self.retry += retry;
         self.oneway += oneway;
+        self.spike += spike;
     }
 }
 
@@ -380,6 +390,7 @@ fn draw_rates(rng: &mut Rng, faults: FaultSet) -> Rates {
             FaultKind::Takeover => r.takeover = 0.002 * u,
             FaultKind::Retry => r.retry = 0.02 * u,
             FaultKind::OneWay => r.oneway_every_s = 1.0 + 5.0 * u,
+            FaultKind::Spike => r.spike_every_s = 1.0 + 5.0 * u,
         }
     }
     r
@@ -403,6 +414,12 @@ enum Fault {
     OneWay {
         dev: usize,
         up: bool,
+        ms: u64,
+    },
+    /// Every message on `dev`'s link takes `latency_ms`, for `ms`.
+    Spike {
+        dev: usize,
+        latency_ms: u64,
         ms: u64,
     },
 }
@@ -440,9 +457,17 @@ fn schedule(rng: &mut Rng, rates: &Rates, until_ms: u64, devices: usize) -> Vec<
         up: r.chance(0.5),
         ms: r.range(100, 6000),
     });
+    add(rates.spike_every_s, rng, &mut |r| Fault::Spike {
+        dev: r.range(0, devices as u64) as usize,
+        latency_ms: r.range(50, 2500),
+        ms: r.range(200, 5000),
+    });
     out.sort_by_key(|(t, _)| *t);
     out
 }
+
+/// The network's usual latency range, min and max, in ms.
+const LATENCY_MS: (u64, u64) = (1, 20);
 
 /// Host name of device `i`.
 pub fn device_host(i: usize) -> String {
@@ -488,8 +513,8 @@ pub fn run_seed(cfg: &RunConfig) -> Outcome {
         .rng_seed(cfg.seed)
         .simulation_duration(Duration::from_millis(duration_ms + 1000))
         .tick_duration(Duration::from_millis(1))
-        .min_message_latency(Duration::from_millis(1))
-        .max_message_latency(Duration::from_millis(20))
+        .min_message_latency(Duration::from_millis(LATENCY_MS.0))
+        .max_message_latency(Duration::from_millis(LATENCY_MS.1))
         .build();
     {
         let s = shared.clone();
@@ -507,6 +532,7 @@ pub fn run_seed(cfg: &RunConfig) -> Outcome {
         undo: BTreeMap::new(),
         undo_n: 0,
         gateway_down: false,
+        spikes: BTreeMap::new(),
     };
     let mut next_fault = 0;
     let mut healed = false;
@@ -577,7 +603,15 @@ enum Undo {
     Restart,
     Repair(usize),
     Release(usize),
-    RepairOneWay { dev: usize, up: bool },
+    RepairOneWay {
+        dev: usize,
+        up: bool,
+    },
+    /// The end of spike `n` on `dev`'s link (if no later spike began since).
+    EndSpike {
+        dev: usize,
+        n: u64,
+    },
 }
 
 /// The run loop's view of the faults in force.
@@ -586,6 +620,8 @@ struct World {
     undo: BTreeMap<(u64, u64), Undo>,
     undo_n: u64,
     gateway_down: bool,
+    /// Per device, the latest spike on its link.
+    spikes: BTreeMap<usize, u64>,
 }
 
 impl World {
@@ -650,6 +686,22 @@ impl World {
                 sim.partition_oneway(from, to);
                 self.later(ms + d, Undo::RepairOneWay { dev, up });
             }
+            Fault::Spike {
+                dev,
+                latency_ms,
+                ms: d,
+            } => {
+                sh.counts.spike += 1;
+                let n = sh.counts.spike;
+                sh.event(format!(
+                    "fault: dev{dev} link latency {latency_ms}ms for {d}ms"
+                ));
+                drop(sh);
+                let latency = Duration::from_millis(latency_ms);
+                sim.set_link_latency(device_host(dev), "gateway", latency);
+                self.spikes.insert(dev, n);
+                self.later(ms + d, Undo::EndSpike { dev, n });
+            }
         }
     }
 
@@ -672,6 +724,19 @@ impl World {
                 let (from, to) = one_way(dev, up);
                 shared.borrow_mut().event(format!("repair {from} -> {to}"));
                 sim.repair_oneway(from, to);
+            }
+            Undo::EndSpike { dev, n } => {
+                if self.spikes.get(&dev) != Some(&n) {
+                    return;
+                }
+                self.spikes.remove(&dev);
+                shared
+                    .borrow_mut()
+                    .event(format!("dev{dev} link latency back to normal"));
+                let (min, max) = LATENCY_MS;
+                let (dev, gw) = (device_host(dev), "gateway");
+                sim.set_link_latency(dev.as_str(), gw, Duration::from_millis(min));
+                sim.set_link_max_message_latency(dev.as_str(), gw, Duration::from_millis(max));
             }
         }
     }

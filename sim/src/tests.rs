@@ -96,3 +96,8 @@ fn planted_dedupe_off_is_caught() {
 fn one_way_partitions_lose_acks_so_dedupe_off_is_caught() {
     caught_by(FaultKind::OneWay, Planted::DedupeOff, 1..11, "I2");
 }
+
+#[test]
+fn latency_spikes_time_out_requests_so_dedupe_off_is_caught() {
+    caught_by(FaultKind::Spike, Planted::DedupeOff, 1..11, "I2");
+}
