@@ -7,7 +7,7 @@ use crate::run::{convs_of, core_now, Shared, EPOCH_MS};
 use bytes::{Bytes, BytesMut};
 use imgate_core::auth::{SigningKey, TokenSigner};
 use imgate_core::client::{Client, ClientConfig, ClientEvent, Priority, SendFailure};
-use imgate_core::proto::{ClientMsgId, DeviceId, UserId};
+use imgate_core::proto::{ClientMsgId, DeviceId, ErrorCode, UserId};
 use imgate_core::Instant;
 use std::cell::RefCell;
 use std::collections::{BTreeMap, VecDeque};
@@ -29,6 +29,20 @@ pub struct Device {
     sent: u64,
     /// Unacked ids that timed out, for explicit retries.
     timed_out: Vec<ClientMsgId>,
+    /// A slow-reader fault in force.
+    pub slow: Option<SlowRead>,
+}
+
+/// A slow-reader fault: the device reads at most `chunk` bytes every `pause_ms` until
+/// `until_ms` (simulated).
+#[derive(Clone, Copy, Debug)]
+pub struct SlowRead {
+    /// Simulated ms at which the device reads normally again.
+    pub until_ms: u64,
+    /// Bytes per read at most.
+    pub chunk: usize,
+    /// Pause before each read.
+    pub pause_ms: u64,
 }
 
 impl Device {
@@ -58,6 +72,7 @@ impl Device {
             rng: Rng::new(seed, 100 + index as u64),
             sent: 0,
             timed_out: Vec::new(),
+            slow: None,
         }
     }
 }
@@ -108,10 +123,20 @@ async fn session(
     let inbox = Rc::new(RefCell::new(Inbox::default()));
     let reader = {
         let inbox = inbox.clone();
+        let shared = shared.clone();
         tokio::task::spawn_local(async move {
             let mut buf = vec![0u8; 16 * 1024];
             loop {
-                match rd.read(&mut buf).await {
+                let now_ms = turmoil::sim_elapsed().map_or(0, |d| d.as_millis() as u64);
+                let slow = shared.borrow().devices[index].slow;
+                let mut want = buf.len();
+                if let Some(s) = slow.filter(|s| s.until_ms > now_ms) {
+                    // A slow reader: a pause, then a small read.
+                    let pause = s.pause_ms.min(s.until_ms - now_ms);
+                    tokio::time::sleep(Duration::from_millis(pause)).await;
+                    want = s.chunk;
+                }
+                match rd.read(&mut buf[..want]).await {
                     Ok(0) | Err(_) => break,
                     Ok(n) => inbox.borrow_mut().bytes.extend_from_slice(&buf[..n]),
                 }
@@ -276,7 +301,17 @@ fn flush(
                 );
                 sh.oracle.violations.push(v);
             }
+            ClientEvent::Notify { .. } => sh.counts.notify_seen += 1,
             ClientEvent::Closed { .. } | ClientEvent::Dead => {
+                if matches!(
+                    ev,
+                    ClientEvent::Closed {
+                        code: ErrorCode::SlowConsumer,
+                        ..
+                    }
+                ) {
+                    sh.counts.slow_closed += 1;
+                }
                 sh.event(format!("dev{index}: {ev:?}"));
                 if end.is_none() {
                     *end = Some(End::Close);

@@ -8,7 +8,7 @@
 //! back for a while (never reordering inside it).
 
 use crate::rng::Rng;
-use crate::run::{core_now, Planted, Shared, GROUP, USERS};
+use crate::run::{core_now, Planted, Rates, Shared, GROUP, USERS};
 use bytes::{Bytes, BytesMut};
 use imgate_core::auth::{KeyConfig, TokenVerifier};
 use imgate_core::log::{scan, Record};
@@ -30,13 +30,21 @@ pub const PORT: u16 = 9000;
 /// The token secret shared by gateway and devices.
 pub const SECRET: &[u8] = b"imgate sim secret, 32 bytes or more";
 
-/// Limits of the simulated gateway: short heartbeats so that dead links show within seconds.
-pub fn limits() -> Limits {
-    Limits {
+/// Limits of the simulated gateway: short heartbeats so that dead links show within seconds,
+/// and the run's outbound budget if it has one.
+pub fn limits(rates: &Rates) -> Limits {
+    let mut limits = Limits {
         heartbeat_interval: Duration::from_secs(2),
         auth_timeout: Duration::from_secs(2),
         ..Limits::default()
+    };
+    if let Some((soft, hard, grace_ms)) = rates.outbound {
+        limits.outbound_soft_bytes = soft;
+        limits.outbound_hard_bytes = hard;
+        limits.slow_consumer_grace = Duration::from_millis(grace_ms);
     }
+    limits.validate().expect("the sim's limits are consistent");
+    limits
 }
 
 enum IoEvent {
@@ -118,7 +126,7 @@ impl Gateway {
         let restarts = sh.counts.crash;
         let rng = Rng::new(sh.cfg.seed, 1000 + restarts);
         let planted = sh.cfg.planted;
-        let limits = limits();
+        let limits = limits(&sh.rates);
         let mut nodes = Vec::new();
         for i in 0..shard_count as usize {
             let log = &mut sh.logs[i];
@@ -372,6 +380,14 @@ impl Gateway {
                     };
                     let n: usize = t.chunks.iter().map(|b| b.len()).sum();
                     let mut chunks = t.chunks;
+                    if planted == Some(Planted::NotifyDropped) {
+                        if let Some(kept) = drop_notifies(&chunks) {
+                            shared
+                                .borrow_mut()
+                                .event(format!("planted: conn {key} Notify dropped"));
+                            chunks = vec![kept];
+                        }
+                    }
                     if planted == Some(Planted::SyncReplaySkip) {
                         let c = self.conns.get_mut(&key).expect("mapped");
                         if !c.skipped {
@@ -497,36 +513,57 @@ impl Gateway {
     }
 }
 
-/// Planted bug (c): if `chunks` hold a SyncDone right after a Deliver, the bytes without that
-/// Deliver.
-fn drop_deliver_before_sync_done(chunks: &[Bytes]) -> Option<Bytes> {
+/// The frames in `chunks`, concatenated: the bytes, and each frame's span and meta.
+fn frames_of(chunks: &[Bytes]) -> (Bytes, Vec<(usize, usize, Meta)>) {
     let mut all = BytesMut::new();
     for c in chunks {
         all.extend_from_slice(c);
     }
     let whole = all.clone().freeze();
     let decoder = Decoder::new(u32::MAX);
-    let mut spans: Vec<(usize, usize, bool, bool)> = Vec::new();
+    let mut spans = Vec::new();
     let total = all.len();
     loop {
         let start = total - all.len();
         match decoder.decode(&mut all) {
-            Ok(Some(f)) => {
-                let end = total - all.len();
-                spans.push((
-                    start,
-                    end,
-                    matches!(f.meta, Meta::Deliver(_)),
-                    matches!(f.meta, Meta::SyncDone(_)),
-                ));
-            }
+            Ok(Some(f)) => spans.push((start, total - all.len(), f.meta)),
             _ => break,
         }
     }
-    let pos = spans.windows(2).position(|w| w[0].2 && w[1].3)?;
-    let (s, e, _, _) = spans[pos];
+    (whole, spans)
+}
+
+/// `whole` without the bytes of the frames `spans` says to drop.
+fn without(whole: &Bytes, spans: &[(usize, usize, Meta)], drop: &[bool]) -> Bytes {
     let mut out = BytesMut::new();
-    out.extend_from_slice(&whole[..s]);
-    out.extend_from_slice(&whole[e..]);
-    Some(out.freeze())
+    let mut at = 0;
+    for ((s, e, _), &d) in spans.iter().zip(drop) {
+        if d {
+            out.extend_from_slice(&whole[at..*s]);
+            at = *e;
+        }
+    }
+    out.extend_from_slice(&whole[at..]);
+    out.freeze()
+}
+
+/// Planted bug (c): if `chunks` hold a SyncDone right after a Deliver, the bytes without that
+/// Deliver.
+fn drop_deliver_before_sync_done(chunks: &[Bytes]) -> Option<Bytes> {
+    let (whole, spans) = frames_of(chunks);
+    let pos = spans
+        .windows(2)
+        .position(|w| matches!((&w[0].2, &w[1].2), (Meta::Deliver(_), Meta::SyncDone(_))))?;
+    let drop: Vec<bool> = (0..spans.len()).map(|i| i == pos).collect();
+    Some(without(&whole, &spans, &drop))
+}
+
+/// Planted bug (e): `chunks` without their Notify frames, if they hold any.
+fn drop_notifies(chunks: &[Bytes]) -> Option<Bytes> {
+    let (whole, spans) = frames_of(chunks);
+    let drop: Vec<bool> = spans
+        .iter()
+        .map(|(_, _, m)| matches!(m, Meta::Notify(_)))
+        .collect();
+    drop.contains(&true).then(|| without(&whole, &spans, &drop))
 }

@@ -1,6 +1,6 @@
 //! One run: the world, its fault schedule, the step loop and the final checks.
 
-use crate::device::{self, Device};
+use crate::device::{self, Device, SlowRead};
 use crate::gateway;
 use crate::oracle::Oracle;
 use crate::rng::Rng;
@@ -54,11 +54,15 @@ pub enum FaultKind {
     OneWay,
     /// A device's link to the gateway slows to a fixed latency of up to 2.5 s for a while.
     Spike,
+    /// A device reads its socket slowly, or not at all, for a while; the gateway of such a
+    /// seed has a tight outbound budget, so the connection degrades (pushes become Notify)
+    /// and may be closed as a slow consumer.
+    SlowReader,
 }
 
 impl FaultKind {
     /// Every kind, in the order rates are drawn.
-    pub const ALL: [FaultKind; 11] = [
+    pub const ALL: [FaultKind; 12] = [
         FaultKind::Crash,
         FaultKind::Partition,
         FaultKind::Hold,
@@ -70,6 +74,7 @@ impl FaultKind {
         FaultKind::Retry,
         FaultKind::OneWay,
         FaultKind::Spike,
+        FaultKind::SlowReader,
     ];
 
     /// The kind's name on the command line.
@@ -86,6 +91,7 @@ impl FaultKind {
             FaultKind::Retry => "retry",
             FaultKind::OneWay => "one-way",
             FaultKind::Spike => "spike",
+            FaultKind::SlowReader => "slow-reader",
         }
     }
 
@@ -115,6 +121,9 @@ pub enum Planted {
     SyncReplaySkip,
     /// The driver recovers a shard from its log less the last message record.
     SeqNotRecovered,
+    /// The driver drops every Notify frame (the push a degraded connection gets instead of
+    /// its Delivers), so a slow reader is never told to pull.
+    NotifyDropped,
     /// The engine skips its dedupe window (core's `planted-bugs` feature, on only in the
     /// sim's tests).
     #[cfg(test)]
@@ -174,6 +183,11 @@ pub struct Rates {
     pub oneway_every_s: f64,
     /// Mean seconds between latency spikes on a device's link.
     pub spike_every_s: f64,
+    /// Mean seconds between slow readers.
+    pub slow_every_s: f64,
+    /// The gateway's outbound budget (soft bytes, hard bytes, grace ms) when not the
+    /// default: tight in seeds with slow readers, so that one crosses it within a fault.
+    pub outbound: Option<(usize, usize, u64)>,
 }
 
 /// Counters of faults injected, by kind.
@@ -201,6 +215,13 @@ pub struct FaultCounts {
     pub oneway: u64,
     /// Latency spikes.
     pub spike: u64,
+    /// Slow readers.
+    pub slow: u64,
+    /// Not a fault: Notify frames devices received (pushes the gateway turned into Notify
+    /// for a degraded connection), evidence that slow readers reach that path.
+    pub notify_seen: u64,
+    /// Not a fault: connections the gateway closed as slow consumers, as devices saw it.
+    pub slow_closed: u64,
 }
 
 impl FaultCounts {
@@ -218,6 +239,9 @@ impl FaultCounts {
             retry,
             oneway,
             spike,
+            slow,
+            notify_seen,
+            slow_closed,
         } = other;
         self.crash += crash;
         self.torn += torn;
@@ -230,6 +254,9 @@ impl FaultCounts {
         self.retry += retry;
         self.oneway += oneway;
         self.spike += spike;
+        self.slow += slow;
+        self.notify_seen += notify_seen;
+        self.slow_closed += slow_closed;
     }
 }
 
@@ -391,6 +418,13 @@ fn draw_rates(rng: &mut Rng, faults: FaultSet) -> Rates {
             FaultKind::Retry => r.retry = 0.02 * u,
             FaultKind::OneWay => r.oneway_every_s = 1.0 + 5.0 * u,
             FaultKind::Spike => r.spike_every_s = 1.0 + 5.0 * u,
+            FaultKind::SlowReader => {
+                r.slow_every_s = 1.0 + 4.0 * u;
+                // Soft 1-4 KiB: a few seconds of one device's traffic. Hard 96 KiB: room
+                // for a full Sync replay (100 messages in each of 3 conversations).
+                let soft = 1024 + (3072.0 * u) as usize;
+                r.outbound = Some((soft, 96 * 1024, 500 + (2000.0 * u) as u64));
+            }
         }
     }
     r
@@ -420,6 +454,13 @@ enum Fault {
     Spike {
         dev: usize,
         latency_ms: u64,
+        ms: u64,
+    },
+    /// `dev` reads at most `chunk` bytes every `pause_ms`, for `ms`.
+    Slow {
+        dev: usize,
+        chunk: usize,
+        pause_ms: u64,
         ms: u64,
     },
 }
@@ -461,6 +502,16 @@ fn schedule(rng: &mut Rng, rates: &Rates, until_ms: u64, devices: usize) -> Vec<
         dev: r.range(0, devices as u64) as usize,
         latency_ms: r.range(50, 2500),
         ms: r.range(200, 5000),
+    });
+    add(rates.slow_every_s, rng, &mut |r| {
+        let ms = r.range(500, 6000);
+        Fault::Slow {
+            dev: r.range(0, devices as u64) as usize,
+            chunk: r.range(16, 512) as usize,
+            // One in four stops reading altogether.
+            pause_ms: if r.chance(0.25) { ms } else { r.range(20, 400) },
+            ms,
+        }
     });
     out.sort_by_key(|(t, _)| *t);
     out
@@ -545,6 +596,9 @@ pub fn run_seed(cfg: &RunConfig) -> Outcome {
             let mut sh = shared.borrow_mut();
             sh.faults_on = false;
             sh.workload_on = false;
+            for d in &mut sh.devices {
+                d.slow = None;
+            }
             sh.event("heal: faults and new sends stop".into());
             drop(sh);
             sim.set_fail_rate(0.0);
@@ -701,6 +755,22 @@ impl World {
                 sim.set_link_latency(device_host(dev), "gateway", latency);
                 self.spikes.insert(dev, n);
                 self.later(ms + d, Undo::EndSpike { dev, n });
+            }
+            Fault::Slow {
+                dev,
+                chunk,
+                pause_ms,
+                ms: d,
+            } => {
+                sh.counts.slow += 1;
+                sh.event(format!(
+                    "fault: dev{dev} reads {chunk} bytes every {pause_ms}ms for {d}ms"
+                ));
+                sh.devices[dev].slow = Some(SlowRead {
+                    until_ms: ms + d,
+                    chunk,
+                    pause_ms,
+                });
             }
         }
     }

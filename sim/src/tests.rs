@@ -101,3 +101,27 @@ fn one_way_partitions_lose_acks_so_dedupe_off_is_caught() {
 fn latency_spikes_time_out_requests_so_dedupe_off_is_caught() {
     caught_by(FaultKind::Spike, Planted::DedupeOff, 1..11, "I2");
 }
+
+#[test]
+fn slow_readers_degrade_connections_and_still_converge() {
+    let mut notified = 0;
+    let mut closed = 0;
+    for seed in 1..21 {
+        let mut cfg = config(seed, None);
+        cfg.faults = FaultSet::Only(FaultKind::SlowReader);
+        let o = run_seed(&cfg);
+        assert!(o.violations.is_empty(), "seed {seed}: {:?}", o.violations);
+        notified += o.counts.notify_seen;
+        closed += o.counts.slow_closed;
+        if notified > 0 && closed > 0 {
+            break;
+        }
+    }
+    assert!(notified > 0, "no push turned into a Notify");
+    assert!(closed > 0, "no connection closed as a slow consumer");
+}
+
+#[test]
+fn slow_readers_are_told_to_pull_so_dropping_notify_is_caught() {
+    caught_by(FaultKind::SlowReader, Planted::NotifyDropped, 1..11, "I4");
+}
