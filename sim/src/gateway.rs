@@ -8,7 +8,7 @@
 //! back for a while (never reordering inside it).
 
 use crate::rng::Rng;
-use crate::run::{core_now, Planted, Rates, Shared, GROUP, USERS};
+use crate::run::{core_now, CrashPoint, Planted, Rates, Shared, GROUP, USERS};
 use bytes::{Bytes, BytesMut};
 use imgate_core::auth::{KeyConfig, TokenVerifier};
 use imgate_core::log::{scan, Record};
@@ -93,6 +93,10 @@ pub async fn host(shared: Rc<RefCell<Shared>>, shard_count: u16) -> turmoil::Res
     }
     loop {
         gw.turn(&shared, &io);
+        if gw.frozen {
+            // Stopped at a crash point: nothing more happens until the crash takes the host.
+            std::future::pending::<()>().await;
+        }
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
 }
@@ -107,6 +111,8 @@ struct Gateway {
     rng: Rng,
     tick: u64,
     commands: BTreeMap<u64, bool>,
+    /// Stopped at an armed crash point, waiting for the crash.
+    frozen: bool,
 }
 
 fn verifier(limits: &Limits) -> TokenVerifier {
@@ -194,6 +200,7 @@ impl Gateway {
             rng,
             tick: 0,
             commands: BTreeMap::new(),
+            frozen: false,
         };
         if !booted {
             let now = core_now();
@@ -258,7 +265,24 @@ impl Gateway {
         self.pump(shared);
         let faults_on = shared.borrow().faults_on;
         self.commit(shared, faults_on);
+        if self.frozen {
+            return;
+        }
         self.pump(shared);
+    }
+
+    /// Stops here if a crash is armed for `point`: the run loop crashes the host after this
+    /// simulation step, before anything else of this turn is done.
+    fn at_crash_point(&mut self, shared: &Rc<RefCell<Shared>>, point: CrashPoint) -> bool {
+        let mut sh = shared.borrow_mut();
+        if !sh.faults_on || sh.crash_point.map(|(p, _)| p) != Some(point) {
+            return false;
+        }
+        let (_, down_ms) = sh.crash_point.take().expect("armed");
+        sh.crash_now = Some((point, down_ms));
+        sh.event(format!("gateway stops at crash point {point:?}"));
+        self.frozen = true;
+        true
     }
 
     fn accept(
@@ -483,7 +507,17 @@ impl Gateway {
                     sh.logs[i].sync_to(len);
                     sh.observe_durable(i);
                 }
+                if self.at_crash_point(shared, CrashPoint::AfterDurable) {
+                    // Durable, but neither Acked nor delivered.
+                    return;
+                }
                 self.nodes[i].shard.handle_durable(now, lsn);
+            }
+            if self.nodes[i].appended.is_some()
+                && self.at_crash_point(shared, CrashPoint::AfterAppend)
+            {
+                // Written, not synced: the crash keeps a seeded share of it.
+                return;
             }
             let Some(lsn) = self.nodes[i].appended.take() else {
                 continue;

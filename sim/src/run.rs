@@ -58,11 +58,24 @@ pub enum FaultKind {
     /// seed has a tight outbound budget, so the connection degrades (pushes become Notify)
     /// and may be closed as a slow consumer.
     SlowReader,
+    /// Gateway crash at a chosen point of the durability path: after an append is
+    /// written and before it is synced, or after the sync returned and before the engine
+    /// hears of it (so before any Ack or Deliver).
+    PointCrash,
+}
+
+/// A point of the gateway's durability path where a crash can be armed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CrashPoint {
+    /// Appends written to the log, their sync not started.
+    AfterAppend,
+    /// A sync returned; `handle_durable` not called, so no Ack or Deliver written.
+    AfterDurable,
 }
 
 impl FaultKind {
     /// Every kind, in the order rates are drawn.
-    pub const ALL: [FaultKind; 12] = [
+    pub const ALL: [FaultKind; 13] = [
         FaultKind::Crash,
         FaultKind::Partition,
         FaultKind::Hold,
@@ -75,6 +88,7 @@ impl FaultKind {
         FaultKind::OneWay,
         FaultKind::Spike,
         FaultKind::SlowReader,
+        FaultKind::PointCrash,
     ];
 
     /// The kind's name on the command line.
@@ -92,6 +106,7 @@ impl FaultKind {
             FaultKind::OneWay => "one-way",
             FaultKind::Spike => "spike",
             FaultKind::SlowReader => "slow-reader",
+            FaultKind::PointCrash => "point-crash",
         }
     }
 
@@ -188,6 +203,8 @@ pub struct Rates {
     /// The gateway's outbound budget (soft bytes, hard bytes, grace ms) when not the
     /// default: tight in seeds with slow readers, so that one crosses it within a fault.
     pub outbound: Option<(usize, usize, u64)>,
+    /// Mean seconds between crashes armed at a chosen point.
+    pub point_crash_every_s: f64,
 }
 
 /// Counters of faults injected, by kind.
@@ -222,6 +239,10 @@ pub struct FaultCounts {
     pub notify_seen: u64,
     /// Not a fault: connections the gateway closed as slow consumers, as devices saw it.
     pub slow_closed: u64,
+    /// Gateway crashes after an append was written, before its sync.
+    pub crash_appended: u64,
+    /// Gateway crashes after a sync returned, before the engine was told.
+    pub crash_durable: u64,
 }
 
 impl FaultCounts {
@@ -242,6 +263,8 @@ impl FaultCounts {
             slow,
             notify_seen,
             slow_closed,
+            crash_appended,
+            crash_durable,
         } = other;
         self.crash += crash;
         self.torn += torn;
@@ -257,6 +280,8 @@ impl FaultCounts {
         self.slow += slow;
         self.notify_seen += notify_seen;
         self.slow_closed += slow_closed;
+        self.crash_appended += crash_appended;
+        self.crash_durable += crash_durable;
     }
 }
 
@@ -282,6 +307,10 @@ pub struct Shared {
     pub counts: FaultCounts,
     /// Bumped by a reconnect storm.
     pub storm_gen: u64,
+    /// A gateway crash armed at a point, with its down time.
+    pub crash_point: Option<(CrashPoint, u64)>,
+    /// The gateway stopped at an armed point: the run loop crashes it now.
+    pub crash_now: Option<(CrashPoint, u64)>,
     /// The devices, by index.
     pub devices: Vec<Device>,
     trace_hash: u64,
@@ -425,6 +454,7 @@ fn draw_rates(rng: &mut Rng, faults: FaultSet) -> Rates {
                 let soft = 1024 + (3072.0 * u) as usize;
                 r.outbound = Some((soft, 96 * 1024, 500 + (2000.0 * u) as u64));
             }
+            FaultKind::PointCrash => r.point_crash_every_s = 2.0 + 8.0 * u,
         }
     }
     r
@@ -455,6 +485,11 @@ enum Fault {
         dev: usize,
         latency_ms: u64,
         ms: u64,
+    },
+    /// The gateway crashes when it next reaches `point`, down for `down_ms`.
+    PointCrash {
+        point: CrashPoint,
+        down_ms: u64,
     },
     /// `dev` reads at most `chunk` bytes every `pause_ms`, for `ms`.
     Slow {
@@ -513,6 +548,14 @@ fn schedule(rng: &mut Rng, rates: &Rates, until_ms: u64, devices: usize) -> Vec<
             ms,
         }
     });
+    add(rates.point_crash_every_s, rng, &mut |r| Fault::PointCrash {
+        point: if r.chance(0.5) {
+            CrashPoint::AfterAppend
+        } else {
+            CrashPoint::AfterDurable
+        },
+        down_ms: r.range(10, 2000),
+    });
     out.sort_by_key(|(t, _)| *t);
     out
 }
@@ -549,6 +592,8 @@ pub fn run_seed(cfg: &RunConfig) -> Outcome {
         oracle: Oracle::default(),
         counts: FaultCounts::default(),
         storm_gen: 0,
+        crash_point: None,
+        crash_now: None,
         devices,
         trace_hash: 0xcbf2_9ce4_8422_2325,
         trace: Vec::new(),
@@ -599,6 +644,7 @@ pub fn run_seed(cfg: &RunConfig) -> Outcome {
             for d in &mut sh.devices {
                 d.slow = None;
             }
+            sh.crash_point = None;
             sh.event("heal: faults and new sends stop".into());
             drop(sh);
             sim.set_fail_rate(0.0);
@@ -624,6 +670,16 @@ pub fn run_seed(cfg: &RunConfig) -> Outcome {
         if let Err(e) = sim.step() {
             error = Some(format!("a host failed: {e}"));
             break;
+        }
+        let stopped = shared.borrow_mut().crash_now.take();
+        if let Some((point, down_ms)) = stopped {
+            let mut sh = shared.borrow_mut();
+            match point {
+                CrashPoint::AfterAppend => sh.counts.crash_appended += 1,
+                CrashPoint::AfterDurable => sh.counts.crash_durable += 1,
+            }
+            drop(sh);
+            w.crash_gateway(&mut sim, &shared, ms, down_ms, format!("at {point:?}"));
         }
         if shared.borrow().violation_count() > 0 {
             break;
@@ -694,25 +750,14 @@ impl World {
         let mut sh = shared.borrow_mut();
         match *f {
             Fault::Crash { down_ms } if !self.gateway_down => {
-                sh.counts.crash += 1;
-                sh.event(format!("fault: gateway crash, down {down_ms}ms"));
-                // Power loss mid-write: each log keeps a seeded share of its unsynced
-                // tail, so recovery meets torn records as well as whole unacked ones.
-                let mut torn = Rng::new(sh.cfg.seed, 7_000 + sh.counts.crash);
-                let mut kept = 0;
-                for log in &mut sh.logs {
-                    let tail = log.len() - log.durable_len();
-                    let keep = torn.range(0, tail + 1);
-                    log.crash_torn(keep);
-                    kept += u64::from(keep > 0);
-                }
-                sh.counts.torn += kept;
                 drop(sh);
-                sim.crash("gateway");
-                self.gateway_down = true;
-                self.later(ms + down_ms, Undo::Restart);
+                self.crash_gateway(sim, shared, ms, down_ms, "at a random instant".into());
             }
             Fault::Crash { .. } => {}
+            Fault::PointCrash { point, down_ms } => {
+                sh.event(format!("fault: gateway crash armed at {point:?}"));
+                sh.crash_point = Some((point, down_ms));
+            }
             Fault::Partition { dev, ms: d } => {
                 sh.counts.partition += 1;
                 sh.event(format!("fault: partition dev{dev} for {d}ms"));
@@ -773,6 +818,35 @@ impl World {
                 });
             }
         }
+    }
+
+    /// Crashes the gateway now (power loss) and restarts it after `down_ms`.
+    fn crash_gateway(
+        &mut self,
+        sim: &mut turmoil::Sim<'_>,
+        shared: &Rc<RefCell<Shared>>,
+        ms: u64,
+        down_ms: u64,
+        how: String,
+    ) {
+        let mut sh = shared.borrow_mut();
+        sh.counts.crash += 1;
+        sh.event(format!("fault: gateway crash {how}, down {down_ms}ms"));
+        // Power loss mid-write: each log keeps a seeded share of its unsynced tail, so
+        // recovery meets torn records as well as whole unacked ones.
+        let mut torn = Rng::new(sh.cfg.seed, 7_000 + sh.counts.crash);
+        let mut kept = 0;
+        for log in &mut sh.logs {
+            let tail = log.len() - log.durable_len();
+            let keep = torn.range(0, tail + 1);
+            log.crash_torn(keep);
+            kept += u64::from(keep > 0);
+        }
+        sh.counts.torn += kept;
+        drop(sh);
+        sim.crash("gateway");
+        self.gateway_down = true;
+        self.later(ms + down_ms, Undo::Restart);
     }
 
     fn apply(&mut self, sim: &mut turmoil::Sim<'_>, shared: &Rc<RefCell<Shared>>, u: Undo) {

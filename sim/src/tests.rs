@@ -31,8 +31,8 @@ fn first_violation_under(
 }
 
 /// A planted bug that a fault-free run does not reveal is caught by `kind` alone, with a
-/// violation starting with `what`: the kind can fail a run.
-fn caught_by(kind: FaultKind, planted: Planted, seeds: std::ops::Range<u64>, what: &str) {
+/// violation starting with `what`: the kind can fail a run. Returns the seed.
+fn caught_by(kind: FaultKind, planted: Planted, seeds: std::ops::Range<u64>, what: &str) -> u64 {
     let (seed, v) = first_violation_under(seeds.clone(), planted, FaultSet::Only(kind))
         .unwrap_or_else(|| panic!("{planted:?} not caught by {} in {seeds:?}", kind.name()));
     assert!(v.starts_with(what), "seed {seed}: {v}");
@@ -41,6 +41,7 @@ fn caught_by(kind: FaultKind, planted: Planted, seeds: std::ops::Range<u64>, wha
         quiet.is_none(),
         "seed {seed} fails without faults too: {quiet:?}"
     );
+    seed
 }
 
 #[test]
@@ -94,12 +95,12 @@ fn planted_dedupe_off_is_caught() {
 
 #[test]
 fn one_way_partitions_lose_acks_so_dedupe_off_is_caught() {
-    caught_by(FaultKind::OneWay, Planted::DedupeOff, 1..11, "I2");
+    let _ = caught_by(FaultKind::OneWay, Planted::DedupeOff, 1..11, "I2");
 }
 
 #[test]
 fn latency_spikes_time_out_requests_so_dedupe_off_is_caught() {
-    caught_by(FaultKind::Spike, Planted::DedupeOff, 1..11, "I2");
+    let _ = caught_by(FaultKind::Spike, Planted::DedupeOff, 1..11, "I2");
 }
 
 #[test]
@@ -123,5 +124,18 @@ fn slow_readers_degrade_connections_and_still_converge() {
 
 #[test]
 fn slow_readers_are_told_to_pull_so_dropping_notify_is_caught() {
-    caught_by(FaultKind::SlowReader, Planted::NotifyDropped, 1..11, "I4");
+    let _ = caught_by(FaultKind::SlowReader, Planted::NotifyDropped, 1..11, "I4");
+}
+
+#[test]
+fn crashes_between_durable_and_ack_catch_dedupe_off_where_random_crashes_do_not() {
+    let seed = caught_by(FaultKind::PointCrash, Planted::DedupeOff, 1..11, "I2");
+    let random = FaultSet::Only(FaultKind::Crash);
+    let v = first_violation_under(seed..seed + 1, Planted::DedupeOff, random);
+    assert!(v.is_none(), "random crashes catch it too: {v:?}");
+}
+
+#[test]
+fn crashes_at_chosen_points_catch_a_seq_not_recovered() {
+    let _ = caught_by(FaultKind::PointCrash, Planted::SeqNotRecovered, 1..11, "I");
 }
