@@ -40,9 +40,15 @@ use std::sync::Arc;
 use std::task::{Poll, Waker};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-/// Messages in flight on one mesh channel (one ordered pair of shards) before the sender
-/// task waits. 4096: a few milliseconds of fan-out at full load.
-const MESH_CHANNEL_SIZE: usize = 4096;
+/// Batches in flight on one mesh channel (one ordered pair of shards) before the sender
+/// task waits. A batch is everything queued for the peer since the last one, so 256
+/// batches are many loop turns of the busiest shard.
+const MESH_CHANNEL_SIZE: usize = 256;
+
+/// What one mesh channel item carries: every message for one peer queued since the last
+/// item, in order. One item per loop turn instead of one per message: each item can cost
+/// a wake-up of the peer's executor.
+type MeshBatch = Vec<ShardMsg>;
 /// The shard-wide read scratch buffer. 64 KiB: one read takes what a busy socket has.
 const READ_SCRATCH_BYTES: usize = 64 * 1024;
 /// How often the engine's timers are driven. Its wheel has 100 ms ticks.
@@ -196,7 +202,7 @@ struct ShardSetup {
     config: Config,
     verifier: TokenVerifier,
     metrics: Arc<Metrics>,
-    mesh: MeshBuilder<ShardMsg, glommio::channels::channel_mesh::Full>,
+    mesh: MeshBuilder<MeshBatch, glommio::channels::channel_mesh::Full>,
     stop: Arc<AtomicBool>,
     admin: Option<(
         shared_channel::SharedReceiver<AdminRequest>,
@@ -782,25 +788,29 @@ async fn fetch_task(state: Shared, reader: LogReader) {
     }
 }
 
-async fn mesh_sender(state: Shared, senders: Rc<Senders<ShardMsg>>, peer: usize, wake: Rc<Notify>) {
+async fn mesh_sender(
+    state: Shared,
+    senders: Rc<Senders<MeshBatch>>,
+    peer: usize,
+    wake: Rc<Notify>,
+) {
     loop {
-        let msg = state.borrow_mut().mesh_out[peer].pop_front();
-        match msg {
-            Some(msg) => {
-                if senders.send_to(peer, msg).await.is_err() {
-                    return;
-                }
-            }
-            None => wake.wait().await,
+        let batch: MeshBatch = state.borrow_mut().mesh_out[peer].drain(..).collect();
+        if batch.is_empty() {
+            wake.wait().await;
+        } else if senders.send_to(peer, batch).await.is_err() {
+            return;
         }
     }
 }
 
-async fn mesh_receiver(state: Shared, receivers: Rc<Receivers<ShardMsg>>, peer: usize) {
-    while let Ok(Some(msg)) = receivers.recv_from(peer).await {
+async fn mesh_receiver(state: Shared, receivers: Rc<Receivers<MeshBatch>>, peer: usize) {
+    while let Ok(Some(batch)) = receivers.recv_from(peer).await {
         let mut st = state.borrow_mut();
         let now = st.clock.now();
-        st.shard.handle_shard_msg(now, msg);
+        for msg in batch {
+            st.shard.handle_shard_msg(now, msg);
+        }
         st.pump();
     }
 }
