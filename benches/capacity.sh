@@ -20,7 +20,7 @@ if [ -n "${QUICK:-}" ]; then
   : "${IDLE_SECS:=3}" "${RECONNECT_SECS:=3}" "${FANOUT_CONNS:=200}" "${BIG_GROUP:=200}"
 fi
 : "${IDLE_CONNS:=19000}" "${CHAT_CONNS:=2000}" "${DURATION:=20}" "${IDLE_SECS:=60}"
-: "${CHAT_RATES:=5000 10000 20000 30000 40000 60000 80000 100000}" "${P99_MS:=10}"
+: "${CHAT_RATES:=2000 4000 6000 8000 10000 15000 20000 40000}" "${P99_MS:=10}"
 : "${RECONNECT_SECS:=60}" "${FANOUT_CONNS:=2000}" "${BIG_GROUP:=2000}"
 
 cargo build --release --quiet -p imgate-gateway -p imgate-loadgen

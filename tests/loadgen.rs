@@ -140,7 +140,17 @@ fn tokens_from_the_wrong_secret_are_counted_as_errors() {
     let out = Command::new(loadgen_bin())
         .args(["--gateway", &g.listen.to_string(), "--json"])
         .args(["--secret", "not-the-gateways-secret-but-32-bytes-long"])
-        .args(["-c", "4", "-d", "1", "--connect-timeout", "2", "idle"])
+        .args([
+            "-c",
+            "4",
+            "-d",
+            "1",
+            "--connect-timeout",
+            "2",
+            "--drain",
+            "1",
+            "idle",
+        ])
         .stderr(Stdio::null())
         .output()
         .unwrap();

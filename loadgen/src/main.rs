@@ -559,8 +559,9 @@ fn orchestrate(cli: &Cli) -> Result<ExitCode> {
         ExitCode::from(1)
     } else if !s.errors.is_empty()
         || v.unresolved > 0
-        || s.held < n as u64
-        // Reconnect drops connections on purpose; the others must hold every one throughout.
+        // Every connection up once the run settled; and throughout the window, except
+        // for reconnect, which drops connections on purpose.
+        || s.totals.authenticated < n as u64
         || (plan.scenario != Scenario::Reconnect && s.held_min < n as u64)
         || reports.len() < worker_count
     {

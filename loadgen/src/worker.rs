@@ -232,12 +232,13 @@ async fn drive(spec: WorkerSpec) -> Result<Report> {
     };
     opener.abort();
 
-    // Settle: every message acked (or finally refused) and every owed reception made.
+    // Settle: every connection back up, every message acked (or finally refused) and
+    // every owed reception made.
     let deadline = Instant::now() + Duration::from_secs(shared.spec.drain_secs);
     while Instant::now() < deadline {
         {
             let st = shared.state.borrow();
-            if st.outboxes == 0 && st.made >= st.owed {
+            if st.counters.authenticated == connections && st.outboxes == 0 && st.made >= st.owed {
                 break;
             }
         }
