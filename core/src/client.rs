@@ -12,7 +12,8 @@
 //!
 //! # Driver contract (quinn-proto style)
 //!
-//! 1. [`Client::new`] with the cursors persisted by the previous run.
+//! 1. [`Client::new`] with the cursors persisted by the previous run, then
+//!    [`Client::restore_unacked`] for each message of the app's persisted outbox, in send order.
 //! 2. Transport up: [`Client::handle_connected`] (queues Auth), with a fresh receive buffer.
 //! 3. After every input, that is [`Client::handle_bytes`] (bytes read), [`Client::handle_timeout`]
 //!    (the timer set from `poll_timeout` fired) or an app call ([`Client::send`],
@@ -24,7 +25,9 @@
 //! 4. Transport gone (EOF, error, or closed after `Closed`/`Dead`):
 //!    [`Client::handle_disconnected`]; every pending request fails with an event. Reconnect when
 //!    the app likes and go back to 2.
-//! 5. Persist [`Client::cursors`] after `Message`/`HistoryGap` events as the app sees fit.
+//! 5. Persist [`Client::cursors`] after `Message`/`HistoryGap` events as the app sees fit, and
+//!    the outbox: a message (with the id [`Client::send`] returned) until its `Acked` or final
+//!    `Nacked`.
 //!
 //! # Connection states
 //!
@@ -775,6 +778,12 @@ impl Client {
             });
         }
         let id = self.new_client_msg_id();
+        self.enqueue(id, conv, payload, priority);
+        Ok(id)
+    }
+
+    /// Adds a message to the outbox behind the others and sends what there is room for.
+    fn enqueue(&mut self, id: ClientMsgId, conv: ConvId, payload: Bytes, priority: Priority) {
         let order = self.next_order;
         self.next_order += 1;
         self.outbox.insert(
@@ -791,7 +800,32 @@ impl Client {
         self.outbox_index.insert(id, order);
         self.send_queue.insert(order);
         self.pump_sends();
-        Ok(id)
+    }
+
+    /// Puts back a message of the app's persisted outbox after a restart: one it sent in an
+    /// earlier run and never saw `Acked` or finally `Nacked`. It keeps its `client_msg_id`, so if
+    /// a copy became durable before the restart, the gateway's dedupe (I2) answers with that
+    /// copy's seq instead of storing it again. It waits in the outbox behind those already
+    /// there and goes out after the next AuthOk, like any unacked message. An id already in the
+    /// outbox is left as it is.
+    pub fn restore_unacked(
+        &mut self,
+        id: ClientMsgId,
+        conv: ConvId,
+        payload: Bytes,
+        priority: Priority,
+    ) -> Result<(), ClientError> {
+        self.check_outgoing(conv, &payload)?;
+        if self.outbox_index.contains_key(&id) {
+            return Ok(());
+        }
+        if self.outbox.len() >= self.config.outbox_max {
+            return Err(ClientError::OutboxFull {
+                max: self.config.outbox_max,
+            });
+        }
+        self.enqueue(id, conv, payload, priority);
+        Ok(())
     }
 
     /// Re-sends an unacked message with the same `client_msg_id` (after `SendFailed` or a
@@ -1762,6 +1796,19 @@ mod tests {
         })
     }
 
+    /// A Deliver of this client's own message `id` (user 1, device 7).
+    fn own_deliver(conv: ConvId, seq: u64, id: ClientMsgId) -> Meta {
+        Meta::Deliver(meta::Deliver {
+            sender: UserId(1),
+            sender_device: DeviceId(7),
+            client_msg_id: id,
+            ..match deliver(conv, seq) {
+                Meta::Deliver(d) => d,
+                _ => unreachable!(),
+            }
+        })
+    }
+
     fn body(seq: u64) -> Vec<u8> {
         format!("message {seq}").into_bytes()
     }
@@ -2144,15 +2191,7 @@ mod tests {
         c.handle_connected(T0);
         let _ = sent_metas(&mut c);
         feed(&mut c, T0, auth_ok(), &[]);
-        let own = Meta::Deliver(meta::Deliver {
-            sender: UserId(1),
-            sender_device: DeviceId(7),
-            client_msg_id: id,
-            ..match deliver(conv(), 1) {
-                Meta::Deliver(d) => d,
-                _ => unreachable!(),
-            }
-        });
+        let own = own_deliver(conv(), 1, id);
         feed(&mut c, T0, own, b"mine");
         // The resend's Ack arrives later and must not report it again.
         let ack = Meta::Ack(meta::Ack {
@@ -2176,6 +2215,55 @@ mod tests {
         assert_eq!(acked, 1, "{evs:?}");
         assert_eq!(c.outbox_len(), 0);
         assert_eq!(c.cursors()[&conv()], Seq(1));
+    }
+
+    #[test]
+    fn a_restored_outbox_is_resent_with_its_ids_and_a_replayed_copy_counts_as_its_ack() {
+        // The first run sends two messages and dies before either Ack; the app persisted them.
+        let mut first = synced(config());
+        let a = send_text(&mut first, T0, "a");
+        let b = send_text(&mut first, T0, "b");
+        let _ = sent_metas(&mut first);
+
+        // The next run restores them (a repeated restore is a no-op) and sends one more.
+        let mut c = Client::new(
+            ClientConfig {
+                seed: 43,
+                ..config()
+            },
+            BTreeMap::new(),
+        );
+        for (id, text) in [(a, "a"), (b, "b"), (a, "a")] {
+            let payload = Bytes::from_static(text.as_bytes());
+            c.restore_unacked(id, conv(), payload, Priority::Normal)
+                .unwrap();
+        }
+        assert_eq!(c.outbox_len(), 2);
+        let d = send_text(&mut c, T0, "d");
+        assert!(sent(&mut c).is_empty(), "nothing before AuthOk");
+        c.handle_connected(T0);
+        assert!(matches!(sent_metas(&mut c)[..], [Meta::Auth(_)]));
+        feed(&mut c, T0, auth_ok(), &[]);
+        let frames = sent(&mut c);
+        assert_eq!(frames[0].kind(), imgate_proto::FrameKind::Sync);
+        let metas: Vec<Meta> = frames.iter().map(|f| f.meta.clone()).collect();
+        let ids: Vec<ClientMsgId> = sends(&metas).iter().map(|s| s.client_msg_id).collect();
+        assert_eq!(ids, vec![a, b, d]);
+        assert_eq!(frames[1].payload, "a");
+
+        // `a` became durable before the crash: the Sync replays it, and that is its Ack.
+        let own = own_deliver(conv(), 1, a);
+        feed(&mut c, T0, own, b"a");
+        let evs = events(&mut c);
+        assert!(messages(&evs).is_empty(), "{evs:?}");
+        assert!(evs.contains(&ClientEvent::Acked {
+            client_msg_id: a,
+            conv: conv(),
+            seq: Seq(1)
+        }));
+        assert_eq!(c.outbox_len(), 2);
+        let bad = c.restore_unacked(a, ConvId { hi: 0, lo: 0 }, Bytes::new(), Priority::Normal);
+        assert!(matches!(bad, Err(ClientError::InvalidConversation(_))));
     }
 
     #[test]

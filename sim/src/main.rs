@@ -52,6 +52,9 @@ enum Command {
         /// Simulated seconds.
         #[arg(long, default_value_t = 40)]
         duration: u64,
+        /// Faults: none, all, or one kind by name, as the run had.
+        #[arg(long, default_value = "all")]
+        faults: String,
     },
 }
 
@@ -104,9 +107,11 @@ fn main() -> anyhow::Result<()> {
             seed,
             trace,
             duration,
+            faults,
         } => {
             let mut cfg = RunConfig::new(seed);
             cfg.duration_secs = duration;
+            cfg.faults = fault_set(&faults)?;
             cfg.keep_trace = trace;
             let o = run_seed(&cfg);
             for line in &o.trace {

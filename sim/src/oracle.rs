@@ -11,6 +11,11 @@
 //!   after the heal every seq of every conversation of the device's user.
 //! - I5: a Message shown only for a durable (conv, seq), with that record's payload; a
 //!   (conv, seq) never names two messages.
+//! - I2 as the user sees it: every payload the devices make is unique, so one payload in two
+//!   durable records is a message stored twice (an app that re-sent it under a new id).
+//!
+//! A device that crashes shows again what it showed after its last commit: the oracle's view
+//! of it is rolled back to that commit ([`Oracle::device_view`], [`Oracle::restore_device_view`]).
 
 use bytes::Bytes;
 use imgate_core::log::{Record, StoredMessage};
@@ -25,6 +30,13 @@ struct Durable {
     payload: Bytes,
 }
 
+/// What one device has shown: per conversation the seqs, and the last seq of a Message.
+#[derive(Clone, Debug, Default)]
+pub struct DeviceView {
+    shown: Vec<(ConvId, BTreeSet<Seq>)>,
+    last_message: Vec<(ConvId, Seq)>,
+}
+
 /// What the oracle knows. One per run.
 #[derive(Debug, Default)]
 pub struct Oracle {
@@ -36,6 +48,8 @@ pub struct Oracle {
     shown: BTreeMap<(usize, ConvId), BTreeSet<Seq>>,
     /// Per device index and conversation, the last seq of a Message event.
     last_message: BTreeMap<(usize, ConvId), Seq>,
+    /// Every durable payload and the (conv, seq) that holds it.
+    payloads: BTreeMap<Bytes, (ConvId, Seq)>,
     /// Violations, first first.
     pub violations: Vec<String>,
 }
@@ -74,6 +88,14 @@ impl Oracle {
                 self.violate(v);
             }
             self.last_seq.insert(m.conv, Seq(last.0.max(m.seq.0)));
+            if let Some(&(c, s)) = self.payloads.get(&m.payload) {
+                let v = format!(
+                    "I2: one message stored twice, as ({c}, {}) and as ({}, {}) under another id",
+                    s.0, m.conv, m.seq.0
+                );
+                self.violate(v);
+            }
+            self.payloads.insert(m.payload.clone(), (m.conv, m.seq));
             if let Some(&(c, s)) = self.by_id.get(&(m.sender, m.client_msg_id)) {
                 let v = format!(
                     "I2: {:?} of user {} stored twice: ({}, {}) and ({}, {})",
@@ -227,6 +249,40 @@ impl Oracle {
             checked += n;
         }
         checked
+    }
+
+    /// What device `device` has shown so far.
+    pub fn device_view(&self, device: usize) -> DeviceView {
+        let range = (device, ConvId { hi: 0, lo: 0 })..(device + 1, ConvId { hi: 0, lo: 0 });
+        DeviceView {
+            shown: self
+                .shown
+                .range(range.clone())
+                .map(|(k, v)| (k.1, v.clone()))
+                .collect(),
+            last_message: self
+                .last_message
+                .range(range)
+                .map(|(k, v)| (k.1, *v))
+                .collect(),
+        }
+    }
+
+    /// Device `device` restarted from a commit that had shown `view`.
+    pub fn restore_device_view(&mut self, device: usize, view: &DeviceView) {
+        self.shown.retain(|k, _| k.0 != device);
+        self.last_message.retain(|k, _| k.0 != device);
+        for (conv, seqs) in &view.shown {
+            self.shown.insert((device, *conv), seqs.clone());
+        }
+        for (conv, seq) in &view.last_message {
+            self.last_message.insert((device, *conv), *seq);
+        }
+    }
+
+    /// Whether a durable message carries `payload`.
+    pub fn is_stored(&self, payload: &Bytes) -> bool {
+        self.payloads.contains_key(payload)
     }
 
     /// Durable messages known.

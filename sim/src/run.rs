@@ -10,7 +10,7 @@ use imgate_core::proto::{ConvId, UserId};
 use imgate_core::shard::Shard;
 use imgate_core::Instant;
 use std::cell::RefCell;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -62,6 +62,8 @@ pub enum FaultKind {
     /// written and before it is synced, or after the sync returned and before the engine
     /// hears of it (so before any Ack or Deliver).
     PointCrash,
+    /// A device's app crashes and restarts from what it committed to its database.
+    DeviceCrash,
 }
 
 /// A point of the gateway's durability path where a crash can be armed.
@@ -75,7 +77,7 @@ pub enum CrashPoint {
 
 impl FaultKind {
     /// Every kind, in the order rates are drawn.
-    pub const ALL: [FaultKind; 13] = [
+    pub const ALL: [FaultKind; 14] = [
         FaultKind::Crash,
         FaultKind::Partition,
         FaultKind::Hold,
@@ -89,6 +91,7 @@ impl FaultKind {
         FaultKind::Spike,
         FaultKind::SlowReader,
         FaultKind::PointCrash,
+        FaultKind::DeviceCrash,
     ];
 
     /// The kind's name on the command line.
@@ -107,6 +110,7 @@ impl FaultKind {
             FaultKind::Spike => "spike",
             FaultKind::SlowReader => "slow-reader",
             FaultKind::PointCrash => "point-crash",
+            FaultKind::DeviceCrash => "device-crash",
         }
     }
 
@@ -139,6 +143,11 @@ pub enum Planted {
     /// The driver drops every Notify frame (the push a degraded connection gets instead of
     /// its Delivers), so a slow reader is never told to pull.
     NotifyDropped,
+    /// A restarted device's app re-sends its persisted outbox as new messages (new ids)
+    /// instead of restoring it.
+    OutboxNewIds,
+    /// A restarted device's app forgets its persisted outbox.
+    OutboxDropped,
     /// The engine skips its dedupe window (core's `planted-bugs` feature, on only in the
     /// sim's tests).
     #[cfg(test)]
@@ -205,6 +214,11 @@ pub struct Rates {
     pub outbound: Option<(usize, usize, u64)>,
     /// Mean seconds between crashes armed at a chosen point.
     pub point_crash_every_s: f64,
+    /// Mean seconds between device crashes.
+    pub device_crash_every_s: f64,
+    /// Probability that a device's app commits what it showed after a read (0: apps
+    /// persist nothing, as no device crashes).
+    pub persist: f64,
 }
 
 /// Counters of faults injected, by kind.
@@ -243,6 +257,10 @@ pub struct FaultCounts {
     pub crash_appended: u64,
     /// Gateway crashes after a sync returned, before the engine was told.
     pub crash_durable: u64,
+    /// Device crashes.
+    pub device_crash: u64,
+    /// Not a fault: unacked messages a restarted device put back into its engine.
+    pub restored: u64,
 }
 
 impl FaultCounts {
@@ -265,6 +283,8 @@ impl FaultCounts {
             slow_closed,
             crash_appended,
             crash_durable,
+            device_crash,
+            restored,
         } = other;
         self.crash += crash;
         self.torn += torn;
@@ -282,6 +302,8 @@ impl FaultCounts {
         self.slow_closed += slow_closed;
         self.crash_appended += crash_appended;
         self.crash_durable += crash_durable;
+        self.device_crash += device_crash;
+        self.restored += restored;
     }
 }
 
@@ -311,6 +333,8 @@ pub struct Shared {
     pub crash_point: Option<(CrashPoint, u64)>,
     /// The gateway stopped at an armed point: the run loop crashes it now.
     pub crash_now: Option<(CrashPoint, u64)>,
+    /// A device stopped right after a send (an armed crash), with its down time.
+    pub device_stopped: Option<(usize, u64)>,
     /// The devices, by index.
     pub devices: Vec<Device>,
     trace_hash: u64,
@@ -318,12 +342,15 @@ pub struct Shared {
     pub trace: Vec<String>,
     /// Trace events recorded.
     pub events: u64,
+    /// Simulated ms of the run loop's current step.
+    pub loop_ms: u64,
 }
 
 impl Shared {
     /// Adds an event to the trace (and its hash).
     pub fn event(&mut self, line: String) {
-        let now = turmoil::sim_elapsed().map_or(0, |d| d.as_millis() as u64);
+        // Outside a host (the run loop injecting faults) the loop's time stands in.
+        let now = turmoil::sim_elapsed().map_or(self.loop_ms, |d| d.as_millis() as u64);
         let line = format!("{now:>6}ms {line}");
         for b in line.bytes().chain(std::iter::once(b'\n')) {
             self.trace_hash ^= u64::from(b);
@@ -455,6 +482,10 @@ fn draw_rates(rng: &mut Rng, faults: FaultSet) -> Rates {
                 r.outbound = Some((soft, 96 * 1024, 500 + (2000.0 * u) as u64));
             }
             FaultKind::PointCrash => r.point_crash_every_s = 2.0 + 8.0 * u,
+            FaultKind::DeviceCrash => {
+                r.device_crash_every_s = 1.0 + 5.0 * u;
+                r.persist = 0.1 + 0.9 * u;
+            }
         }
     }
     r
@@ -485,6 +516,12 @@ enum Fault {
         dev: usize,
         latency_ms: u64,
         ms: u64,
+    },
+    /// Device `dev` crashes, down for `down_ms`: now, or right after its next send.
+    DeviceCrash {
+        dev: usize,
+        down_ms: u64,
+        after_send: bool,
     },
     /// The gateway crashes when it next reaches `point`, down for `down_ms`.
     PointCrash {
@@ -538,15 +575,16 @@ fn schedule(rng: &mut Rng, rates: &Rates, until_ms: u64, devices: usize) -> Vec<
         latency_ms: r.range(50, 2500),
         ms: r.range(200, 5000),
     });
+    let slow = |r: &mut Rng, ms: u64| Fault::Slow {
+        dev: r.range(0, devices as u64) as usize,
+        chunk: r.range(16, 512) as usize,
+        // One in four stops reading altogether.
+        pause_ms: if r.chance(0.25) { ms } else { r.range(20, 400) },
+        ms,
+    };
     add(rates.slow_every_s, rng, &mut |r| {
         let ms = r.range(500, 6000);
-        Fault::Slow {
-            dev: r.range(0, devices as u64) as usize,
-            chunk: r.range(16, 512) as usize,
-            // One in four stops reading altogether.
-            pause_ms: if r.chance(0.25) { ms } else { r.range(20, 400) },
-            ms,
-        }
+        slow(r, ms)
     });
     add(rates.point_crash_every_s, rng, &mut |r| Fault::PointCrash {
         point: if r.chance(0.5) {
@@ -556,6 +594,20 @@ fn schedule(rng: &mut Rng, rates: &Rates, until_ms: u64, devices: usize) -> Vec<
         },
         down_ms: r.range(10, 2000),
     });
+    add(rates.device_crash_every_s, rng, &mut |r| {
+        Fault::DeviceCrash {
+            dev: r.range(0, devices as u64) as usize,
+            down_ms: r.range(10, 3000),
+            after_send: r.chance(0.5),
+        }
+    });
+    if rates.slow_every_s > 0.0 {
+        // The last slow reader is still slow when the faults stop, so that the way from a
+        // degraded connection to a healed device is taken in every such seed.
+        let at = until_ms.saturating_sub(rng.range(1000, 4000));
+        let f = slow(rng, until_ms - at + 1000);
+        out.push((at, f));
+    }
     out.sort_by_key(|(t, _)| *t);
     out
 }
@@ -594,10 +646,12 @@ pub fn run_seed(cfg: &RunConfig) -> Outcome {
         storm_gen: 0,
         crash_point: None,
         crash_now: None,
+        device_stopped: None,
         devices,
         trace_hash: 0xcbf2_9ce4_8422_2325,
         trace: Vec::new(),
         events: 0,
+        loop_ms: 0,
     }));
     shared.borrow_mut().event(format!(
         "seed {} shards {shard_count} rates {rates:?}",
@@ -629,6 +683,7 @@ pub fn run_seed(cfg: &RunConfig) -> Outcome {
         undo_n: 0,
         gateway_down: false,
         spikes: BTreeMap::new(),
+        devices_down: BTreeSet::new(),
     };
     let mut next_fault = 0;
     let mut healed = false;
@@ -636,6 +691,7 @@ pub fn run_seed(cfg: &RunConfig) -> Outcome {
     let mut error: Option<String> = None;
     while ms < duration_ms {
         ms = sim.elapsed().as_millis() as u64;
+        shared.borrow_mut().loop_ms = ms;
         if !healed && ms >= faults_until_ms {
             healed = true;
             let mut sh = shared.borrow_mut();
@@ -645,6 +701,9 @@ pub fn run_seed(cfg: &RunConfig) -> Outcome {
                 d.slow = None;
             }
             sh.crash_point = None;
+            for d in &mut sh.devices {
+                d.crash_after_send = None;
+            }
             sh.event("heal: faults and new sends stop".into());
             drop(sh);
             sim.set_fail_rate(0.0);
@@ -680,6 +739,10 @@ pub fn run_seed(cfg: &RunConfig) -> Outcome {
             }
             drop(sh);
             w.crash_gateway(&mut sim, &shared, ms, down_ms, format!("at {point:?}"));
+        }
+        let stopped = shared.borrow_mut().device_stopped.take();
+        if let Some((dev, down_ms)) = stopped {
+            w.crash_device(&mut sim, &shared, ms, dev, down_ms);
         }
         if shared.borrow().violation_count() > 0 {
             break;
@@ -722,6 +785,8 @@ enum Undo {
         dev: usize,
         n: u64,
     },
+    /// Device `dev`'s app starts again.
+    DeviceRestart(usize),
 }
 
 /// The run loop's view of the faults in force.
@@ -732,6 +797,8 @@ struct World {
     gateway_down: bool,
     /// Per device, the latest spike on its link.
     spikes: BTreeMap<usize, u64>,
+    /// Devices crashed and not restarted yet.
+    devices_down: BTreeSet<usize>,
 }
 
 impl World {
@@ -754,6 +821,21 @@ impl World {
                 self.crash_gateway(sim, shared, ms, down_ms, "at a random instant".into());
             }
             Fault::Crash { .. } => {}
+            Fault::DeviceCrash {
+                dev,
+                down_ms,
+                after_send: true,
+            } => {
+                sh.event(format!(
+                    "fault: dev{dev} crash armed for right after a send"
+                ));
+                sh.devices[dev].crash_after_send = Some(down_ms);
+            }
+            Fault::DeviceCrash { dev, down_ms, .. } if !self.devices_down.contains(&dev) => {
+                drop(sh);
+                self.crash_device(sim, shared, ms, dev, down_ms);
+            }
+            Fault::DeviceCrash { .. } => {}
             Fault::PointCrash { point, down_ms } => {
                 sh.event(format!("fault: gateway crash armed at {point:?}"));
                 sh.crash_point = Some((point, down_ms));
@@ -820,6 +902,28 @@ impl World {
         }
     }
 
+    /// Crashes device `dev` now and restarts it after `down_ms`.
+    fn crash_device(
+        &mut self,
+        sim: &mut turmoil::Sim<'_>,
+        shared: &Rc<RefCell<Shared>>,
+        ms: u64,
+        dev: usize,
+        down_ms: u64,
+    ) {
+        let mut sh = shared.borrow_mut();
+        sh.counts.device_crash += 1;
+        let restored = device::crash(&mut sh, dev) as u64;
+        sh.counts.restored += restored;
+        sh.event(format!(
+            "fault: dev{dev} crashes, down {down_ms}ms, {restored} unacked kept"
+        ));
+        drop(sh);
+        sim.crash(device_host(dev));
+        self.devices_down.insert(dev);
+        self.later(ms + down_ms, Undo::DeviceRestart(dev));
+    }
+
     /// Crashes the gateway now (power loss) and restarts it after `down_ms`.
     fn crash_gateway(
         &mut self,
@@ -868,6 +972,11 @@ impl World {
                 let (from, to) = one_way(dev, up);
                 shared.borrow_mut().event(format!("repair {from} -> {to}"));
                 sim.repair_oneway(from, to);
+            }
+            Undo::DeviceRestart(dev) => {
+                shared.borrow_mut().event(format!("dev{dev} restarts"));
+                sim.bounce(device_host(dev));
+                self.devices_down.remove(&dev);
             }
             Undo::EndSpike { dev, n } => {
                 if self.spikes.get(&dev) != Some(&n) {
@@ -934,6 +1043,18 @@ fn final_checks(sh: &mut Shared, shard_count: u16) -> u64 {
     for i in 0..sh.devices.len() {
         let convs = convs_of(sh.devices[i].user.0);
         checked += sh.oracle.check_complete(i, &convs);
+        // Every message an app made (and wrote to its outbox first) is stored in the end,
+        // across its crashes too.
+        let lost: Vec<u64> = (1..=sh.devices[i].made())
+            .filter(|&n| !sh.oracle.is_stored(&sh.devices[i].payload(n)))
+            .collect();
+        if let Some(first) = lost.first() {
+            let v = format!(
+                "lost: dev{i} made {} message(s) that were never stored, first #{first}",
+                lost.len()
+            );
+            sh.oracle.violations.push(v);
+        }
     }
     sh.note_violations(before);
     checked

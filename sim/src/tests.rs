@@ -139,3 +139,16 @@ fn crashes_between_durable_and_ack_catch_dedupe_off_where_random_crashes_do_not(
 fn crashes_at_chosen_points_catch_a_seq_not_recovered() {
     let _ = caught_by(FaultKind::PointCrash, Planted::SeqNotRecovered, 1..11, "I");
 }
+
+#[test]
+fn device_crashes_need_the_outbox_restored_with_its_ids() {
+    // Re-sent under new ids, a message that became durable before the crash is stored twice.
+    let _ = caught_by(FaultKind::DeviceCrash, Planted::OutboxNewIds, 1..11, "I2");
+    // Forgotten, a message the app wrote to its outbox before sending is never stored.
+    let _ = caught_by(
+        FaultKind::DeviceCrash,
+        Planted::OutboxDropped,
+        1..11,
+        "lost",
+    );
+}
