@@ -123,6 +123,12 @@ pub struct ClientConfig {
     pub auto_pull: bool,
     /// The `limit` of automatic Pulls. Default: the gateway's cap, [`Limits::pull_limit_max`].
     pub pull_limit: u32,
+    /// How long a moved cursor may wait for its cumulative DeliveryAck. Any frame written
+    /// sooner carries the pending DeliveryAcks along. Default 200 ms: delivery receipts
+    /// stay prompt, and a device receiving a steady stream sends a few acks a second
+    /// instead of one per message (each a write and a gateway read). Zero: one with every
+    /// transmit.
+    pub delivery_ack_delay: Duration,
     /// Largest frame accepted from the gateway; a bigger one closes the connection. Default:
     /// [`Limits::frame_bytes_max`] (256 KiB), which covers the largest Deliver.
     pub max_frame_bytes: u32,
@@ -146,6 +152,7 @@ impl Default for ClientConfig {
             reorder_max_per_conv: limits.hot_messages_per_conv,
             auto_pull: true,
             pull_limit: limits.pull_limit_max,
+            delivery_ack_delay: Duration::from_millis(200),
             max_frame_bytes: limits.frame_bytes_max,
             payload_bytes_max: limits.payload_bytes_max,
         }
@@ -452,6 +459,8 @@ pub struct Client {
     convs: BTreeMap<ConvId, ConvState>,
     /// Conversations whose cursor moved since the last DeliveryAck.
     ack_dirty: BTreeSet<ConvId>,
+    /// When the DeliveryAcks of `ack_dirty` must go out at the latest (`None` iff empty).
+    ack_due: Option<Instant>,
     /// Conversations an automatic Pull should look at.
     pull_wanted: BTreeSet<ConvId>,
     stats: ClientStats,
@@ -609,6 +618,7 @@ impl Client {
             cursors,
             convs: BTreeMap::new(),
             ack_dirty: BTreeSet::new(),
+            ack_due: None,
             pull_wanted: BTreeSet::new(),
             stats: ClientStats::default(),
         }
@@ -684,6 +694,7 @@ impl Client {
         self.state = State::Disconnected;
         self.out.clear();
         self.ack_dirty.clear();
+        self.ack_due = None;
         self.pull_wanted.clear();
         let mut sends: Vec<(u64, u32)> = Vec::new();
         let mut others: Vec<u32> = Vec::new();
@@ -907,9 +918,12 @@ impl Client {
 
     /// The next bytes to write: every frame queued since the last call, in one buffer (one
     /// write per loop turn; this copies client payloads, which are small, and keeps the driver
-    /// simple). Also emits one cumulative DeliveryAck per conversation whose cursor moved.
+    /// simple). Adds one cumulative DeliveryAck per conversation whose cursor moved, once
+    /// `delivery_ack_delay` has passed or when other frames are going out anyway.
     pub fn poll_transmit(&mut self) -> Option<Bytes> {
-        if self.is_authenticated() {
+        let acks_due = !self.out.is_empty() || self.ack_due.is_some_and(|due| due <= self.now);
+        if self.is_authenticated() && acks_due {
+            self.ack_due = None;
             while let Some(conv) = self.ack_dirty.pop_first() {
                 let ack = Meta::DeliveryAck(meta::DeliveryAck {
                     conv,
@@ -940,6 +954,9 @@ impl Client {
         }
         if let Some(&(deadline, _)) = self.deadlines.first() {
             at = at.min(deadline);
+        }
+        if let Some(due) = self.ack_due.filter(|_| self.is_authenticated()) {
+            at = at.min(due);
         }
         Some(at)
     }
@@ -1654,6 +1671,8 @@ impl Client {
         }
         if *cursor != start {
             self.ack_dirty.insert(conv);
+            let due = self.now + self.config.delivery_ack_delay;
+            self.ack_due.get_or_insert(due);
         }
     }
 
@@ -1737,6 +1756,8 @@ mod tests {
             token: "token-of-device-7".into(),
             device: DeviceId(7),
             seed: 42,
+            // Most tests look at each DeliveryAck as it is made; one test covers the delay.
+            delivery_ack_delay: Duration::ZERO,
             ..ClientConfig::default()
         }
     }
@@ -2005,6 +2026,51 @@ mod tests {
             })],
             "one cumulative DeliveryAck for the three"
         );
+    }
+
+    #[test]
+    fn a_delivery_ack_waits_its_delay_unless_another_frame_goes_first() {
+        let ack = |seq| {
+            Meta::DeliveryAck(meta::DeliveryAck {
+                conv: conv(),
+                seq: Seq(seq),
+            })
+        };
+        let mut c = synced(ClientConfig {
+            delivery_ack_delay: ms(200),
+            ..config()
+        });
+        feed_deliver(&mut c, T0, conv(), 1);
+        feed_deliver(&mut c, T0 + ms(150), conv(), 2);
+        assert!(sent(&mut c).is_empty(), "held for the delay");
+        assert_eq!(
+            c.poll_timeout(),
+            Some(T0 + ms(200)),
+            "the timer is armed at the first move's deadline"
+        );
+        c.handle_timeout(T0 + ms(199));
+        assert!(sent(&mut c).is_empty());
+        c.handle_timeout(T0 + ms(200));
+        assert_eq!(
+            sent_metas(&mut c),
+            vec![ack(2)],
+            "one ack for both, on time"
+        );
+        assert!(c.poll_timeout() > Some(T0 + ms(200)), "nothing left to ack");
+
+        // A Send going out carries the pending ack along, before its deadline.
+        feed_deliver(&mut c, T0 + ms(300), conv(), 3);
+        c.send(
+            T0 + ms(301),
+            conv(),
+            Bytes::from_static(b"hi"),
+            Priority::Normal,
+        )
+        .unwrap();
+        let metas = sent_metas(&mut c);
+        assert!(matches!(metas[..], [Meta::Send(_), _]), "{metas:?}");
+        assert_eq!(metas[1], ack(3));
+        assert!(sent(&mut c).is_empty());
     }
 
     #[test]
