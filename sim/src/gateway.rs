@@ -1,12 +1,14 @@
-//! The gateway host: every shard of the gateway in one task loop, over turmoil TCP and the
-//! shared [`MemLog`](imgate_core::log::MemLog)s.
+//! The gateway host: every shard of the gateway in one task loop, over turmoil TCP, each
+//! shard's log a file on turmoil's simulated disk ([`FsLog`]).
 //!
-//! Driver contract as in `core/src/shard.rs`: Append -> log append; group commit every
-//! tick -> sync -> `handle_durable(lsn)`; a failed commit truncates to the durable length and
-//! calls `handle_log_failed`; Fetch reads the durable log. Shard messages travel one FIFO
+//! Driver contract as in `core/src/shard.rs`: Append -> file write; group commit every
+//! tick -> fdatasync -> `handle_durable(lsn)` when it returns (1-3 ms later); a failed write
+//! or sync cuts the file to its durable length and calls `handle_log_failed`; Fetch reads
+//! the durable part of the file; boot reads the file, scans it and truncates a torn tail. Shard messages travel one FIFO
 //! queue per ordered pair; the loop delivers pairs in a seeded order and may hold a pair
 //! back for a while (never reordering inside it).
 
+use crate::disk::{self, FsLog, WriteError};
 use crate::rng::Rng;
 use crate::run::{core_now, CrashPoint, Planted, Rates, Shared, GROUP, USERS};
 use bytes::{Bytes, BytesMut};
@@ -69,6 +71,10 @@ struct Conn {
 
 struct Node {
     shard: Shard,
+    log: FsLog,
+    /// A write failed: later appends are not written, and once no sync is in flight the
+    /// file is cut to its durable length and the engine told.
+    failed: Option<WriteError>,
     /// Highest Lsn appended and not yet reported durable.
     appended: Option<Lsn>,
     /// Planted bug (a): reported durable, to be synced at this tick.
@@ -113,6 +119,8 @@ struct Gateway {
     commands: BTreeMap<u64, bool>,
     /// Stopped at an armed crash point, waiting for the crash.
     frozen: bool,
+    /// The tick at which a write first found the disk full (disk-full seeds).
+    full_since: Option<u64>,
 }
 
 fn verifier(limits: &Limits) -> TokenVerifier {
@@ -133,11 +141,23 @@ impl Gateway {
         let rng = Rng::new(sh.cfg.seed, 1000 + restarts);
         let planted = sh.cfg.planted;
         let limits = limits(&sh.rates);
+        if !sh.booted {
+            disk::prepare(sh.rates.reserves());
+        }
         let mut nodes = Vec::new();
         for i in 0..shard_count as usize {
-            let log = &mut sh.logs[i];
-            let s = scan(log.bytes());
-            log.truncate(s.valid_len);
+            let (mut log, bytes) = FsLog::open(i);
+            let s = scan(&bytes);
+            if s.valid_len < log.len() {
+                // A torn or garbage tail (what a crash left of unsynced writes).
+                sh.counts.torn += 1;
+                if planted != Some(Planted::TornTailKept) {
+                    log.truncate(s.valid_len);
+                } else {
+                    // Planted bug (i): appends go on after the garbage.
+                    sh.event(format!("planted: shard {i} keeps its torn tail"));
+                }
+            }
             let mut records: Vec<(u64, Record)> = s.records;
             if planted == Some(Planted::SeqNotRecovered) && restarts > 0 {
                 // Planted bug (d): recover from the log less its last message record.
@@ -153,7 +173,7 @@ impl Gateway {
             let records: Vec<Record> = records.into_iter().map(|(_, r)| r).collect();
             let id = ShardId(i as u16);
             let before = sh.violation_count();
-            sh.oracle_len[i] = sh.oracle_len[i].min(sh.logs[i].len() as usize);
+            sh.oracle_len[i] = sh.oracle_len[i].min(log.len() as usize);
             sh.oracle.check_recovered(
                 i as u16,
                 |c| Shard::owner_of(c, shard_count) == id,
@@ -162,7 +182,7 @@ impl Gateway {
             sh.note_violations(before);
             // What a crash left of the tail (whole records of an interrupted sync) is
             // durable from now on.
-            sh.observe_durable(i);
+            sh.observe_durable(i, &mut log);
             let mut shard = Shard::new(
                 ShardConfig {
                     id,
@@ -183,6 +203,8 @@ impl Gateway {
             sh.event(format!("boot: shard {i} recovered {n} records"));
             nodes.push(Node {
                 shard,
+                log,
+                failed: None,
                 appended: None,
                 lagging_sync_at: None,
                 syncing: None,
@@ -201,29 +223,32 @@ impl Gateway {
             tick: 0,
             commands: BTreeMap::new(),
             frozen: false,
+            full_since: None,
         };
         if !booted {
-            let now = core_now();
-            let members = (1..=USERS).map(UserId).collect();
-            gw.nodes[0].shard.handle_command(
-                now,
-                Command::CreateGroup {
-                    group: GROUP,
-                    members,
-                },
-                1,
-            );
-            // No faults at boot: pump and commit until the command is done.
-            for _ in 0..16 {
+            // Only the disk's own errors at boot: pump and commit until the command is
+            // done, again if a write failed.
+            let mut token = 0;
+            for _ in 0..1000 {
+                match (token, gw.commands.get(&token)) {
+                    (_, Some(true)) => break,
+                    (0, _) | (_, Some(false)) => {
+                        token += 1;
+                        let members = (1..=USERS).map(UserId).collect();
+                        let create = Command::CreateGroup {
+                            group: GROUP,
+                            members,
+                        };
+                        gw.nodes[0].shard.handle_command(core_now(), create, token);
+                    }
+                    _ => {}
+                }
                 // Each round is a tick, so that the log's sync can return.
                 gw.tick += 1;
                 gw.pump_with(shared, false);
                 gw.commit(shared, false);
-                if gw.commands.contains_key(&1) {
-                    break;
-                }
             }
-            let ok = gw.commands.get(&1).copied() == Some(true);
+            let ok = gw.commands.get(&token).copied() == Some(true);
             assert!(ok, "the group could not be created at first boot");
             let mut sh = shared.borrow_mut();
             sh.booted = true;
@@ -269,6 +294,7 @@ impl Gateway {
             return;
         }
         self.pump(shared);
+        self.free_space(shared);
     }
 
     /// Stops here if a crash is armed for `point`: the run loop crashes the host after this
@@ -374,8 +400,27 @@ impl Gateway {
                     moved = true;
                     match effect {
                         Effect::Append { lsn, bytes } => {
-                            shared.borrow_mut().logs[i].append(&bytes);
-                            self.nodes[i].appended = Some(lsn);
+                            let node = &mut self.nodes[i];
+                            if node.failed.is_some() {
+                                // Failed with the write before it, as it must be.
+                                continue;
+                            }
+                            match node.log.append(&bytes) {
+                                Ok(()) => node.appended = Some(lsn),
+                                Err(e) => {
+                                    node.failed = Some(e);
+                                    let mut sh = shared.borrow_mut();
+                                    match e {
+                                        WriteError::Io => sh.counts.disk += 1,
+                                        WriteError::Full if self.full_since.is_none() => {
+                                            sh.counts.disk_full += 1;
+                                            self.full_since = Some(self.tick);
+                                        }
+                                        WriteError::Full => {}
+                                    }
+                                    sh.event(format!("disk: shard {i} log write failed: {e:?}"));
+                                }
+                            }
                         }
                         Effect::ToShard { to, msg } => {
                             self.mesh
@@ -389,7 +434,7 @@ impl Gateway {
                             from,
                             to,
                         } => {
-                            let msgs = shared.borrow().logs[i].durable_messages(conv, from, to);
+                            let msgs = self.nodes[i].log.durable_messages(conv, from, to);
                             self.nodes[i].shard.handle_fetched(now, fetch, Ok(msgs));
                         }
                         Effect::CommandDone { token, result } => {
@@ -483,7 +528,7 @@ impl Gateway {
     /// Group commit: one sync for every shard with appends, or a failed write.
     fn commit(&mut self, shared: &Rc<RefCell<Shared>>, faults_on: bool) {
         let now = core_now();
-        let (disk_fail, planted) = {
+        let (sync_fail, planted) = {
             let sh = shared.borrow();
             (sh.rates.disk_fail, sh.cfg.planted)
         };
@@ -491,9 +536,10 @@ impl Gateway {
             if let Some(at) = self.nodes[i].lagging_sync_at {
                 if self.tick >= at {
                     self.nodes[i].lagging_sync_at = None;
-                    let mut sh = shared.borrow_mut();
-                    sh.logs[i].sync();
-                    sh.observe_durable(i);
+                    let node = &mut self.nodes[i];
+                    let len = node.log.len();
+                    node.log.sync_to(len);
+                    shared.borrow_mut().observe_durable(i, &mut node.log);
                 }
             }
             if let Some((lsn, at, len)) = self.nodes[i].syncing {
@@ -501,37 +547,47 @@ impl Gateway {
                     continue;
                 }
                 self.nodes[i].syncing = None;
-                {
-                    // fdatasync covers what was written when it started, nothing later.
+                if faults_on && self.rng.chance(sync_fail) {
+                    // fdatasync returned an error: nothing it covered counts as durable.
                     let mut sh = shared.borrow_mut();
-                    sh.logs[i].sync_to(len);
-                    sh.observe_durable(i);
+                    sh.counts.disk += 1;
+                    sh.event(format!("fault: shard {i} log sync failed"));
+                    self.nodes[i].failed = Some(WriteError::Io);
+                } else {
+                    // fdatasync returned: what was written when it started is durable (and
+                    // maybe more, which the engine hears of with the next sync).
+                    let node = &mut self.nodes[i];
+                    node.log.sync_to(len);
+                    shared.borrow_mut().observe_durable(i, &mut node.log);
+                    if self.at_crash_point(shared, CrashPoint::AfterDurable) {
+                        // Durable, but neither Acked nor delivered.
+                        return;
+                    }
+                    self.nodes[i].shard.handle_durable(now, lsn);
                 }
-                if self.at_crash_point(shared, CrashPoint::AfterDurable) {
-                    // Durable, but neither Acked nor delivered.
-                    return;
+            }
+            if self.nodes[i].failed.take().is_some() {
+                // No sync in flight: cut the file back to its durable length, then tell the
+                // engine, which fails every record that is not durable.
+                let node = &mut self.nodes[i];
+                let durable = node.log.durable_len();
+                if planted != Some(Planted::NoTruncateOnFailure) {
+                    node.log.truncate(durable);
                 }
-                self.nodes[i].shard.handle_durable(now, lsn);
+                // Planted bug (h) skips the cut: the records the engine fails stay.
+                node.appended = None;
+                node.shard.handle_log_failed(now);
+                continue;
             }
             if self.nodes[i].appended.is_some()
                 && self.at_crash_point(shared, CrashPoint::AfterAppend)
             {
-                // Written, not synced: the crash keeps a seeded share of it.
+                // Written, not synced: the crash loses it, or tears it at a block.
                 return;
             }
             let Some(lsn) = self.nodes[i].appended.take() else {
                 continue;
             };
-            if faults_on && self.rng.chance(disk_fail) {
-                let mut sh = shared.borrow_mut();
-                sh.counts.disk += 1;
-                sh.event(format!("fault: shard {i} log write failed"));
-                let durable = sh.logs[i].durable_len();
-                sh.logs[i].truncate(durable);
-                drop(sh);
-                self.nodes[i].shard.handle_log_failed(now);
-                continue;
-            }
             if planted == Some(Planted::AckBeforeDurable) && self.nodes[i].lagging_sync_at.is_none()
             {
                 // Planted bug (a): report durable now, sync 50 ticks later.
@@ -541,8 +597,26 @@ impl Gateway {
             }
             // The sync takes 1-3 ms (ticks); appends meanwhile wait for the next one.
             let latency = self.rng.range(1, 4);
-            let len = shared.borrow().logs[i].len();
+            let len = self.nodes[i].log.len();
             self.nodes[i].syncing = Some((lsn, self.tick + latency, len));
+        }
+    }
+
+    /// Disk-full seeds: a disk that stays full gets a reserve file deleted (at once once the
+    /// faults stop), as an operator would free space.
+    fn free_space(&mut self, shared: &Rc<RefCell<Shared>>) {
+        let Some(since) = self.full_since else {
+            return;
+        };
+        let mut sh = shared.borrow_mut();
+        let (free_after_ms, reserves) = sh.rates.disk_full.unwrap_or_default();
+        if sh.faults_on && self.tick < since + free_after_ms {
+            return;
+        }
+        self.full_since = None;
+        if disk::free_reserve(reserves) {
+            sh.counts.freed += 1;
+            sh.event("disk: a reserve file deleted".into());
         }
     }
 }

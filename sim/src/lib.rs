@@ -2,8 +2,8 @@
 //!
 //! One gateway host runs `SHARDS` core [`Shard`](imgate_core::shard::Shard)s in one task
 //! loop (`gateway.rs`), with an explicit FIFO queue per ordered pair of shards and each
-//! shard's log on core's [`MemLog`](imgate_core::log::MemLog) (explicit durable point; a crash
-//! drops the bytes not synced). Device hosts run core's client engine (`device.rs`) over
+//! shard's log a file on turmoil's simulated disk (`disk.rs`: a crash drops or tears what
+//! was not synced; EIO and ENOSPC come from the disk). Device hosts run core's client engine (`device.rs`) over
 //! turmoil TCP. Faults are drawn from the seed, each kind with its own rate (swarm testing),
 //! and stop for a final heal period. The [`oracle`] checks I1-I5 and liveness.
 //!
@@ -12,6 +12,7 @@
 //! seed and the build.
 
 pub mod device;
+pub mod disk;
 pub mod gateway;
 pub mod oracle;
 pub mod rng;

@@ -1,13 +1,12 @@
 //! One run: the world, its fault schedule, the step loop and the final checks.
 
 use crate::device::{self, Device, SlowRead};
+use crate::disk::{self, FsLog};
 use crate::gateway;
 use crate::oracle::Oracle;
 use crate::rng::Rng;
-use imgate_core::log::{scan, MemLog, Record};
-use imgate_core::mesh::ShardId;
+use imgate_core::log::{scan, Record};
 use imgate_core::proto::{ConvId, UserId};
-use imgate_core::shard::Shard;
 use imgate_core::Instant;
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet};
@@ -64,6 +63,9 @@ pub enum FaultKind {
     PointCrash,
     /// A device's app crashes and restarts from what it committed to its database.
     DeviceCrash,
+    /// The gateway's disk fills up (ENOSPC from turmoil's fs); a reserve file is deleted
+    /// after a while, so that it heals.
+    DiskFull,
 }
 
 /// A point of the gateway's durability path where a crash can be armed.
@@ -77,7 +79,7 @@ pub enum CrashPoint {
 
 impl FaultKind {
     /// Every kind, in the order rates are drawn.
-    pub const ALL: [FaultKind; 14] = [
+    pub const ALL: [FaultKind; 15] = [
         FaultKind::Crash,
         FaultKind::Partition,
         FaultKind::Hold,
@@ -92,6 +94,7 @@ impl FaultKind {
         FaultKind::SlowReader,
         FaultKind::PointCrash,
         FaultKind::DeviceCrash,
+        FaultKind::DiskFull,
     ];
 
     /// The kind's name on the command line.
@@ -111,6 +114,7 @@ impl FaultKind {
             FaultKind::SlowReader => "slow-reader",
             FaultKind::PointCrash => "point-crash",
             FaultKind::DeviceCrash => "device-crash",
+            FaultKind::DiskFull => "disk-full",
         }
     }
 
@@ -148,6 +152,11 @@ pub enum Planted {
     OutboxNewIds,
     /// A restarted device's app forgets its persisted outbox.
     OutboxDropped,
+    /// After a failed log write or sync the driver tells the engine without cutting the
+    /// file back to its durable length.
+    NoTruncateOnFailure,
+    /// Recovery keeps a torn tail instead of cutting the file to the scan's valid length.
+    TornTailKept,
     /// The engine skips its dedupe window (core's `planted-bugs` feature, on only in the
     /// sim's tests).
     #[cfg(test)]
@@ -193,8 +202,20 @@ pub struct Rates {
     pub hold_every_s: f64,
     /// turmoil link fail rate per step.
     pub link_fail: f64,
-    /// Probability that a group commit fails.
+    /// Probability that an fdatasync fails.
     pub disk_fail: f64,
+    /// Probability that a read or write of turmoil's disk fails with EIO (the whole run:
+    /// turmoil's fs has no switch for the heal).
+    pub disk_io: f64,
+    /// Disk-full seeds: ms a disk stays full before a reserve file is deleted, and how many
+    /// reserve files there are.
+    pub disk_full: Option<(u64, usize)>,
+    /// Disk-full seeds: free bytes on the disk besides the reserves.
+    pub disk_full_headroom: u64,
+    /// The disk's torn-write granularity in bytes.
+    pub block_size: u64,
+    /// Probability that turmoil's disk makes a write durable before any sync.
+    pub early_flush: f64,
     /// Probability per tick that a shard pair is held back.
     pub mesh_delay: f64,
     /// Mean seconds between reconnect storms.
@@ -226,13 +247,14 @@ pub struct Rates {
 pub struct FaultCounts {
     /// Gateway crashes.
     pub crash: u64,
-    /// Shard logs left with a torn or unacked tail by a crash.
+    /// Recoveries that cut a torn or garbage tail off a shard's log file (what turmoil's
+    /// disk kept of unsynced writes at a crash: blocks of them, or zeros).
     pub torn: u64,
     /// Partitions.
     pub partition: u64,
     /// Holds.
     pub hold: u64,
-    /// Failed group commits.
+    /// Failed log writes (EIO from turmoil's disk) and failed fdatasyncs.
     pub disk: u64,
     /// Shard-pair delays.
     pub mesh: u64,
@@ -261,6 +283,12 @@ pub struct FaultCounts {
     pub device_crash: u64,
     /// Not a fault: unacked messages a restarted device put back into its engine.
     pub restored: u64,
+    /// Times the gateway's disk was found full (ENOSPC).
+    pub disk_full: u64,
+    /// Reserve files deleted to free the disk.
+    pub freed: u64,
+    /// Log reads that failed (EIO) and were retried.
+    pub read_retry: u64,
 }
 
 impl FaultCounts {
@@ -285,6 +313,9 @@ impl FaultCounts {
             crash_durable,
             device_crash,
             restored,
+            disk_full,
+            freed,
+            read_retry,
         } = other;
         self.crash += crash;
         self.torn += torn;
@@ -304,6 +335,9 @@ impl FaultCounts {
         self.crash_durable += crash_durable;
         self.device_crash += device_crash;
         self.restored += restored;
+        self.disk_full += disk_full;
+        self.freed += freed;
+        self.read_retry += read_retry;
     }
 }
 
@@ -317,9 +351,7 @@ pub struct Shared {
     pub faults_on: bool,
     /// Devices send new messages (false during the heal).
     pub workload_on: bool,
-    /// The shard logs; they outlive gateway crashes.
-    pub logs: Vec<MemLog>,
-    /// Bytes of each log the oracle has read as durable.
+    /// Bytes of each shard's log the oracle has read as durable.
     pub oracle_len: Vec<usize>,
     /// The groups were created (first boot done).
     pub booted: bool,
@@ -367,13 +399,13 @@ impl Shared {
         self.oracle.violations.len()
     }
 
-    /// Reads newly durable bytes of log `shard` into the oracle.
-    pub fn observe_durable(&mut self, shard: usize) {
-        let log = &self.logs[shard];
+    /// Reads newly durable bytes of shard `shard`'s log file into the oracle.
+    pub fn observe_durable(&mut self, shard: usize, log: &mut FsLog) {
         let durable = log.durable_len() as usize;
         let from = self.oracle_len[shard].min(durable);
-        let s = scan(&log.bytes()[from..durable]);
-        let msgs: Vec<_> = s
+        let bytes = log.read(from as u64, durable as u64);
+        self.counts.read_retry += std::mem::take(&mut log.read_retries);
+        let msgs: Vec<_> = scan(&bytes)
             .records
             .into_iter()
             .filter_map(|(_, r)| match r {
@@ -467,7 +499,10 @@ fn draw_rates(rng: &mut Rng, faults: FaultSet) -> Rates {
             FaultKind::Partition => r.partition_every_s = 1.0 + 5.0 * u,
             FaultKind::Hold => r.hold_every_s = 1.0 + 5.0 * u,
             FaultKind::LinkFail => r.link_fail = 0.0005 * u,
-            FaultKind::Disk => r.disk_fail = 0.05 * u,
+            FaultKind::Disk => {
+                r.disk_io = 0.02 * u;
+                r.disk_fail = 0.05 * u;
+            }
             FaultKind::MeshDelay => r.mesh_delay = 0.05 * u,
             FaultKind::Storm => r.storm_every_s = 3.0 + 10.0 * u,
             FaultKind::Takeover => r.takeover = 0.002 * u,
@@ -486,9 +521,26 @@ fn draw_rates(rng: &mut Rng, faults: FaultSet) -> Rates {
                 r.device_crash_every_s = 1.0 + 5.0 * u;
                 r.persist = 0.1 + 0.9 * u;
             }
+            FaultKind::DiskFull => {
+                // The disk fills after 8-40 KiB of log (a 40 s run writes 30-70 KiB), and
+                // a reserve is freed 0.2-3 s after a write first failed.
+                r.disk_full_headroom = 8 * 1024 + (32.0 * 1024.0 * u) as u64;
+                r.disk_full = Some((200 + (2800.0 * u) as u64, 3));
+            }
         }
     }
+    // The disk's own model, in every seed: torn-write granularity (small, as the sim's
+    // records are 40-200 bytes; 4096 keeps every record whole) and early flushes.
+    r.block_size = [8, 16, 32, 4096][rng.range(0, 4) as usize];
+    r.early_flush = 0.1 * rng.unit();
     r
+}
+
+impl Rates {
+    /// Reserve files on the disk (disk-full seeds only).
+    pub fn reserves(&self) -> usize {
+        self.disk_full.map_or(0, |(_, n)| n)
+    }
 }
 
 #[derive(Debug)]
@@ -638,7 +690,6 @@ pub fn run_seed(cfg: &RunConfig) -> Outcome {
         rates: rates.clone(),
         faults_on: true,
         workload_on: true,
-        logs: (0..shard_count).map(|_| MemLog::new()).collect(),
         oracle_len: vec![0; shard_count as usize],
         booted: false,
         oracle: Oracle::default(),
@@ -659,13 +710,24 @@ pub fn run_seed(cfg: &RunConfig) -> Outcome {
     ));
     let faults = schedule(&mut rng, &rates, faults_until_ms, n_devices);
 
-    let mut sim = turmoil::Builder::new()
+    let mut builder = turmoil::Builder::new();
+    builder
         .rng_seed(cfg.seed)
         .simulation_duration(Duration::from_millis(duration_ms + 1000))
         .tick_duration(Duration::from_millis(1))
         .min_message_latency(Duration::from_millis(LATENCY_MS.0))
-        .max_message_latency(Duration::from_millis(LATENCY_MS.1))
-        .build();
+        .max_message_latency(Duration::from_millis(LATENCY_MS.1));
+    let disk = builder.fs();
+    disk.block_size(rates.block_size)
+        .sync_probability(rates.early_flush)
+        .io_error_probability(rates.disk_io);
+    if let Some((_, reserves)) = rates.disk_full {
+        let reserved: u64 = (0..reserves)
+            .map(|n| disk::reserve_bytes(n, reserves))
+            .sum();
+        disk.capacity(reserved + rates.disk_full_headroom);
+    }
+    let mut sim = builder.build();
     {
         let s = shared.clone();
         sim.host("gateway", move || gateway::host(s.clone(), shard_count));
@@ -748,15 +810,24 @@ pub fn run_seed(cfg: &RunConfig) -> Outcome {
             break;
         }
     }
+    let mut checked = 0;
+    if error.is_none() && shared.borrow().violation_count() == 0 {
+        checked = final_checks(&mut shared.borrow_mut());
+        // Last, power loss: the restart checks I1 and I3 on what turmoil's disk kept.
+        if !w.gateway_down {
+            shared.borrow_mut().event("final power loss".into());
+            sim.crash("gateway");
+        }
+        sim.bounce("gateway");
+        if let Err(e) = sim.step() {
+            error = Some(format!("the final restart failed: {e}"));
+        }
+    }
     let simulated_ms = sim.elapsed().as_millis() as u64;
     drop(sim);
     let mut sh = shared.borrow_mut();
     if let Some(e) = error {
         sh.oracle.violations.push(e);
-    }
-    let mut checked = 0;
-    if sh.violation_count() == 0 {
-        checked = final_checks(&mut sh, shard_count);
     }
     Outcome {
         seed: cfg.seed,
@@ -936,18 +1007,8 @@ impl World {
         let mut sh = shared.borrow_mut();
         sh.counts.crash += 1;
         sh.event(format!("fault: gateway crash {how}, down {down_ms}ms"));
-        // Power loss mid-write: each log keeps a seeded share of its unsynced tail, so
-        // recovery meets torn records as well as whole unacked ones.
-        let mut torn = Rng::new(sh.cfg.seed, 7_000 + sh.counts.crash);
-        let mut kept = 0;
-        for log in &mut sh.logs {
-            let tail = log.len() - log.durable_len();
-            let keep = torn.range(0, tail + 1);
-            log.crash_torn(keep);
-            kept += u64::from(keep > 0);
-        }
-        sh.counts.torn += kept;
         drop(sh);
+        // Power loss: turmoil's disk drops the unsynced writes, or keeps blocks of them.
         sim.crash("gateway");
         self.gateway_down = true;
         self.later(ms + down_ms, Undo::Restart);
@@ -1004,9 +1065,9 @@ fn one_way(dev: usize, up: bool) -> (String, String) {
     }
 }
 
-/// The end of a run: liveness, then I1/I3 over the final logs as a restart would see them,
-/// then I4 for every device.
-fn final_checks(sh: &mut Shared, shard_count: u16) -> u64 {
+/// The end of a run, before a last crash and restart of the gateway (whose recovery checks
+/// I1 and I3): liveness, I4 for every device, and no message an app made lost.
+fn final_checks(sh: &mut Shared) -> u64 {
     let before = sh.violation_count();
     let mut stuck = Vec::new();
     for (i, d) in sh.devices.iter().enumerate() {
@@ -1024,20 +1085,6 @@ fn final_checks(sh: &mut Shared, shard_count: u16) -> u64 {
             stuck.len()
         );
         sh.oracle.violations.push(v);
-    }
-    for s in 0..sh.logs.len() {
-        let durable = sh.logs[s].durable_len() as usize;
-        let records: Vec<Record> = scan(&sh.logs[s].bytes()[..durable])
-            .records
-            .into_iter()
-            .map(|(_, r)| r)
-            .collect();
-        let id = ShardId(s as u16);
-        sh.oracle.check_recovered(
-            s as u16,
-            |c| Shard::owner_of(c, shard_count) == id,
-            &records,
-        );
     }
     let mut checked = 0;
     for i in 0..sh.devices.len() {

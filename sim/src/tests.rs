@@ -1,7 +1,7 @@
 //! The sim's own tests: a clean sweep, determinism, and the planted driver bugs that the
 //! oracle must catch.
 
-use crate::run::FaultKind;
+use crate::run::{FaultCounts, FaultKind};
 use crate::{run_seed, FaultSet, Planted, RunConfig};
 
 fn config(seed: u64, planted: Option<Planted>) -> RunConfig {
@@ -42,6 +42,27 @@ fn caught_by(kind: FaultKind, planted: Planted, seeds: std::ops::Range<u64>, wha
         "seed {seed} fails without faults too: {quiet:?}"
     );
     seed
+}
+
+/// Runs `kind` alone on `seeds`, each without a violation, until `enough` of the summed
+/// counts; returns them.
+fn clean_until(
+    kind: FaultKind,
+    seeds: std::ops::Range<u64>,
+    enough: impl Fn(&FaultCounts) -> bool,
+) -> FaultCounts {
+    let mut counts = FaultCounts::default();
+    for seed in seeds {
+        let mut cfg = config(seed, None);
+        cfg.faults = FaultSet::Only(kind);
+        let o = run_seed(&cfg);
+        assert!(o.violations.is_empty(), "seed {seed}: {:?}", o.violations);
+        counts.add(&o.counts);
+        if enough(&counts) {
+            break;
+        }
+    }
+    counts
 }
 
 #[test]
@@ -105,21 +126,11 @@ fn latency_spikes_time_out_requests_so_dedupe_off_is_caught() {
 
 #[test]
 fn slow_readers_degrade_connections_and_still_converge() {
-    let mut notified = 0;
-    let mut closed = 0;
-    for seed in 1..21 {
-        let mut cfg = config(seed, None);
-        cfg.faults = FaultSet::Only(FaultKind::SlowReader);
-        let o = run_seed(&cfg);
-        assert!(o.violations.is_empty(), "seed {seed}: {:?}", o.violations);
-        notified += o.counts.notify_seen;
-        closed += o.counts.slow_closed;
-        if notified > 0 && closed > 0 {
-            break;
-        }
-    }
-    assert!(notified > 0, "no push turned into a Notify");
-    assert!(closed > 0, "no connection closed as a slow consumer");
+    let c = clean_until(FaultKind::SlowReader, 1..21, |c| {
+        c.notify_seen > 0 && c.slow_closed > 0
+    });
+    assert!(c.notify_seen > 0, "no push turned into a Notify");
+    assert!(c.slow_closed > 0, "no connection closed as a slow consumer");
 }
 
 #[test]
@@ -150,5 +161,24 @@ fn device_crashes_need_the_outbox_restored_with_its_ids() {
         Planted::OutboxDropped,
         1..11,
         "lost",
+    );
+}
+
+#[test]
+fn disk_errors_need_the_log_cut_back_to_durable() {
+    let _ = caught_by(FaultKind::Disk, Planted::NoTruncateOnFailure, 1..11, "I3");
+}
+
+#[test]
+fn torn_writes_on_turmoil_disk_need_recovery_to_cut_the_tail() {
+    let _ = caught_by(FaultKind::PointCrash, Planted::TornTailKept, 1..11, "I");
+}
+
+#[test]
+fn a_full_disk_fails_writes_and_heals() {
+    let c = clean_until(FaultKind::DiskFull, 1..6, |c| c.freed > 1);
+    assert!(
+        c.disk_full > 0 && c.freed > 0,
+        "the disk never filled: {c:?}"
     );
 }
