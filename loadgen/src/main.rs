@@ -443,8 +443,12 @@ fn orchestrate(cli: &Cli) -> Result<ExitCode> {
         last_printed: Counters::default(),
         quiet: cli.json,
     };
-    let token_ttl_secs =
-        cli.duration + cli.drain + cli.connect_timeout.unwrap_or(0) + n as u64 + 3600;
+    let connect_timeout = Duration::from_secs(
+        cli.connect_timeout
+            .unwrap_or((n as f64 / cli.connect_rate) as u64 + 30),
+    );
+    // Tokens outlive the whole run (reconnects log in again late in it), plus an hour.
+    let token_ttl_secs = connect_timeout.as_secs() + cli.duration + cli.drain + 3600;
     for (i, units) in parts.into_iter().enumerate() {
         let share: usize = units.iter().map(|u| u.members.len()).sum();
         let spec = WorkerSpec {
@@ -470,10 +474,6 @@ fn orchestrate(cli: &Cli) -> Result<ExitCode> {
     debug_assert_eq!(run.workers.iter().map(|w| w.connections).sum::<usize>(), n);
 
     // Connect.
-    let connect_timeout = Duration::from_secs(
-        cli.connect_timeout
-            .unwrap_or((n as f64 / cli.connect_rate) as u64 + 30),
-    );
     while run.totals().authenticated < n as u64
         && run.started.elapsed() < connect_timeout
         && !run.all_gone()
