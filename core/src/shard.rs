@@ -1562,49 +1562,40 @@ impl Shard {
             (None, Some(ConvKind::Direct(a, b))) => user == a || user == b,
             (None, _) => false,
         };
-        if !member {
-            let result = Err(ErrorCode::NotMember);
-            self.route(
-                to.shard,
-                ShardMsg::Replayed {
-                    to,
-                    conv: conv_id,
-                    purpose,
-                    result,
-                },
-            );
-            return;
-        }
-        let from = from.max(Seq(1));
-        let hot_from = self.convs.get(&conv_id).map_or(Seq(1), |c| c.hot_from());
-        if from < hot_from && self.fetches.len() < self.limits.fetches_inflight_max {
-            // Older than the hot tier: read it from the log, then continue from memory.
-            let fetch = self.next_fetch;
-            self.next_fetch += 1;
-            let to_seq = Seq((from.0 + u64::from(limit) - 1).min(hot_from.0 - 1));
-            self.fetches.insert(
-                fetch,
-                PendingFetch {
-                    to,
+        let result = if member {
+            let from = from.max(Seq(1));
+            let hot_from = self.convs.get(&conv_id).map_or(Seq(1), |c| c.hot_from());
+            if from < hot_from && self.fetches.len() < self.limits.fetches_inflight_max {
+                // Older than the hot tier: read it from the log, then continue from memory.
+                let fetch = self.next_fetch;
+                self.next_fetch += 1;
+                let to_seq = Seq((from.0 + u64::from(limit) - 1).min(hot_from.0 - 1));
+                self.fetches.insert(
+                    fetch,
+                    PendingFetch {
+                        to,
+                        conv: conv_id,
+                        from,
+                        limit,
+                        purpose,
+                    },
+                );
+                self.effects.push_back(Effect::Fetch {
+                    fetch,
                     conv: conv_id,
                     from,
-                    limit,
-                    purpose,
-                },
-            );
-            self.effects.push_back(Effect::Fetch {
-                fetch,
-                conv: conv_id,
-                from,
-                to: to_seq,
-            });
-            return;
-        }
-        // Either all of it is hot (and the log holds everything older, from seq 1), or too
-        // many reads are in flight: then what is not hot is reported as unavailable
-        // rather than queued without bound.
-        let available_from = if from >= hot_from { Seq(1) } else { hot_from };
-        let result = Ok(self.hot_batch(conv_id, from, limit, Vec::new(), available_from));
+                    to: to_seq,
+                });
+                return;
+            }
+            // Either all of it is hot (and the log holds everything older, from seq 1), or
+            // too many reads are in flight: then what is not hot is reported as unavailable
+            // rather than queued without bound.
+            let available_from = if from >= hot_from { Seq(1) } else { hot_from };
+            Ok(self.hot_batch(conv_id, from, limit, Vec::new(), available_from))
+        } else {
+            Err(ErrorCode::NotMember)
+        };
         self.route(
             to.shard,
             ShardMsg::Replayed {

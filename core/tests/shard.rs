@@ -163,17 +163,7 @@ fn an_acked_message_survives_a_crash_and_an_unsynced_one_is_never_acked() {
     assert_eq!(w.stored().len(), 1);
     w.auto_sync = true;
     let bob = w.login(0, 2, 1);
-    w.frame(
-        bob,
-        Meta::Sync(meta::Sync {
-            req: 1,
-            cursors: vec![meta::Cursor {
-                conv,
-                seq: Seq::ZERO,
-            }],
-        }),
-        &[],
-    );
+    w.sync_from(bob, 1, conv, Seq::ZERO);
     let got = delivers(&w.take(bob));
     assert_eq!(got.len(), 1);
     assert_eq!(&got[0].2[..], b"kept");
@@ -311,14 +301,7 @@ fn sync_after_reconnect_replays_exactly_what_is_missing() {
         w.send(alice, req, conv, b"x");
     }
     let bob = w.login(0, 2, 1);
-    w.frame(
-        bob,
-        Meta::Sync(meta::Sync {
-            req: 7,
-            cursors: vec![meta::Cursor { conv, seq: Seq(2) }],
-        }),
-        &[],
-    );
+    w.sync_from(bob, 7, conv, Seq(2));
     let frames = w.take(bob);
     assert_eq!(seqs(&frames), vec![3, 4, 5, 6]);
     match frames.last() {
@@ -347,14 +330,7 @@ fn sync_reads_history_older_than_the_hot_tier_from_the_log_and_says_which_have_m
         w.send(alice, req, conv, b"x");
     }
     let bob = w.login(0, 2, 1);
-    w.frame(
-        bob,
-        Meta::Sync(meta::Sync {
-            req: 1,
-            cursors: vec![meta::Cursor { conv, seq: Seq(1) }],
-        }),
-        &[],
-    );
+    w.sync_from(bob, 1, conv, Seq(1));
     let frames = w.take(bob);
     // Seqs 7..=10 are hot, 2..=6 come from the log; a batch is 2.
     assert_eq!(seqs(&frames), vec![2, 3]);
@@ -393,14 +369,7 @@ fn history_the_log_cannot_serve_is_reported_as_a_gap() {
         w.send(alice, req, conv, b"x");
     }
     let bob = w.login(0, 2, 1);
-    w.frame(
-        bob,
-        Meta::Sync(meta::Sync {
-            req: 1,
-            cursors: vec![meta::Cursor { conv, seq: Seq(1) }],
-        }),
-        &[],
-    );
+    w.sync_from(bob, 1, conv, Seq(1));
     let frames = w.take(bob);
     assert_eq!(seqs(&frames), vec![7, 8, 9, 10]);
     match frames.last() {

@@ -1749,6 +1749,11 @@ mod tests {
             self.0.join(segment_name(index))
         }
 
+        /// Bytes of segment `index` on disk.
+        fn segment_len(&self, index: u64) -> u64 {
+            std::fs::metadata(self.segment(index)).expect("stat").len()
+        }
+
         fn segment_files(&self) -> Vec<u64> {
             list_segments(&self.0).expect("list segments")
         }
@@ -1881,7 +1886,7 @@ mod tests {
                 let len = frames(&records).len() as u64;
                 assert_eq!(log.durable_bytes(), len);
                 log.close().await.expect("close");
-                assert_eq!(std::fs::metadata(dir.segment(1)).expect("stat").len(), len);
+                assert_eq!(dir.segment_len(1), len);
 
                 let (log, recovery) = open_mode(&dir, SEGMENT_BYTES_DEFAULT, mode).await;
                 assert_eq!(recovery.records, records);
@@ -1920,7 +1925,7 @@ mod tests {
                 assert_eq!(recovery.records, records);
                 assert_eq!(recovery.truncated_bytes, on_disk.len() as u64 - len);
             });
-            assert_eq!(std::fs::metadata(dir.segment(1)).expect("stat").len(), len);
+            assert_eq!(dir.segment_len(1), len);
         }
     }
 
@@ -1952,10 +1957,7 @@ mod tests {
             let segments = dir.segment_files();
             assert!(segments.len() > 10, "only {} segments", segments.len());
             assert_eq!(segments, (1..=segments.len() as u64).collect::<Vec<_>>());
-            let sizes: Vec<u64> = segments
-                .iter()
-                .map(|&i| std::fs::metadata(dir.segment(i)).expect("stat").len())
-                .collect();
+            let sizes: Vec<u64> = segments.iter().map(|&i| dir.segment_len(i)).collect();
             let oversized = sizes.iter().filter(|&&len| len > segment_bytes).count();
             assert_eq!(oversized, 1, "segment sizes {sizes:?}");
             run(async {
@@ -2016,10 +2018,7 @@ mod tests {
                     }
                 );
                 assert_eq!(recovery.truncated_bytes, (bytes.len() - valid) as u64);
-                assert_eq!(
-                    std::fs::metadata(dir.segment(1)).expect("stat").len(),
-                    valid as u64
-                );
+                assert_eq!(dir.segment_len(1), valid as u64);
                 log.write(&frames(&messages(6..8))).await.expect("write");
                 log.close().await.expect("close");
             });
@@ -2070,10 +2069,7 @@ mod tests {
             "{err:?}"
         );
         // Nothing was cut from either file.
-        assert_eq!(
-            std::fs::metadata(dir.segment(1)).expect("stat").len(),
-            first.len() as u64 - 1
-        );
+        assert_eq!(dir.segment_len(1), first.len() as u64 - 1);
         assert_eq!(std::fs::read(dir.segment(2)).expect("read"), second);
 
         // Whole again, it opens.
@@ -2123,10 +2119,7 @@ mod tests {
                 assert_eq!(log.durable_bytes(), durable);
                 log.reset_to_durable().await.expect("reset");
                 assert_eq!(written_bytes(&log), durable);
-                assert_eq!(
-                    std::fs::metadata(dir.segment(1)).expect("stat").len(),
-                    durable
-                );
+                assert_eq!(dir.segment_len(1), durable);
                 log.write(&frames(&messages(20..23))).await.expect("write");
                 log.sync().await.expect("sync");
             });

@@ -163,6 +163,12 @@ impl World {
         self.write(c, &bytes);
     }
 
+    /// Sends a Sync for one conversation from its cursor `seq`.
+    pub fn sync_from(&mut self, c: usize, req: u32, conv: ConvId, seq: Seq) {
+        let cursors = vec![meta::Cursor { conv, seq }];
+        self.frame(c, Meta::Sync(meta::Sync { req, cursors }), &[]);
+    }
+
     /// Sends a message; returns its client_msg_id.
     pub fn send(&mut self, c: usize, req: u32, conv: ConvId, payload: &[u8]) -> ClientMsgId {
         let mut id = [0u8; 16];
