@@ -13,13 +13,12 @@
 //! | Active        | over hard budget / grace      | closed (SlowConsumer)    |
 //! | Active        | takeover, drain               | closed (Error / GoAway)  |
 
+use crate::hash::{Map, SeededState};
 use crate::proto::meta::{Meta, Signal};
 use crate::proto::{ConvId, DeviceId, Encoder, Seq, UserId};
 use crate::time::Instant;
 use bytes::{Bytes, BytesMut};
-use std::collections::{BTreeMap, HashMap};
-
-use crate::dedupe::FixedState;
+use std::collections::BTreeMap;
 
 /// Where a connection is in its life.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -157,7 +156,7 @@ pub struct Connection {
     /// The tick of this connection's live timer-wheel entry.
     pub timer_tick: Option<u64>,
     /// Push-stream cursors by conversation.
-    pub convs: HashMap<ConvId, ConvCursor, FixedState>,
+    pub convs: Map<ConvId, ConvCursor>,
     /// Sends awaiting their Ack or Nack.
     pub inflight_sends: usize,
     /// The Sync being answered, if any.
@@ -169,8 +168,8 @@ pub struct Connection {
 }
 
 impl Connection {
-    /// A connection that must authenticate by `deadline`.
-    pub fn new(now: Instant, deadline: Instant) -> Connection {
+    /// A connection that must authenticate by `deadline`; its maps hash with `hasher`.
+    pub fn new(now: Instant, deadline: Instant, hasher: SeededState) -> Connection {
         Connection {
             phase: Phase::AwaitingAuth { deadline },
             last_rx: now,
@@ -178,7 +177,7 @@ impl Connection {
             dirty: false,
             degraded_since: None,
             timer_tick: None,
-            convs: HashMap::default(),
+            convs: Map::with_hasher(hasher),
             inflight_sends: 0,
             sync: None,
             notifies: BTreeMap::new(),

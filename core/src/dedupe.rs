@@ -6,12 +6,9 @@
 //! restarts. An entry is `Pending` while its record is not yet durable: a retry that
 //! arrives then waits for the same durability point instead of being sequenced twice.
 
+use crate::hash::{Map, SeededState};
 use crate::proto::{ClientMsgId, ConvId, Seq, UserId};
-use std::collections::{HashMap, VecDeque};
-use std::hash::BuildHasherDefault;
-
-/// A fixed-key hasher, so that nothing in core depends on a random seed.
-pub(crate) type FixedState = BuildHasherDefault<std::collections::hash_map::DefaultHasher>;
+use std::collections::VecDeque;
 
 /// The dedupe key.
 pub type DedupeKey = (UserId, ClientMsgId);
@@ -31,17 +28,17 @@ pub struct Sequenced {
 #[derive(Debug)]
 pub struct Window {
     capacity: usize,
-    map: HashMap<DedupeKey, Sequenced, FixedState>,
+    map: Map<DedupeKey, Sequenced>,
     order: VecDeque<DedupeKey>,
 }
 
 impl Window {
-    /// A window remembering up to `capacity` keys.
-    pub fn new(capacity: usize) -> Window {
+    /// A window remembering up to `capacity` keys, hashed with `hasher`.
+    pub fn new(capacity: usize, hasher: SeededState) -> Window {
         assert!(capacity > 0);
         Window {
             capacity,
-            map: HashMap::default(),
+            map: Map::with_hasher(hasher),
             order: VecDeque::new(),
         }
     }
@@ -111,7 +108,7 @@ mod tests {
 
     #[test]
     fn the_oldest_key_leaves_a_full_window() {
-        let mut w = Window::new(2);
+        let mut w = Window::new(2, SeededState::default());
         w.insert(key(1), at(1));
         w.insert(key(2), at(2));
         w.insert(key(3), at(3));
@@ -122,7 +119,7 @@ mod tests {
 
     #[test]
     fn a_failed_pending_key_is_forgotten_but_a_durable_one_is_not() {
-        let mut w = Window::new(4);
+        let mut w = Window::new(4, SeededState::default());
         w.insert(
             key(1),
             Sequenced {

@@ -9,6 +9,7 @@ pub mod client;
 pub mod connection;
 pub mod conv;
 pub mod dedupe;
+pub mod hash;
 pub mod limits;
 pub mod log;
 pub mod mesh;

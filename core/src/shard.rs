@@ -39,7 +39,8 @@
 use crate::auth::TokenVerifier;
 use crate::connection::{Admit, Connection, ConvCursor, Phase, SyncProgress};
 use crate::conv::Conversation;
-use crate::dedupe::{FixedState, Sequenced, Window};
+use crate::dedupe::{Sequenced, Window};
+use crate::hash::{Map, SeededState};
 use crate::limits::Limits;
 use crate::log::{encode_record, Record, StoredMessage};
 use crate::mesh::{
@@ -50,7 +51,7 @@ use crate::proto::{ConvId, ConvKind, Decoder, DeviceId, Encoder, ErrorCode, Fram
 use crate::time::Instant;
 use crate::timer::{self, Wheel};
 use bytes::{Bytes, BytesMut};
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 
 /// A log append's number, increasing by one per [`Effect::Append`] since start.
@@ -67,6 +68,10 @@ pub struct ShardConfig {
     pub shard_count: u16,
     /// Bounds.
     pub limits: Limits,
+    /// The key of the hasher of every map keyed by client-chosen ids. The gateway draws
+    /// it from the OS at start (so collisions cannot be precomputed); the simulator and
+    /// the tests fix it, so that a seed replays.
+    pub hash_seed: u128,
 }
 
 /// An output for the driver, other than socket writes.
@@ -145,6 +150,14 @@ pub struct ShardStats {
     pub auth_failures: u64,
     /// Messages made durable by this shard (as owner).
     pub messages_stored: u64,
+    /// Conversations held in memory now (gauge).
+    pub conversations: u64,
+    /// Messages in the hot tier now (gauge).
+    pub hot_messages: u64,
+    /// Payload bytes of the hot tier now (gauge).
+    pub hot_bytes: u64,
+    /// Keys in the dedupe window now (gauge).
+    pub dedupe_entries: u64,
 }
 
 #[derive(Debug)]
@@ -182,6 +195,7 @@ pub struct Shard {
     shard_count: u16,
     limits: Limits,
     verifier: TokenVerifier,
+    hasher: SeededState,
     decoder: Decoder,
     encoder: Encoder,
     now: Instant,
@@ -191,11 +205,11 @@ pub struct Shard {
     free: Vec<u32>,
     wheel: Wheel<ConnId>,
     /// Authenticated sessions on this shard, by user.
-    local: HashMap<UserId, Vec<(DeviceId, ConnId)>, FixedState>,
+    local: Map<UserId, Vec<(DeviceId, ConnId)>>,
     /// Home registry: where each (user, device) homed here is logged in, and since when.
-    homes: HashMap<(UserId, DeviceId), (ConnRef, Instant), FixedState>,
+    homes: Map<(UserId, DeviceId), (ConnRef, Instant)>,
 
-    convs: HashMap<ConvId, Conversation, FixedState>,
+    convs: Map<ConvId, Conversation>,
     dedupe: Window,
     /// Hot messages in append order, for the shard-wide byte budget.
     hot_order: VecDeque<(ConvId, Seq)>,
@@ -227,22 +241,24 @@ impl Shard {
         if let Err(e) = config.limits.validate() {
             panic!("invalid limits: {e}");
         }
+        let hasher = SeededState::new(config.hash_seed);
         Shard {
             id: config.id,
             shard_count: config.shard_count,
             decoder: Decoder::new(config.limits.frame_bytes_max),
-            dedupe: Window::new(config.limits.dedupe_window_entries),
+            dedupe: Window::new(config.limits.dedupe_window_entries, hasher),
             limits: config.limits,
             verifier,
+            hasher,
             encoder: Encoder::new(),
             now: Instant::default(),
             draining: false,
             slots: Vec::new(),
             free: Vec::new(),
             wheel: Wheel::default(),
-            local: HashMap::default(),
-            homes: HashMap::default(),
-            convs: HashMap::default(),
+            local: Map::with_hasher(hasher),
+            homes: Map::with_hasher(hasher),
+            convs: Map::with_hasher(hasher),
             hot_order: VecDeque::new(),
             hot_bytes: 0,
             hot_count: 0,
@@ -276,6 +292,14 @@ impl Shard {
     /// Counters for metrics.
     pub fn stats(&self) -> &ShardStats {
         &self.stats
+    }
+
+    /// The token verification keys were reloaded (SIGHUP). Sessions already authenticated
+    /// keep running until their own token expires; new Auths use `verifier`.
+    pub fn handle_keys(&mut self, now: Instant, verifier: TokenVerifier) {
+        self.now = now;
+        self.verifier = verifier;
+        self.finish();
     }
 
     /// The shard that owns `conv`: its stable hash over the shard count.
@@ -379,7 +403,7 @@ impl Shard {
                 .encoder
                 .encode_to_bytes(&error_meta(code, message, 0), &[]));
         }
-        let conn = Connection::new(now, now + self.limits.auth_timeout);
+        let conn = Connection::new(now, now + self.limits.auth_timeout, self.hasher);
         let id = match self.free.pop() {
             Some(index) => {
                 let slot = &mut self.slots[index as usize];
@@ -1152,6 +1176,10 @@ impl Shard {
         while let Some(msg) = self.local_inbox.pop_front() {
             self.on_shard_msg(msg);
         }
+        self.stats.conversations = self.convs.len() as u64;
+        self.stats.hot_messages = self.hot_count as u64;
+        self.stats.hot_bytes = self.hot_bytes as u64;
+        self.stats.dedupe_entries = self.dedupe.len() as u64;
         if !self.append_buf.is_empty() {
             let lsn = Lsn(self.next_lsn);
             self.next_lsn += 1;

@@ -179,6 +179,7 @@ impl ShardMetrics {
             slow_consumer_closes,
             auth_failures,
             messages_stored,
+            ..
         } = *stats;
         self.connections.store(connections, Ordering::Relaxed);
         self.refused.store(refused, Ordering::Relaxed);
@@ -440,6 +441,7 @@ mod tests {
             slow_consumer_closes: base + 9,
             auth_failures: base + 10,
             messages_stored: base + 11,
+            ..ShardStats::default()
         }
     }
 

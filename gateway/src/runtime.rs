@@ -351,6 +351,7 @@ async fn shard_main(setup: ShardSetup) -> Result<()> {
         clock,
     } = setup;
     let dir = config.data_dir.join(format!("shard-{index}"));
+    let hash_seed = hash_seed().context("drawing the hash seed")?;
     let (log, recovery) = storage::open(LogConfig {
         dir: dir.clone(),
         segment_bytes: config.segment_bytes,
@@ -362,6 +363,7 @@ async fn shard_main(setup: ShardSetup) -> Result<()> {
             id: ShardId(index as u16),
             shard_count: count as u16,
             limits: config.limits.clone(),
+            hash_seed,
         },
         verifier,
     );
@@ -1000,4 +1002,13 @@ fn check_shard_count(config: &Config, count: usize) -> Result<()> {
         }
         Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
     }
+}
+
+/// A fresh key for the engine's hashers, from the OS, so that nobody can precompute ids
+/// that collide in this process (hash flooding).
+fn hash_seed() -> std::io::Result<u128> {
+    use std::io::Read;
+    let mut seed = [0u8; 16];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut seed)?;
+    Ok(u128::from_le_bytes(seed))
 }

@@ -188,6 +188,8 @@ impl Gateway {
                     id,
                     shard_count,
                     limits: limits.clone(),
+                    // Fixed: a seed must replay the same map iteration orders.
+                    hash_seed: 0,
                 },
                 verifier(&limits),
             );

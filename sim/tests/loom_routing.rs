@@ -240,6 +240,7 @@ impl Node {
                 id: ShardId(id),
                 shard_count: SHARDS,
                 limits,
+                hash_seed: 0,
             },
             verifier,
         );

@@ -80,6 +80,7 @@ impl World {
                         id: ShardId(i),
                         shard_count: shards,
                         limits: limits.clone(),
+                        hash_seed: 0,
                     },
                     verifier(&limits),
                 ),
@@ -351,6 +352,7 @@ impl World {
                     id: ShardId(i as u16),
                     shard_count: count,
                     limits: self.limits.clone(),
+                    hash_seed: 0,
                 },
                 verifier(&self.limits),
             );
