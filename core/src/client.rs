@@ -61,7 +61,7 @@ use crate::limits::Limits;
 use crate::time::Instant;
 use bytes::{Bytes, BytesMut};
 use imgate_proto::frame::{Decoder, Encoder, Frame, HEADER_LEN};
-use imgate_proto::meta::{self, Cursor, Gap, Meta};
+use imgate_proto::meta::{self, Cursor, CursorRefusal, Gap, Meta};
 use imgate_proto::{ClientMsgId, ConvId, DeviceId, ErrorCode, Seq, UserId};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::Duration;
@@ -331,6 +331,10 @@ pub enum ClientEvent {
         gaps: Vec<Gap>,
         /// Conversations with more to fetch than one Sync sends (pulled if `auto_pull`).
         more: Vec<Cursor>,
+        /// Cursors the gateway did not resume as given: `CursorAhead` (this engine moved
+        /// its cursor back to `latest_seq`), `NotMember` (the cursor is forgotten) or
+        /// `BadRequest`.
+        refused: Vec<CursorRefusal>,
     },
     /// The Sync got no answer.
     SyncFailed {
@@ -1208,10 +1212,29 @@ impl Client {
                 self.pull_wanted.insert(more.conv);
             }
         }
+        for r in &m.refused {
+            if !self.check_conv(r.conv) {
+                return;
+            }
+            match r.code {
+                // The gateway resumes the push stream after `latest_seq`: so must we, or
+                // we would hold every new message as if it came before our cursor.
+                ErrorCode::CursorAhead if r.latest_seq.is_valid() => {
+                    self.cursors.insert(r.conv, r.latest_seq);
+                    self.convs.remove(&r.conv);
+                }
+                ErrorCode::NotMember => {
+                    self.cursors.remove(&r.conv);
+                    self.convs.remove(&r.conv);
+                }
+                _ => {}
+            }
+        }
         self.events.push_back(ClientEvent::SyncDone {
             req: m.req,
             gaps: m.gaps,
             more: m.more,
+            refused: m.refused,
         });
     }
 
@@ -1839,7 +1862,12 @@ mod tests {
     }
 
     fn sync_done(req: u32, gaps: Vec<Gap>, more: Vec<Cursor>) -> Meta {
-        Meta::SyncDone(meta::SyncDone { req, gaps, more })
+        Meta::SyncDone(meta::SyncDone {
+            req,
+            gaps,
+            more,
+            refused: Vec::new(),
+        })
     }
 
     /// A client that connected and got AuthOk at T0; returns it with its Sync's req. The

@@ -14,11 +14,13 @@
 //! | Active        | takeover, drain               | closed (Error / GoAway)  |
 
 use crate::hash::{Map, SeededState};
-use crate::proto::meta::{Meta, Signal};
+use crate::limits::Limits;
+use crate::mesh::ReplayPurpose;
+use crate::proto::meta::{CursorRefusal, Meta, Signal};
 use crate::proto::{ConvId, DeviceId, Encoder, Seq, UserId};
 use crate::time::Instant;
 use bytes::{Bytes, BytesMut};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 
 /// Where a connection is in its life.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -85,6 +87,76 @@ pub struct SyncProgress {
     pub gaps: Vec<crate::proto::meta::Gap>,
     /// Conversations with more than one batch to catch up.
     pub more: Vec<crate::proto::meta::Cursor>,
+    /// Cursors not resumed as given.
+    pub refused: Vec<CursorRefusal>,
+}
+
+/// History a connection wants from one conversation's owner, served a page at a time as
+/// the connection's outbox drains (so a reply never outruns the reader).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReplayAsk {
+    /// The conversation.
+    pub conv: ConvId,
+    /// The next seq to ask for (a Pull's position; Sync and catch-up resume from the
+    /// push cursor instead).
+    pub from: Seq,
+    /// Messages still wanted.
+    pub remaining: u32,
+    /// What the history is for.
+    pub purpose: ReplayPurpose,
+    /// The first seq sent so far (a Pull's answer), `Seq::ZERO` while none.
+    pub first: Seq,
+    /// The last seq sent so far.
+    pub last: Seq,
+    /// Seqs below this were no longer held, from the first page.
+    pub available_from: Option<Seq>,
+}
+
+/// A token bucket over the frames and bytes a connection sends (I6: one client cannot
+/// take a shard's capacity). Levels are in thousandths, so that a millisecond of refill
+/// is exact in integers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RateLimit {
+    frames_milli: u64,
+    bytes_milli: u64,
+    refilled: Instant,
+}
+
+impl RateLimit {
+    /// A full bucket at `now`.
+    pub fn new(limits: &Limits, now: Instant) -> RateLimit {
+        RateLimit {
+            frames_milli: u64::from(limits.frames_burst) * 1000,
+            bytes_milli: u64::from(limits.bytes_burst) * 1000,
+            refilled: now,
+        }
+    }
+
+    /// Takes one frame of `bytes` if the bucket holds it; false when over the rate (and
+    /// nothing is taken).
+    pub fn take(&mut self, limits: &Limits, now: Instant, bytes: usize) -> bool {
+        let elapsed_ms = now.as_millis().saturating_sub(self.refilled.as_millis());
+        self.refilled = self.refilled.max(now);
+        // A rate per second is the same number of thousandths per millisecond.
+        let refill = |level: u64, per_sec: u32, burst: u32| {
+            level
+                .saturating_add(elapsed_ms.saturating_mul(u64::from(per_sec)))
+                .min(u64::from(burst) * 1000)
+        };
+        self.frames_milli = refill(
+            self.frames_milli,
+            limits.frames_per_sec,
+            limits.frames_burst,
+        );
+        self.bytes_milli = refill(self.bytes_milli, limits.bytes_per_sec, limits.bytes_burst);
+        let bytes_milli = (bytes as u64).saturating_mul(1000);
+        if self.frames_milli < 1000 || self.bytes_milli < bytes_milli {
+            return false;
+        }
+        self.frames_milli -= 1000;
+        self.bytes_milli -= bytes_milli;
+        true
+    }
 }
 
 /// Frames waiting to be written to one socket, and the bytes the driver holds.
@@ -165,11 +237,27 @@ pub struct Connection {
     pub notifies: BTreeMap<ConvId, Seq>,
     /// Signals to send at the next transmit; latest wins per (sender, conversation).
     pub signals: Vec<(Signal, Bytes)>,
+    /// History to fetch, front first; at most one page of the front ask is in flight.
+    pub replays: VecDeque<ReplayAsk>,
+    /// A page of the front ask of `replays` was asked for and is not answered yet.
+    pub replay_inflight: bool,
+    /// Frame and byte rates.
+    pub rate: RateLimit,
+    /// When the session's token expires (with leeway): it is closed then.
+    pub session_ends: Option<Instant>,
+    /// When the session is told to re-authenticate (GoAway `TokenExpired`); `None` once
+    /// told.
+    pub renew_at: Option<Instant>,
 }
 
 impl Connection {
     /// A connection that must authenticate by `deadline`; its maps hash with `hasher`.
-    pub fn new(now: Instant, deadline: Instant, hasher: SeededState) -> Connection {
+    pub fn new(
+        now: Instant,
+        deadline: Instant,
+        hasher: SeededState,
+        limits: &Limits,
+    ) -> Connection {
         Connection {
             phase: Phase::AwaitingAuth { deadline },
             last_rx: now,
@@ -182,6 +270,11 @@ impl Connection {
             sync: None,
             notifies: BTreeMap::new(),
             signals: Vec::new(),
+            replays: VecDeque::new(),
+            replay_inflight: false,
+            rate: RateLimit::new(limits, now),
+            session_ends: None,
+            renew_at: None,
         }
     }
 
@@ -191,6 +284,14 @@ impl Connection {
             Phase::Active { user, device, .. } => Some((user, device)),
             Phase::AwaitingAuth { .. } => None,
         }
+    }
+
+    /// Pulls waiting in `replays`.
+    pub fn pulls_queued(&self) -> usize {
+        self.replays
+            .iter()
+            .filter(|a| matches!(a.purpose, ReplayPurpose::Pull { .. }))
+            .count()
     }
 
     /// Queues a frame and marks the connection for transmit.
@@ -218,5 +319,38 @@ mod tests {
         assert_eq!(c.admit(Seq(5)), Admit::Gap { request_from: None });
         assert_eq!(c.admit(Seq(2)), Admit::Send);
         assert_eq!(c.sent, Seq(2));
+    }
+
+    #[test]
+    fn the_rate_limit_allows_the_burst_then_the_rate() {
+        let limits = Limits {
+            frames_per_sec: 10,
+            frames_burst: 3,
+            ..Limits::default()
+        };
+        let ms = std::time::Duration::from_millis;
+        let t0 = Instant::from_millis(1_000);
+        let mut r = RateLimit::new(&limits, t0);
+        assert!((0..3).all(|_| r.take(&limits, t0, 10)));
+        assert!(!r.take(&limits, t0, 10), "the burst is spent");
+        // 10 frames/s: one frame's worth refills in 100 ms, not in 99.
+        assert!(!r.take(&limits, t0 + ms(99), 10));
+        assert!(r.take(&limits, t0 + ms(100), 10));
+        // A clock that steps back refills nothing and breaks nothing.
+        assert!(!r.take(&limits, t0, 10));
+    }
+
+    #[test]
+    fn the_rate_limit_counts_bytes_too() {
+        let limits = Limits {
+            bytes_per_sec: 1_000,
+            bytes_burst: 300_000,
+            ..Limits::default()
+        };
+        let t0 = Instant::from_millis(0);
+        let mut r = RateLimit::new(&limits, t0);
+        assert!(r.take(&limits, t0, 200_000));
+        assert!(!r.take(&limits, t0, 200_000), "only 100,000 bytes are left");
+        assert!(r.take(&limits, t0, 100_000));
     }
 }

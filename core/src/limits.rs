@@ -18,6 +18,10 @@ pub struct Limits {
     pub payload_bytes_max: u32,
     /// Largest token in an Auth frame. 4 KiB: generous for a JWT with a few claims.
     pub token_bytes_max: usize,
+    /// Largest frame accepted before the connection has authenticated, when only an Auth
+    /// is valid. 8 KiB: the largest token and the frame around it, with room. An
+    /// unauthenticated peer can make the gateway hold no more than this.
+    pub auth_frame_bytes_max: u32,
     /// Outbound bytes queued for a connection (not yet written to its socket) above which
     /// it is degraded: signals are dropped and pushes become Notify. 256 KiB is about a
     /// thousand 200-byte deliveries, seconds of traffic for a busy group member.
@@ -47,6 +51,35 @@ pub struct Limits {
     pub read_diffusion_threshold: usize,
     /// Messages sent for one Pull at most. 200: one screen of history several times over.
     pub pull_limit_max: u32,
+    /// Payload bytes of one page of a Sync, Pull or catch-up reply (at least one message
+    /// always fits). Replies are produced a page at a time as the connection drains, so a
+    /// client that reads can catch up any history whatever the message sizes. 128 KiB.
+    pub replay_page_bytes: usize,
+    /// A connection's next reply page is asked for only once its outbound backlog is at
+    /// most this. 128 KiB, half the soft budget: a page on top of it stays under the soft
+    /// budget, so replies never make a reading client look slow.
+    pub replay_resume_bytes: usize,
+    /// Pulls one connection may have waiting to be served; beyond, a Pull gets Error
+    /// `RateLimited`. 16: a client pages one conversation at a time, a few at most.
+    pub pulls_queued_max: usize,
+    /// Frames per second one connection may send, on average (token bucket). 1,000: far
+    /// above a person typing, enough for a bot; one client cannot monopolise a shard.
+    pub frames_per_sec: u32,
+    /// Frames one connection may send in a burst above the rate. 2,000: a reconnect's
+    /// outbox re-send and Sync fit.
+    pub frames_burst: u32,
+    /// Bytes per second one connection may send, on average. 4 MiB/s.
+    pub bytes_per_sec: u32,
+    /// Bytes one connection may send in a burst above the rate. 16 MiB: a full outbox of
+    /// large messages re-sent after a reconnect fits.
+    pub bytes_burst: u32,
+    /// Devices of one user logged in at once; a further login is closed with
+    /// `TooManyDevices`. 16: phones, tablets, desktops and browsers of one person.
+    pub devices_per_user_max: usize,
+    /// How long before its token expires a session gets GoAway `TokenExpired`, so that
+    /// the client re-authenticates on a new connection before it is closed at expiry.
+    /// 60 s (at most half the session's remaining life).
+    pub token_renew_margin: Duration,
     /// Messages replayed per conversation for one Sync before the rest is left to Pull
     /// (listed in SyncDone.more). 100: a reconnect should not flood a phone.
     pub sync_batch_per_conv: u32,
@@ -78,6 +111,7 @@ impl Default for Limits {
             frame_bytes_max: 256 * 1024,
             payload_bytes_max: 64 * 1024,
             token_bytes_max: 4096,
+            auth_frame_bytes_max: 8 * 1024,
             outbound_soft_bytes: 256 * 1024,
             outbound_hard_bytes: 1024 * 1024,
             slow_consumer_grace: Duration::from_secs(10),
@@ -89,6 +123,15 @@ impl Default for Limits {
             read_diffusion_threshold: 500,
             pull_limit_max: 200,
             sync_batch_per_conv: 100,
+            replay_page_bytes: 128 * 1024,
+            replay_resume_bytes: 128 * 1024,
+            pulls_queued_max: 16,
+            frames_per_sec: 1000,
+            frames_burst: 2000,
+            bytes_per_sec: 4 * 1024 * 1024,
+            bytes_burst: 16 * 1024 * 1024,
+            devices_per_user_max: 16,
+            token_renew_margin: Duration::from_secs(60),
             sync_cursors_max: 4096,
             auth_timeout: Duration::from_secs(10),
             heartbeat_interval: Duration::from_secs(30),
@@ -128,6 +171,38 @@ impl Limits {
         }
         if self.sync_batch_per_conv == 0 {
             return Err("sync_batch_per_conv must be positive".into());
+        }
+        if (self.auth_frame_bytes_max as usize) < self.token_bytes_max + frame_overhead
+            || self.auth_frame_bytes_max > self.frame_bytes_max
+        {
+            return Err(format!(
+                "auth_frame_bytes_max {} must hold a token of token_bytes_max {} and \
+                 not exceed frame_bytes_max",
+                self.auth_frame_bytes_max, self.token_bytes_max
+            ));
+        }
+        // A reply page is asked for at `replay_resume_bytes` of backlog and may carry a
+        // page plus one message over it: that must stay below the hard budget, or a
+        // client reading at full speed could be closed for its own Sync.
+        let page_peak = self.replay_resume_bytes
+            + self.replay_page_bytes
+            + self.payload_bytes_max as usize
+            + frame_overhead;
+        if self.replay_page_bytes == 0 || page_peak >= self.outbound_hard_bytes {
+            return Err(format!(
+                "replay_resume_bytes + replay_page_bytes + payload_bytes_max ({page_peak}) \
+                 must be below outbound_hard_bytes {}",
+                self.outbound_hard_bytes
+            ));
+        }
+        if self.frames_per_sec == 0 || self.frames_burst == 0 || self.bytes_per_sec == 0 {
+            return Err("frames_per_sec, frames_burst and bytes_per_sec must be positive".into());
+        }
+        if (self.bytes_burst as usize) < self.frame_bytes_max as usize {
+            return Err("bytes_burst must hold at least one frame of frame_bytes_max".into());
+        }
+        if self.devices_per_user_max == 0 || self.pulls_queued_max == 0 {
+            return Err("devices_per_user_max and pulls_queued_max must be positive".into());
         }
         Ok(())
     }

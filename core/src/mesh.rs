@@ -189,7 +189,11 @@ pub enum ShardMsg {
         conn: ConnRef,
     },
     /// Home shard -> connection shard: close `conn`, another login took over.
-    Kick { conn: ConnRef },
+    Kick {
+        conn: ConnRef,
+        /// Why: `SessionTakenOver` or `TooManyDevices`.
+        code: ErrorCode,
+    },
     /// Any shard -> the group's owner: run a command; answer `reply_to` with `token`.
     Command {
         command: Command,

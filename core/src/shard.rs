@@ -37,7 +37,7 @@
 //! - I6: every queue here is bounded by a field of [`Limits`].
 
 use crate::auth::TokenVerifier;
-use crate::connection::{Admit, Connection, ConvCursor, Phase, SyncProgress};
+use crate::connection::{Admit, Connection, ConvCursor, Phase, ReplayAsk, SyncProgress};
 use crate::conv::Conversation;
 use crate::dedupe::{Sequenced, Window};
 use crate::hash::{Map, SeededState};
@@ -46,7 +46,7 @@ use crate::log::{encode_record, Record, StoredMessage};
 use crate::mesh::{
     Command, CommandError, ConnId, ConnRef, ReplayBatch, ReplayPurpose, ShardId, ShardMsg,
 };
-use crate::proto::meta::{self, Meta, Priority};
+use crate::proto::meta::{self, CursorRefusal, Meta, Priority};
 use crate::proto::{ConvId, ConvKind, Decoder, DeviceId, Encoder, ErrorCode, Frame, Seq, UserId};
 use crate::time::Instant;
 use crate::timer::{self, Wheel};
@@ -148,6 +148,8 @@ pub struct ShardStats {
     pub slow_consumer_closes: u64,
     /// Failed authentications.
     pub auth_failures: u64,
+    /// Frames refused because their connection was over its rate.
+    pub rate_limited: u64,
     /// Messages made durable by this shard (as owner).
     pub messages_stored: u64,
     /// Conversations held in memory now (gauge).
@@ -197,6 +199,8 @@ pub struct Shard {
     verifier: TokenVerifier,
     hasher: SeededState,
     decoder: Decoder,
+    /// The decoder before authentication: only an Auth of `auth_frame_bytes_max` fits.
+    auth_decoder: Decoder,
     encoder: Encoder,
     now: Instant,
     draining: bool,
@@ -208,6 +212,8 @@ pub struct Shard {
     local: Map<UserId, Vec<(DeviceId, ConnId)>>,
     /// Home registry: where each (user, device) homed here is logged in, and since when.
     homes: Map<(UserId, DeviceId), (ConnRef, Instant)>,
+    /// Devices of each user in `homes`, for `devices_per_user_max`.
+    devices: Map<UserId, usize>,
 
     convs: Map<ConvId, Conversation>,
     dedupe: Window,
@@ -246,6 +252,7 @@ impl Shard {
             id: config.id,
             shard_count: config.shard_count,
             decoder: Decoder::new(config.limits.frame_bytes_max),
+            auth_decoder: Decoder::new(config.limits.auth_frame_bytes_max),
             dedupe: Window::new(config.limits.dedupe_window_entries, hasher),
             limits: config.limits,
             verifier,
@@ -258,6 +265,7 @@ impl Shard {
             wheel: Wheel::default(),
             local: Map::with_hasher(hasher),
             homes: Map::with_hasher(hasher),
+            devices: Map::with_hasher(hasher),
             convs: Map::with_hasher(hasher),
             hot_order: VecDeque::new(),
             hot_bytes: 0,
@@ -403,7 +411,12 @@ impl Shard {
                 .encoder
                 .encode_to_bytes(&error_meta(code, message, 0), &[]));
         }
-        let conn = Connection::new(now, now + self.limits.auth_timeout, self.hasher);
+        let conn = Connection::new(
+            now,
+            now + self.limits.auth_timeout,
+            self.hasher,
+            &self.limits,
+        );
         let id = match self.free.pop() {
             Some(index) => {
                 let slot = &mut self.slots[index as usize];
@@ -431,18 +444,28 @@ impl Shard {
     }
 
     /// Bytes arrived on `conn`; whole frames are taken off the front of `buf`. On a
-    /// protocol error the connection is closed with an Error frame.
+    /// protocol error the connection is closed with an Error frame. Bytes for a connection
+    /// that is gone (closed by an earlier frame) are dropped: `buf` is left empty.
     pub fn handle_bytes(&mut self, now: Instant, conn: ConnId, buf: &mut BytesMut) {
         self.now = now;
         let before = buf.len();
         loop {
-            if self.conn(conn).is_none() {
+            let Some(authenticated) = self.conn(conn).map(|c| c.identity().is_some()) else {
+                buf.clear();
                 break;
-            }
-            match self.decoder.decode(buf) {
+            };
+            // Before authentication only an Auth is valid, and a small one: a peer that has
+            // not proved who it is cannot make the gateway buffer a large frame.
+            let decoder = if authenticated {
+                &self.decoder
+            } else {
+                &self.auth_decoder
+            };
+            let len = buf.len();
+            match decoder.decode(buf) {
                 Ok(Some(frame)) => {
                     self.stats.frames_in += 1;
-                    self.handle_frame(conn, frame);
+                    self.handle_frame(conn, frame, len - buf.len());
                 }
                 Ok(None) => break,
                 Err(e) => {
@@ -467,6 +490,8 @@ impl Shard {
                 c.degraded_since = None;
             }
         }
+        // The reader made room: the next page of history it asked for may go out.
+        self.pump_replays(conn);
         self.finish();
     }
 
@@ -825,6 +850,9 @@ impl Shard {
         if let Some(since) = c.degraded_since {
             deadline = deadline.min(since + grace);
         }
+        for at in [c.renew_at, c.session_ends].into_iter().flatten() {
+            deadline = deadline.min(at);
+        }
         let tick = timer::tick_of(deadline);
         if c.timer_tick.is_none_or(|t| tick < t) {
             c.timer_tick = Some(tick);
@@ -864,6 +892,28 @@ impl Shard {
             }
             _ => {}
         }
+        if c.session_ends.is_some_and(|at| now >= at) {
+            self.close(
+                id,
+                ErrorCode::TokenExpired,
+                "the session's token expired; reconnect with a new one",
+            );
+            return;
+        }
+        if c.renew_at.is_some_and(|at| now >= at) {
+            let goaway = Meta::GoAway(meta::GoAway {
+                code: ErrorCode::TokenExpired,
+                message: "the token expires soon; reconnect with a new one".into(),
+                reconnect_after_ms: 0,
+            });
+            if let Some(c) = self.conn_mut(id) {
+                c.renew_at = None;
+            }
+            self.push(id, &goaway, Bytes::new());
+        }
+        let Some(c) = self.conn(id) else {
+            return;
+        };
         if let Some(since) = c.degraded_since {
             if now >= since + grace && c.outbox.backlog() > soft {
                 self.stats.slow_consumer_closes += 1;
@@ -882,9 +932,9 @@ impl Shard {
     // Frames from clients
     // ---------------------------------------------------------------------------------
 
-    fn handle_frame(&mut self, id: ConnId, frame: Frame) {
+    fn handle_frame(&mut self, id: ConnId, frame: Frame, len: usize) {
         let now = self.now;
-        let Some(c) = self.conn_mut(id) else {
+        let Some(c) = live_conn(&mut self.slots, id) else {
             return;
         };
         c.last_rx = now;
@@ -899,17 +949,22 @@ impl Shard {
             }
             return;
         };
+        if !c.rate.take(&self.limits, now, len) {
+            self.refuse_over_rate(id, &frame.meta);
+            return;
+        }
         match frame.meta {
             Meta::Send(send) => self.on_send(id, user, device, send, frame.payload),
             Meta::DeliveryAck(ack) => {
                 if let Some(c) = self.conn_mut(id) {
                     if let Some(cursor) = c.convs.get_mut(&ack.conv) {
+                        // Capped at what was sent, so any wire value is harmless.
                         cursor.acked = cursor.acked.max(ack.seq.min(cursor.sent));
                     }
                 }
             }
-            Meta::Sync(sync) => self.on_sync(id, user, sync),
-            Meta::Pull(pull) => self.on_pull(id, user, pull),
+            Meta::Sync(sync) => self.on_sync(id, sync),
+            Meta::Pull(pull) => self.on_pull(id, pull),
             Meta::Signal(signal) => {
                 if frame.payload.len() > self.limits.signal_bytes_max {
                     let e = error_meta(ErrorCode::PayloadTooLarge, "signal payload too large", 0);
@@ -947,6 +1002,31 @@ impl Shard {
         }
     }
 
+    /// Answers a frame over the connection's rate: a Send is Nacked and a request gets an
+    /// Error, both `RateLimited` (the client retries later); what needs no answer
+    /// (DeliveryAck, Signal, Pong) is dropped. The connection stays open.
+    fn refuse_over_rate(&mut self, id: ConnId, meta: &Meta) {
+        self.stats.rate_limited += 1;
+        const WHY: &str = "over this connection's frame or byte rate; retry later";
+        let answer = match meta {
+            Meta::Send(send) => {
+                self.stats.nacks += 1;
+                Meta::Nack(meta::Nack {
+                    req: send.req,
+                    client_msg_id: send.client_msg_id,
+                    conv: send.conv,
+                    code: ErrorCode::RateLimited,
+                    message: WHY.into(),
+                })
+            }
+            Meta::Sync(sync) => error_meta(ErrorCode::RateLimited, WHY, sync.req),
+            Meta::Pull(pull) => error_meta(ErrorCode::RateLimited, WHY, pull.req),
+            Meta::Ping(_) => error_meta(ErrorCode::RateLimited, WHY, 0),
+            _ => return,
+        };
+        self.push(id, &answer, Bytes::new());
+    }
+
     fn on_auth(&mut self, id: ConnId, token: &str) {
         let now = self.now;
         let identity = match self.verifier.verify(token, now) {
@@ -959,12 +1039,24 @@ impl Shard {
             }
         };
         let (user, device) = (identity.user, identity.device);
+        // The session lasts as long as its token (with the same leeway verification
+        // allows); the client is told to renew ahead of that, at most halfway through.
+        let ends = identity.expires + self.limits.token_leeway;
+        let margin = self
+            .limits
+            .token_renew_margin
+            .min(ends.saturating_since(now) / 2);
         if let Some(c) = self.conn_mut(id) {
             c.phase = Phase::Active {
                 user,
                 device,
                 since: now,
             };
+            c.session_ends = Some(ends);
+            c.renew_at = Some(Instant::from_millis(
+                ends.as_millis()
+                    .saturating_sub(u64::try_from(margin.as_millis()).unwrap_or(u64::MAX)),
+            ));
         }
         self.local.entry(user).or_default().push((device, id));
         let ok = Meta::AuthOk(meta::AuthOk {
@@ -1048,11 +1140,13 @@ impl Shard {
         );
     }
 
-    fn on_sync(&mut self, id: ConnId, user: UserId, sync: meta::Sync) {
+    fn on_sync(&mut self, id: ConnId, sync: meta::Sync) {
         let refusal = if self.conn(id).is_some_and(|c| c.sync.is_some()) {
             Some("a Sync is already in progress on this connection")
         } else if sync.cursors.len() > self.limits.sync_cursors_max {
             Some("too many cursors in one Sync")
+        } else if sync.cursors.iter().any(|c| !c.seq.is_valid()) {
+            Some("a cursor's seq is over the maximum seq")
         } else {
             None
         };
@@ -1062,37 +1156,45 @@ impl Shard {
             return;
         }
         let limit = self.limits.sync_batch_per_conv;
-        let mut replays = Vec::new();
-        if let Some(c) = self.conn_mut(id) {
-            for cursor in &sync.cursors {
-                if cursor.conv.kind().is_none() {
-                    continue;
-                }
-                let state = c.convs.entry(cursor.conv).or_default();
-                state.sent = state.sent.max(cursor.seq);
-                state.catching_up = true;
-                replays.push((cursor.conv, state.sent.next()));
+        let purpose = ReplayPurpose::Sync { req: sync.req };
+        let Some(c) = self.conn_mut(id) else {
+            return;
+        };
+        let mut refused = Vec::new();
+        let mut seen = std::collections::BTreeSet::new();
+        for cursor in &sync.cursors {
+            if cursor.conv.kind().is_none() || !seen.insert(cursor.conv) {
+                refused.push(CursorRefusal {
+                    conv: cursor.conv,
+                    latest_seq: Seq::ZERO,
+                    code: ErrorCode::BadRequest,
+                });
+                continue;
             }
-            c.sync = Some(SyncProgress {
-                req: sync.req,
-                awaiting: replays.len(),
-                gaps: Vec::new(),
-                more: Vec::new(),
+            let state = c.convs.entry(cursor.conv).or_default();
+            state.sent = state.sent.max(cursor.seq);
+            state.catching_up = true;
+            c.replays.push_back(ReplayAsk {
+                conv: cursor.conv,
+                from: Seq::ZERO,
+                remaining: limit,
+                purpose,
+                first: Seq::ZERO,
+                last: Seq::ZERO,
+                available_from: None,
             });
         }
-        if replays.is_empty() {
+        c.sync = Some(SyncProgress {
+            req: sync.req,
+            awaiting: seen.len(),
+            gaps: Vec::new(),
+            more: Vec::new(),
+            refused,
+        });
+        if seen.is_empty() {
             self.finish_sync(id);
         }
-        for (conv, from) in replays {
-            self.ask_replay(
-                id,
-                user,
-                conv,
-                from,
-                limit,
-                ReplayPurpose::Sync { req: sync.req },
-            );
-        }
+        self.pump_replays(id);
     }
 
     fn finish_sync(&mut self, id: ConnId) {
@@ -1103,29 +1205,73 @@ impl Shard {
             req: progress.req,
             gaps: progress.gaps,
             more: progress.more,
+            refused: progress.refused,
         });
         self.push(id, &done, Bytes::new());
     }
 
-    fn on_pull(&mut self, id: ConnId, user: UserId, pull: meta::Pull) {
-        if pull.conv.kind().is_none() {
-            let e = error_meta(ErrorCode::BadRequest, "invalid conversation id", pull.req);
+    fn on_pull(&mut self, id: ConnId, pull: meta::Pull) {
+        let queued_max = self.limits.pulls_queued_max;
+        let refusal = if pull.conv.kind().is_none() {
+            Some((ErrorCode::BadRequest, "invalid conversation id"))
+        } else if !pull.from_seq.is_valid() {
+            Some((ErrorCode::BadRequest, "from_seq is over the maximum seq"))
+        } else if self
+            .conn(id)
+            .is_some_and(|c| c.pulls_queued() >= queued_max)
+        {
+            Some((
+                ErrorCode::RateLimited,
+                "too many Pulls in progress on this connection",
+            ))
+        } else {
+            None
+        };
+        if let Some((code, message)) = refusal {
+            let e = error_meta(code, message, pull.req);
             self.push(id, &e, Bytes::new());
             return;
         }
         let limit = pull.limit.clamp(1, self.limits.pull_limit_max);
         let from = pull.from_seq.max(Seq(1));
-        self.ask_replay(
-            id,
-            user,
-            pull.conv,
-            from,
-            limit,
-            ReplayPurpose::Pull { req: pull.req },
-        );
+        if let Some(c) = self.conn_mut(id) {
+            c.replays.push_back(ReplayAsk {
+                conv: pull.conv,
+                from,
+                remaining: limit,
+                purpose: ReplayPurpose::Pull { req: pull.req },
+                first: Seq::ZERO,
+                last: Seq::ZERO,
+                available_from: None,
+            });
+        }
+        self.pump_replays(id);
     }
 
-    /// Asks `conv`'s owner to send connection `id` its messages from `from` on.
+    /// Asks for the next page of the connection's front [`ReplayAsk`], unless a page is
+    /// in flight or the connection has not yet written out enough of what it was sent:
+    /// history goes out at the pace the reader takes it (I6), whatever its size.
+    fn pump_replays(&mut self, id: ConnId) {
+        let resume = self.limits.replay_resume_bytes;
+        let Some(c) = self.conn_mut(id) else {
+            return;
+        };
+        if c.replay_inflight || c.outbox.backlog() > resume {
+            return;
+        }
+        let (Some((user, _)), Some(ask)) = (c.identity(), c.replays.front().copied()) else {
+            return;
+        };
+        let from = match ask.purpose {
+            ReplayPurpose::Pull { .. } => ask.from,
+            ReplayPurpose::Sync { .. } | ReplayPurpose::CatchUp => {
+                c.convs.get(&ask.conv).map_or(Seq(1), |cur| cur.sent.next())
+            }
+        };
+        c.replay_inflight = true;
+        self.ask_replay(id, user, ask.conv, from, ask.remaining, ask.purpose);
+    }
+
     fn ask_replay(
         &mut self,
         id: ConnId,
@@ -1346,13 +1492,17 @@ impl Shard {
                     .is_some_and(|&(c, _)| c == conn)
                 {
                     self.homes.remove(&(user, device));
+                    self.count_device(user, false);
                 }
             }
-            ShardMsg::Kick { conn } => self.close(
-                conn.conn,
-                ErrorCode::SessionTakenOver,
-                "this device logged in on another connection",
-            ),
+            ShardMsg::Kick { conn, code } => {
+                let message = if code == ErrorCode::TooManyDevices {
+                    "this user has the maximum number of devices logged in"
+                } else {
+                    "this device logged in on another connection"
+                };
+                self.close(conn.conn, code, message);
+            }
             ShardMsg::Command {
                 command,
                 reply_to,
@@ -1413,14 +1563,52 @@ impl Shard {
         match self.homes.get(&key).copied() {
             Some((old, _)) if old == conn => {}
             Some((_, old_at)) if old_at > at => {
-                self.route(conn.shard, ShardMsg::Kick { conn });
+                self.route(
+                    conn.shard,
+                    ShardMsg::Kick {
+                        conn,
+                        code: ErrorCode::SessionTakenOver,
+                    },
+                );
             }
             Some((old, _)) => {
                 self.homes.insert(key, (conn, at));
-                self.route(old.shard, ShardMsg::Kick { conn: old });
+                self.route(
+                    old.shard,
+                    ShardMsg::Kick {
+                        conn: old,
+                        code: ErrorCode::SessionTakenOver,
+                    },
+                );
+            }
+            None if self.devices.get(&user).copied().unwrap_or(0)
+                >= self.limits.devices_per_user_max =>
+            {
+                self.route(
+                    conn.shard,
+                    ShardMsg::Kick {
+                        conn,
+                        code: ErrorCode::TooManyDevices,
+                    },
+                );
             }
             None => {
                 self.homes.insert(key, (conn, at));
+                self.count_device(user, true);
+            }
+        }
+    }
+
+    /// Keeps `devices` equal to the number of `homes` entries per user.
+    fn count_device(&mut self, user: UserId, added: bool) {
+        let n = self.devices.entry(user).or_insert(0);
+        if added {
+            *n += 1;
+        } else {
+            assert!(*n > 0, "a device left that was never counted");
+            *n -= 1;
+            if *n == 0 {
+                self.devices.remove(&user);
             }
         }
     }
@@ -1435,6 +1623,23 @@ impl Shard {
         let seen = self.dedupe.get(&key).filter(|_| !self.dedupe_off);
         #[cfg(not(feature = "planted-bugs"))]
         let seen = self.dedupe.get(&key);
+        if let Some(seen) = seen.filter(|s| s.conv != msg.conv) {
+            // A client_msg_id names one message: the same id for another conversation is
+            // a client bug, not a retry.
+            let _ = seen;
+            self.route(
+                from.shard,
+                ShardMsg::Nacked {
+                    to: from,
+                    req,
+                    client_msg_id: msg.client_msg_id,
+                    conv: msg.conv,
+                    code: ErrorCode::ClientMsgIdReused,
+                    message: "this client_msg_id was used for another conversation",
+                },
+            );
+            return;
+        }
         if let Some(seen) = seen {
             if seen.durable {
                 self.route(
@@ -1662,6 +1867,17 @@ impl Shard {
         if next >= conv.hot_from() {
             msgs.extend(conv.hot_range(next, room).cloned());
         }
+        // One page: at most `replay_page_bytes` of payload, but always one message, so
+        // that any message can be replayed; the asker comes back for the rest.
+        let mut bytes = 0usize;
+        let keep = msgs
+            .iter()
+            .position(|m| {
+                bytes += m.payload.len();
+                bytes > self.limits.replay_page_bytes
+            })
+            .map_or(msgs.len(), |over| over.max(1));
+        msgs.truncate(keep);
         ReplayBatch {
             msgs,
             latest: conv.durable_seq,
@@ -1717,106 +1933,173 @@ impl Shard {
         purpose: ReplayPurpose,
         result: Result<ReplayBatch, ErrorCode>,
     ) {
-        if self.conn(id).is_none() {
+        let Some(c) = self.conn_mut(id) else {
             return;
-        }
-        match purpose {
-            ReplayPurpose::Pull { req } => match result {
-                Ok(batch) => {
-                    let (first, last) = match (batch.msgs.first(), batch.msgs.last()) {
-                        (Some(f), Some(l)) => (f.seq, l.seq),
-                        _ => (Seq::ZERO, Seq::ZERO),
-                    };
-                    for m in &batch.msgs {
-                        // History asked for is sent as asked; it also moves the push
-                        // cursor when it continues it.
-                        if let Some(c) = self.conn_mut(id) {
-                            if let Some(cursor) = c.convs.get_mut(&conv) {
-                                if m.seq == cursor.sent.next() {
-                                    cursor.sent = m.seq;
-                                }
+        };
+        // One page in flight per connection, for its front ask: this is its answer.
+        let ask = c.replays.front().copied();
+        assert!(
+            c.replay_inflight && ask.is_some_and(|a| a.conv == conv && a.purpose == purpose),
+            "a replay page answers the connection's front ask"
+        );
+        c.replay_inflight = false;
+        let Some(mut ask) = ask else {
+            return;
+        };
+        match (purpose, result) {
+            (ReplayPurpose::Pull { req }, Ok(batch)) => {
+                for m in &batch.msgs {
+                    // History asked for is sent as asked; it also moves the push cursor
+                    // when it continues it.
+                    if let Some(c) = self.conn_mut(id) {
+                        if let Some(cursor) = c.convs.get_mut(&conv) {
+                            if m.seq == cursor.sent.next() {
+                                cursor.sent = m.seq;
                             }
                         }
-                        self.push_deliver(id, m);
                     }
+                    self.push_deliver(id, m);
+                }
+                ask.available_from.get_or_insert(batch.available_from);
+                if let (Some(f), Some(l)) = (batch.msgs.first(), batch.msgs.last()) {
+                    if ask.first == Seq::ZERO {
+                        ask.first = f.seq;
+                    }
+                    ask.last = l.seq;
+                    ask.from = l.seq.next();
+                }
+                let sent = u32::try_from(batch.msgs.len()).unwrap_or(u32::MAX);
+                ask.remaining = ask.remaining.saturating_sub(sent);
+                let done = sent == 0 || ask.remaining == 0 || ask.last >= batch.latest;
+                if done {
+                    let available_from = ask.available_from.unwrap_or(Seq(1));
                     let result = Meta::PullResult(meta::PullResult {
                         req,
                         conv,
-                        from_seq: first,
-                        to_seq: last,
+                        from_seq: ask.first,
+                        to_seq: ask.last,
                         latest_seq: batch.latest,
-                        available_from: if batch.available_from > Seq(1) {
-                            batch.available_from
+                        available_from: if available_from > Seq(1) {
+                            available_from
                         } else {
                             Seq::ZERO
                         },
                     });
                     self.push(id, &result, Bytes::new());
                 }
-                Err(code) => {
-                    let e = error_meta(code, "cannot pull this conversation", req);
-                    self.push(id, &e, Bytes::new());
+                self.end_page(id, ask, done);
+            }
+            (ReplayPurpose::Pull { req }, Err(code)) => {
+                let e = error_meta(code, "cannot pull this conversation", req);
+                self.push(id, &e, Bytes::new());
+                self.end_page(id, ask, true);
+            }
+            (ReplayPurpose::Sync { .. } | ReplayPurpose::CatchUp, Ok(batch)) => {
+                let Some(c) = self.conn_mut(id) else {
+                    return;
+                };
+                let cursor = c.convs.entry(conv).or_default();
+                let mut refused = None;
+                if ask.available_from.is_none() && cursor.sent > batch.latest {
+                    // The device claims seqs that do not exist: resume from the latest
+                    // rather than mute the conversation, and say so.
+                    refused = Some(CursorRefusal {
+                        conv,
+                        latest_seq: batch.latest,
+                        code: ErrorCode::CursorAhead,
+                    });
+                    cursor.sent = batch.latest;
                 }
-            },
-            ReplayPurpose::Sync { .. } | ReplayPurpose::CatchUp => {
-                let mut more = None;
+                ask.available_from.get_or_insert(batch.available_from);
                 let mut gap = None;
-                match result {
-                    Ok(batch) => {
-                        let Some(c) = self.conn_mut(id) else {
-                            return;
-                        };
-                        let cursor = c.convs.entry(conv).or_default();
-                        cursor.catching_up = false;
-                        if batch.available_from > cursor.sent.next() {
-                            gap = Some(meta::Gap {
-                                conv,
-                                from_seq: cursor.sent.next(),
-                                to_seq: Seq(batch.available_from.0 - 1),
-                            });
-                            cursor.sent = Seq(batch.available_from.0 - 1);
-                        }
-                        let to_send: Vec<_> = batch
-                            .msgs
-                            .iter()
-                            .filter(|m| cursor.admit(m.seq) == Admit::Send)
-                            .cloned()
-                            .collect();
-                        if cursor.sent < batch.latest {
-                            more = Some(meta::Cursor {
-                                conv,
-                                seq: cursor.sent,
-                            });
-                        }
-                        for m in &to_send {
-                            self.push_deliver(id, m);
-                        }
-                        if let (ReplayPurpose::CatchUp, Some(_)) = (purpose, more) {
-                            self.queue_notify(id, conv, batch.latest);
-                        }
-                    }
-                    Err(_) => {
-                        if let Some(c) = self.conn_mut(id) {
-                            c.convs.remove(&conv);
-                        }
+                if batch.available_from > cursor.sent.next() {
+                    gap = Some(meta::Gap {
+                        conv,
+                        from_seq: cursor.sent.next(),
+                        to_seq: Seq(batch.available_from.0 - 1),
+                    });
+                    cursor.sent = Seq(batch.available_from.0 - 1);
+                }
+                let to_send: Vec<_> = batch
+                    .msgs
+                    .iter()
+                    .filter(|m| cursor.admit(m.seq) == Admit::Send)
+                    .cloned()
+                    .collect();
+                let paged = u32::try_from(batch.msgs.len()).unwrap_or(u32::MAX);
+                ask.remaining = ask.remaining.saturating_sub(paged);
+                let done = paged == 0 || ask.remaining == 0 || cursor.sent >= batch.latest;
+                let mut more = None;
+                if done {
+                    cursor.catching_up = false;
+                    if cursor.sent < batch.latest {
+                        more = Some(meta::Cursor {
+                            conv,
+                            seq: cursor.sent,
+                        });
                     }
                 }
-                if let ReplayPurpose::Sync { req } = purpose {
-                    let Some(c) = self.conn_mut(id) else {
-                        return;
-                    };
-                    let Some(progress) = c.sync.as_mut().filter(|p| p.req == req) else {
-                        return;
-                    };
+                if let Some(progress) = c
+                    .sync
+                    .as_mut()
+                    .filter(|p| ReplayPurpose::Sync { req: p.req } == purpose)
+                {
                     progress.gaps.extend(gap);
+                    progress.refused.extend(refused);
                     progress.more.extend(more);
-                    progress.awaiting -= 1;
-                    if progress.awaiting == 0 {
-                        self.finish_sync(id);
-                    }
+                }
+                for m in &to_send {
+                    self.push_deliver(id, m);
+                }
+                if let (ReplayPurpose::CatchUp, Some(_)) = (purpose, more) {
+                    self.queue_notify(id, conv, batch.latest);
+                }
+                self.end_page(id, ask, done);
+            }
+            (ReplayPurpose::Sync { .. } | ReplayPurpose::CatchUp, Err(code)) => {
+                let Some(c) = self.conn_mut(id) else {
+                    return;
+                };
+                c.convs.remove(&conv);
+                if let Some(progress) = c
+                    .sync
+                    .as_mut()
+                    .filter(|p| ReplayPurpose::Sync { req: p.req } == purpose)
+                {
+                    progress.refused.push(CursorRefusal {
+                        conv,
+                        latest_seq: Seq::ZERO,
+                        code,
+                    });
+                }
+                self.end_page(id, ask, true);
+            }
+        }
+    }
+
+    /// After a page: the front ask goes on with `ask` or, when `done`, leaves the queue
+    /// (a Sync's SyncDone goes out with its last one); then the next page may be asked for.
+    fn end_page(&mut self, id: ConnId, ask: ReplayAsk, done: bool) {
+        let Some(c) = self.conn_mut(id) else {
+            return;
+        };
+        if !done {
+            if let Some(front) = c.replays.front_mut() {
+                *front = ask;
+            }
+            self.pump_replays(id);
+            return;
+        }
+        c.replays.pop_front();
+        if let ReplayPurpose::Sync { req } = ask.purpose {
+            if let Some(progress) = c.sync.as_mut().filter(|p| p.req == req) {
+                progress.awaiting -= 1;
+                if progress.awaiting == 0 {
+                    self.finish_sync(id);
                 }
             }
         }
+        self.pump_replays(id);
     }
 
     fn push_deliver(&mut self, id: ConnId, m: &StoredMessage) {
@@ -1869,9 +2152,20 @@ impl Shard {
         for m in to_send {
             self.push_deliver(id, m);
         }
-        if let (Some(from), Some(user)) = (request, user) {
+        if let (Some(from), Some(_)) = (request, user) {
             let limit = self.limits.sync_batch_per_conv;
-            self.ask_replay(id, user, conv, from, limit, ReplayPurpose::CatchUp);
+            if let Some(c) = self.conn_mut(id) {
+                c.replays.push_back(ReplayAsk {
+                    conv,
+                    from,
+                    remaining: limit,
+                    purpose: ReplayPurpose::CatchUp,
+                    first: Seq::ZERO,
+                    last: Seq::ZERO,
+                    available_from: None,
+                });
+            }
+            self.pump_replays(id);
         }
     }
 

@@ -627,31 +627,21 @@ fn a_consumer_over_the_hard_budget_is_closed_at_once() {
     let limits = Limits {
         outbound_soft_bytes: 1_000,
         outbound_hard_bytes: 4_000,
+        payload_bytes_max: 1_000,
+        replay_page_bytes: 1_000,
+        replay_resume_bytes: 500,
         ..Limits::default()
     };
     let mut w = World::new(1, limits);
-    let alice = w.login(0, 1, 1);
     let bob = w.login(0, 2, 1);
     w.conns[bob].reading = false;
-    let conv = ConvId::direct(UserId(1), UserId(2));
-    // Pull replies are not degraded; a client that pulls and never reads hits the cap.
-    for req in 1..=20 {
-        w.send(alice, req, conv, &[0; 500]);
-    }
-    for req in 0..10 {
+    // Answers to its own requests are not degraded: a client that keeps asking and never
+    // reads hits the cap. (Sync and Pull replies wait for the reader instead.)
+    for nonce in 0..1_000 {
         if w.conns[bob].closed {
             break;
         }
-        w.frame(
-            bob,
-            Meta::Pull(meta::Pull {
-                req,
-                conv,
-                from_seq: Seq(1),
-                limit: 20,
-            }),
-            &[],
-        );
+        w.frame(bob, Meta::Ping(meta::Ping { nonce }), &[]);
     }
     assert!(w.conns[bob].closed);
     assert_eq!(error_code(&w.take(bob)), Some(ErrorCode::SlowConsumer));

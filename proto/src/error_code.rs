@@ -38,6 +38,8 @@ pub enum ErrorCode {
     SessionTakenOver = 15,
     /// No frame arrived within two heartbeat intervals.
     HeartbeatTimeout = 16,
+    /// The user has the maximum number of devices logged in.
+    TooManyDevices = 17,
     /// The sender is not a member of the conversation.
     NotMember = 20,
     /// The payload is over the message maximum.
@@ -50,6 +52,12 @@ pub enum ErrorCode {
     BadRequest = 24,
     /// The requested range is no longer retained.
     HistoryUnavailable = 25,
+    /// The client_msg_id was already used by this sender for another conversation.
+    ClientMsgIdReused = 26,
+    /// The connection is over its message or byte rate; the Send was not stored.
+    RateLimited = 27,
+    /// A Sync cursor was ahead of the conversation's latest seq.
+    CursorAhead = 28,
     /// The connection could not drain its outbound queue within its budget.
     SlowConsumer = 30,
     /// The gateway is shutting down or draining.
@@ -62,7 +70,7 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every code, for exhaustive tests.
-    pub const ALL: [ErrorCode; 24] = [
+    pub const ALL: [ErrorCode; 28] = [
         ErrorCode::Unspecified,
         ErrorCode::BadMagic,
         ErrorCode::UnsupportedVersion,
@@ -77,12 +85,16 @@ impl ErrorCode {
         ErrorCode::AlreadyAuthenticated,
         ErrorCode::SessionTakenOver,
         ErrorCode::HeartbeatTimeout,
+        ErrorCode::TooManyDevices,
         ErrorCode::NotMember,
         ErrorCode::PayloadTooLarge,
         ErrorCode::StorageFailed,
         ErrorCode::TooManyInflight,
         ErrorCode::BadRequest,
         ErrorCode::HistoryUnavailable,
+        ErrorCode::ClientMsgIdReused,
+        ErrorCode::RateLimited,
+        ErrorCode::CursorAhead,
         ErrorCode::SlowConsumer,
         ErrorCode::ShuttingDown,
         ErrorCode::TooManyConnections,

@@ -223,6 +223,19 @@ pub struct SyncDone {
     pub gaps: Vec<Gap>,
     /// Conversations with more to catch up than one sync sends; Pull them.
     pub more: Vec<Cursor>,
+    /// Cursors not resumed as given, with the reason.
+    pub refused: Vec<CursorRefusal>,
+}
+
+/// A Sync cursor the gateway did not resume as given.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct CursorRefusal {
+    /// The conversation.
+    pub conv: ConvId,
+    /// Its latest seq when the Sync was answered (0 where `code` is not `CursorAhead`).
+    pub latest_seq: Seq,
+    /// `NotMember`, `CursorAhead` (resumed from `latest_seq`) or `BadRequest`.
+    pub code: ErrorCode,
 }
 
 /// Client -> gateway: history of one conversation.
@@ -471,6 +484,18 @@ impl Meta {
                         .more()
                         .map(|v| v.iter().map(cursor_from).collect())
                         .unwrap_or_default(),
+                    refused: t
+                        .refused()
+                        .map(|v| {
+                            v.iter()
+                                .map(|r| CursorRefusal {
+                                    conv: conv_from(r.conv()),
+                                    latest_seq: Seq(r.latest_seq()),
+                                    code: ErrorCode::from_u16(r.code().0),
+                                })
+                                .collect()
+                        })
+                        .unwrap_or_default(),
                 })
             }
             FrameKind::Pull => {
@@ -637,12 +662,25 @@ impl Meta {
                     .collect();
                 let gaps = fbb.create_vector(&gaps);
                 let more = cursors_to(fbb, &m.more);
+                let refused: Vec<wire::CursorRefusal> = m
+                    .refused
+                    .iter()
+                    .map(|r| {
+                        wire::CursorRefusal::new(
+                            &conv_to(r.conv),
+                            r.latest_seq.0,
+                            wire::ErrorCode(r.code.as_u16()),
+                        )
+                    })
+                    .collect();
+                let refused = fbb.create_vector(&refused);
                 let root = wire::SyncDone::create(
                     fbb,
                     &wire::SyncDoneArgs {
                         req: m.req,
                         gaps: Some(gaps),
                         more: Some(more),
+                        refused: Some(refused),
                     },
                 );
                 fbb.finish_minimal(root);

@@ -103,9 +103,10 @@ fn meta() -> impl Strategy<Value = Meta> {
         (
             any::<u32>(),
             proptest::collection::vec((conv(), seq(), seq()), 0..20),
-            proptest::collection::vec(cursor(), 0..20)
+            proptest::collection::vec(cursor(), 0..20),
+            proptest::collection::vec((conv(), seq(), code()), 0..20)
         )
-            .prop_map(|(req, gaps, more)| Meta::SyncDone(SyncDone {
+            .prop_map(|(req, gaps, more, refused)| Meta::SyncDone(SyncDone {
                 req,
                 gaps: gaps
                     .into_iter()
@@ -116,6 +117,14 @@ fn meta() -> impl Strategy<Value = Meta> {
                     })
                     .collect(),
                 more,
+                refused: refused
+                    .into_iter()
+                    .map(|(conv, latest_seq, code)| CursorRefusal {
+                        conv,
+                        latest_seq,
+                        code
+                    })
+                    .collect(),
             })),
         (any::<u32>(), conv(), seq(), any::<u32>()).prop_map(|(req, conv, from_seq, limit)| {
             Meta::Pull(Pull {

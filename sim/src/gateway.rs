@@ -38,12 +38,19 @@ pub fn limits(rates: &Rates) -> Limits {
     let mut limits = Limits {
         heartbeat_interval: Duration::from_secs(2),
         auth_timeout: Duration::from_secs(2),
+        // Small reply pages, so that every Sync, Pull and catch-up of more than a few of
+        // the sim's short messages runs over several pages.
+        replay_page_bytes: 256,
         ..Limits::default()
     };
     if let Some((soft, hard, grace_ms)) = rates.outbound {
         limits.outbound_soft_bytes = soft;
         limits.outbound_hard_bytes = hard;
         limits.slow_consumer_grace = Duration::from_millis(grace_ms);
+        // The sim's messages are small; the budget must still hold a page past the
+        // resume point and one message.
+        limits.payload_bytes_max = 4 * 1024;
+        limits.replay_resume_bytes = soft / 2;
     }
     limits.validate().expect("the sim's limits are consistent");
     limits

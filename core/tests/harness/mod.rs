@@ -205,6 +205,32 @@ impl World {
         self.conns[c].inbox.drain(..).collect()
     }
 
+    /// Lets a connection that stopped reading (`reading = false`) read again: what was
+    /// held for it arrives, and the shard hears that it was written.
+    pub fn resume_reading(&mut self, c: usize) {
+        let conn = &mut self.conns[c];
+        conn.reading = true;
+        let held: Vec<Bytes> = conn.held.drain(..).collect();
+        let n: usize = held.iter().map(|b| b.len()).sum();
+        for chunk in held {
+            conn.rx.extend_from_slice(&chunk);
+        }
+        let decoder = Decoder::new(u32::MAX);
+        while let Some(f) = decoder.decode(&mut conn.rx).expect("gateway frames decode") {
+            conn.inbox.push_back((f.meta, f.payload));
+        }
+        let (shard, id) = (conn.shard as usize, conn.id);
+        if !conn.closed {
+            self.nodes[shard].shard.handle_written(self.now, id, n);
+        }
+        self.run();
+    }
+
+    /// Bytes held for a connection that is not reading.
+    pub fn held_bytes(&self, c: usize) -> usize {
+        self.conns[c].held.iter().map(|b| b.len()).sum()
+    }
+
     /// Closes `c` from the client side.
     pub fn hang_up(&mut self, c: usize) {
         let conn = &mut self.conns[c];

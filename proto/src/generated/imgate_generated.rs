@@ -178,7 +178,7 @@ pub const ENUM_MIN_ERROR_CODE: u16 = 0;
 pub const ENUM_MAX_ERROR_CODE: u16 = 40;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 #[allow(non_camel_case_types)]
-pub const ENUM_VALUES_ERROR_CODE: [ErrorCode; 24] = [
+pub const ENUM_VALUES_ERROR_CODE: [ErrorCode; 28] = [
   ErrorCode::Unspecified,
   ErrorCode::BadMagic,
   ErrorCode::UnsupportedVersion,
@@ -193,12 +193,16 @@ pub const ENUM_VALUES_ERROR_CODE: [ErrorCode; 24] = [
   ErrorCode::AlreadyAuthenticated,
   ErrorCode::SessionTakenOver,
   ErrorCode::HeartbeatTimeout,
+  ErrorCode::TooManyDevices,
   ErrorCode::NotMember,
   ErrorCode::PayloadTooLarge,
   ErrorCode::StorageFailed,
   ErrorCode::TooManyInflight,
   ErrorCode::BadRequest,
   ErrorCode::HistoryUnavailable,
+  ErrorCode::ClientMsgIdReused,
+  ErrorCode::RateLimited,
+  ErrorCode::CursorAhead,
   ErrorCode::SlowConsumer,
   ErrorCode::ShuttingDown,
   ErrorCode::TooManyConnections,
@@ -240,6 +244,8 @@ impl ErrorCode {
   pub const SessionTakenOver: Self = Self(15);
   /// No frame arrived from the peer within two heartbeat intervals.
   pub const HeartbeatTimeout: Self = Self(16);
+  /// The user has the maximum number of devices logged in; this login is refused.
+  pub const TooManyDevices: Self = Self(17);
   /// The sender is not a member of the conversation.
   pub const NotMember: Self = Self(20);
   /// The payload is over the configured message maximum.
@@ -252,6 +258,13 @@ impl ErrorCode {
   pub const BadRequest: Self = Self(24);
   /// The requested range is no longer retained.
   pub const HistoryUnavailable: Self = Self(25);
+  /// The client_msg_id was already used by this sender for another conversation; a
+  /// client_msg_id names one message.
+  pub const ClientMsgIdReused: Self = Self(26);
+  /// The connection is over its message or byte rate; retry later (the Send was not stored).
+  pub const RateLimited: Self = Self(27);
+  /// A Sync cursor is ahead of the conversation's latest seq; the gateway moved it back.
+  pub const CursorAhead: Self = Self(28);
   /// The connection could not drain its outbound queue within its budget.
   pub const SlowConsumer: Self = Self(30);
   /// The gateway is shutting down or draining; reconnect elsewhere or later.
@@ -278,12 +291,16 @@ impl ErrorCode {
     Self::AlreadyAuthenticated,
     Self::SessionTakenOver,
     Self::HeartbeatTimeout,
+    Self::TooManyDevices,
     Self::NotMember,
     Self::PayloadTooLarge,
     Self::StorageFailed,
     Self::TooManyInflight,
     Self::BadRequest,
     Self::HistoryUnavailable,
+    Self::ClientMsgIdReused,
+    Self::RateLimited,
+    Self::CursorAhead,
     Self::SlowConsumer,
     Self::ShuttingDown,
     Self::TooManyConnections,
@@ -306,12 +323,16 @@ impl ErrorCode {
       Self::AlreadyAuthenticated => Some("AlreadyAuthenticated"),
       Self::SessionTakenOver => Some("SessionTakenOver"),
       Self::HeartbeatTimeout => Some("HeartbeatTimeout"),
+      Self::TooManyDevices => Some("TooManyDevices"),
       Self::NotMember => Some("NotMember"),
       Self::PayloadTooLarge => Some("PayloadTooLarge"),
       Self::StorageFailed => Some("StorageFailed"),
       Self::TooManyInflight => Some("TooManyInflight"),
       Self::BadRequest => Some("BadRequest"),
       Self::HistoryUnavailable => Some("HistoryUnavailable"),
+      Self::ClientMsgIdReused => Some("ClientMsgIdReused"),
+      Self::RateLimited => Some("RateLimited"),
+      Self::CursorAhead => Some("CursorAhead"),
       Self::SlowConsumer => Some("SlowConsumer"),
       Self::ShuttingDown => Some("ShuttingDown"),
       Self::TooManyConnections => Some("TooManyConnections"),
@@ -855,6 +876,149 @@ impl<'a> Cursor {
         &x_le as *const _ as *const u8,
         self.0[16..].as_mut_ptr(),
         core::mem::size_of::<<u64 as EndianScalar>::Scalar>(),
+      );
+    }
+  }
+
+}
+
+/// A Sync cursor the gateway did not resume as given: `code` is NotMember (the user is not
+/// a member; nothing is sent for it), CursorAhead (the cursor was past the conversation's
+/// latest seq `latest_seq`; the gateway resumed from there and the device should move its
+/// cursor back to it), or BadRequest (an invalid conversation id).
+// struct CursorRefusal, aligned to 8
+#[repr(transparent)]
+#[derive(Clone, Copy, PartialEq)]
+pub struct CursorRefusal(pub [u8; 32]);
+impl Default for CursorRefusal { 
+  fn default() -> Self { 
+    Self([0; 32])
+  }
+}
+impl core::fmt::Debug for CursorRefusal {
+  fn fmt(&self, f: &mut core::fmt::Formatter) -> core::fmt::Result {
+    f.debug_struct("CursorRefusal")
+      .field("conv", &self.conv())
+      .field("latest_seq", &self.latest_seq())
+      .field("code", &self.code())
+      .finish()
+  }
+}
+
+impl flatbuffers::SimpleToVerifyInSlice for CursorRefusal {}
+impl<'a> flatbuffers::Follow<'a> for CursorRefusal {
+  type Inner = &'a CursorRefusal;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    <&'a CursorRefusal>::follow(buf, loc)
+  }
+}
+impl<'a> flatbuffers::Follow<'a> for &'a CursorRefusal {
+  type Inner = &'a CursorRefusal;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    flatbuffers::follow_cast_ref::<CursorRefusal>(buf, loc)
+  }
+}
+impl<'b> flatbuffers::Push for CursorRefusal {
+    type Output = CursorRefusal;
+    #[inline]
+    unsafe fn push(&self, dst: &mut [u8], _written_len: usize) {
+        let src = ::core::slice::from_raw_parts(self as *const CursorRefusal as *const u8, Self::size());
+        dst.copy_from_slice(src);
+    }
+}
+
+impl<'a> flatbuffers::Verifiable for CursorRefusal {
+  #[inline]
+  fn run_verifier(
+    v: &mut flatbuffers::Verifier, pos: usize
+  ) -> Result<(), flatbuffers::InvalidFlatbuffer> {
+    use self::flatbuffers::Verifiable;
+    v.in_buffer::<Self>(pos)
+  }
+}
+
+impl<'a> CursorRefusal {
+  #[allow(clippy::too_many_arguments)]
+  pub fn new(
+    conv: &ConvId,
+    latest_seq: u64,
+    code: ErrorCode,
+  ) -> Self {
+    let mut s = Self([0; 32]);
+    s.set_conv(conv);
+    s.set_latest_seq(latest_seq);
+    s.set_code(code);
+    s
+  }
+
+  pub fn conv(&self) -> &ConvId {
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid struct in this slot
+    unsafe { &*(self.0[0..].as_ptr() as *const ConvId) }
+  }
+
+  #[allow(clippy::identity_op)]
+  pub fn set_conv(&mut self, x: &ConvId) {
+    self.0[0..0 + 16].copy_from_slice(&x.0)
+  }
+
+  pub fn latest_seq(&self) -> u64 {
+    let mut mem = core::mem::MaybeUninit::<<u64 as EndianScalar>::Scalar>::uninit();
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    EndianScalar::from_little_endian(unsafe {
+      core::ptr::copy_nonoverlapping(
+        self.0[16..].as_ptr(),
+        mem.as_mut_ptr() as *mut u8,
+        core::mem::size_of::<<u64 as EndianScalar>::Scalar>(),
+      );
+      mem.assume_init()
+    })
+  }
+
+  pub fn set_latest_seq(&mut self, x: u64) {
+    let x_le = x.to_little_endian();
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    unsafe {
+      core::ptr::copy_nonoverlapping(
+        &x_le as *const _ as *const u8,
+        self.0[16..].as_mut_ptr(),
+        core::mem::size_of::<<u64 as EndianScalar>::Scalar>(),
+      );
+    }
+  }
+
+  pub fn code(&self) -> ErrorCode {
+    let mut mem = core::mem::MaybeUninit::<<ErrorCode as EndianScalar>::Scalar>::uninit();
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    EndianScalar::from_little_endian(unsafe {
+      core::ptr::copy_nonoverlapping(
+        self.0[24..].as_ptr(),
+        mem.as_mut_ptr() as *mut u8,
+        core::mem::size_of::<<ErrorCode as EndianScalar>::Scalar>(),
+      );
+      mem.assume_init()
+    })
+  }
+
+  pub fn set_code(&mut self, x: ErrorCode) {
+    let x_le = x.to_little_endian();
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    unsafe {
+      core::ptr::copy_nonoverlapping(
+        &x_le as *const _ as *const u8,
+        self.0[24..].as_mut_ptr(),
+        core::mem::size_of::<<ErrorCode as EndianScalar>::Scalar>(),
       );
     }
   }
@@ -2190,6 +2354,7 @@ impl<'a> SyncDone<'a> {
   pub const VT_REQ: flatbuffers::VOffsetT = 4;
   pub const VT_GAPS: flatbuffers::VOffsetT = 6;
   pub const VT_MORE: flatbuffers::VOffsetT = 8;
+  pub const VT_REFUSED: flatbuffers::VOffsetT = 10;
 
   #[inline]
   pub unsafe fn init_from_table(table: flatbuffers::Table<'a>) -> Self {
@@ -2201,6 +2366,7 @@ impl<'a> SyncDone<'a> {
     args: &'args SyncDoneArgs<'args>
   ) -> flatbuffers::WIPOffset<SyncDone<'bldr>> {
     let mut builder = SyncDoneBuilder::new(_fbb);
+    if let Some(x) = args.refused { builder.add_refused(x); }
     if let Some(x) = args.more { builder.add_more(x); }
     if let Some(x) = args.gaps { builder.add_gaps(x); }
     builder.add_req(args.req);
@@ -2232,6 +2398,14 @@ impl<'a> SyncDone<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<flatbuffers::ForwardsUOffset<flatbuffers::Vector<'a, Cursor>>>(SyncDone::VT_MORE, None)}
   }
+  /// Cursors not resumed as given, with the reason.
+  #[inline]
+  pub fn refused(&self) -> Option<flatbuffers::Vector<'a, CursorRefusal>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<flatbuffers::ForwardsUOffset<flatbuffers::Vector<'a, CursorRefusal>>>(SyncDone::VT_REFUSED, None)}
+  }
 }
 
 impl flatbuffers::Verifiable for SyncDone<'_> {
@@ -2244,6 +2418,7 @@ impl flatbuffers::Verifiable for SyncDone<'_> {
      .visit_field::<u32>("req", Self::VT_REQ, false)?
      .visit_field::<flatbuffers::ForwardsUOffset<flatbuffers::Vector<'_, Gap>>>("gaps", Self::VT_GAPS, false)?
      .visit_field::<flatbuffers::ForwardsUOffset<flatbuffers::Vector<'_, Cursor>>>("more", Self::VT_MORE, false)?
+     .visit_field::<flatbuffers::ForwardsUOffset<flatbuffers::Vector<'_, CursorRefusal>>>("refused", Self::VT_REFUSED, false)?
      .finish();
     Ok(())
   }
@@ -2252,6 +2427,7 @@ pub struct SyncDoneArgs<'a> {
     pub req: u32,
     pub gaps: Option<flatbuffers::WIPOffset<flatbuffers::Vector<'a, Gap>>>,
     pub more: Option<flatbuffers::WIPOffset<flatbuffers::Vector<'a, Cursor>>>,
+    pub refused: Option<flatbuffers::WIPOffset<flatbuffers::Vector<'a, CursorRefusal>>>,
 }
 impl<'a> Default for SyncDoneArgs<'a> {
   #[inline]
@@ -2260,6 +2436,7 @@ impl<'a> Default for SyncDoneArgs<'a> {
       req: 0,
       gaps: None,
       more: None,
+      refused: None,
     }
   }
 }
@@ -2282,6 +2459,10 @@ impl<'a: 'b, 'b> SyncDoneBuilder<'a, 'b> {
     self.fbb_.push_slot_always::<flatbuffers::WIPOffset<_>>(SyncDone::VT_MORE, more);
   }
   #[inline]
+  pub fn add_refused(&mut self, refused: flatbuffers::WIPOffset<flatbuffers::Vector<'b , CursorRefusal>>) {
+    self.fbb_.push_slot_always::<flatbuffers::WIPOffset<_>>(SyncDone::VT_REFUSED, refused);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut flatbuffers::FlatBufferBuilder<'a>) -> SyncDoneBuilder<'a, 'b> {
     let start = _fbb.start_table();
     SyncDoneBuilder {
@@ -2302,6 +2483,7 @@ impl core::fmt::Debug for SyncDone<'_> {
       ds.field("req", &self.req());
       ds.field("gaps", &self.gaps());
       ds.field("more", &self.more());
+      ds.field("refused", &self.refused());
       ds.finish()
   }
 }

@@ -1,0 +1,369 @@
+//! Hostile clients against the shard engine (issue 10): each finding reproduced through the
+//! harness, and each defence shown to hold. A test here fails on the engine before its fix.
+
+mod harness;
+
+use harness::*;
+use imgate_core::mesh::Command;
+use imgate_core::proto::meta::{self, Meta};
+use imgate_core::proto::{ClientMsgId, ConvId, ErrorCode, Seq, UserId};
+use imgate_core::Limits;
+use std::time::Duration;
+
+fn seqs(frames: &[(Meta, bytes::Bytes)]) -> Vec<u64> {
+    delivers(frames).iter().map(|(_, s, _)| s.0).collect()
+}
+
+fn sync_done(frames: &[(Meta, bytes::Bytes)]) -> meta::SyncDone {
+    match frames.iter().find(|(m, _)| matches!(m, Meta::SyncDone(_))) {
+        Some((Meta::SyncDone(d), _)) => d.clone(),
+        _ => panic!("no SyncDone in {frames:?}"),
+    }
+}
+
+fn pull(req: u32, conv: ConvId, from_seq: Seq, limit: u32) -> Meta {
+    Meta::Pull(meta::Pull {
+        req,
+        conv,
+        from_seq,
+        limit,
+    })
+}
+
+fn error(frames: &[(Meta, bytes::Bytes)]) -> Option<(ErrorCode, u32)> {
+    frames.iter().find_map(|(m, _)| match m {
+        Meta::Error(e) => Some((e.code, e.req)),
+        _ => None,
+    })
+}
+
+// ---- finding 1: a seq from the wire never reaches arithmetic that overflows ---------
+
+#[test]
+fn a_sync_cursor_at_the_top_of_the_seq_space_is_refused_and_the_shard_serves_on() {
+    for shard in 0..2 {
+        let mut w = World::new(2, Limits::default());
+        let alice = w.login(shard, 1, 1);
+        // Not even the user's own conversation: any conversation id will do.
+        let conv = ConvId::direct(UserId(7), UserId(8));
+        w.sync_from(alice, 5, conv, Seq(u64::MAX));
+        assert_eq!(error(&w.take(alice)), Some((ErrorCode::BadRequest, 5)));
+        assert!(!w.conns[alice].closed);
+        let own = ConvId::direct(UserId(1), UserId(2));
+        w.send(alice, 6, own, b"still here");
+        assert_eq!(acks(&w.take(alice)), vec![(6, Seq(1))]);
+    }
+}
+
+#[test]
+fn a_pull_from_the_top_of_the_seq_space_is_refused() {
+    let mut w = World::new(2, Limits::default());
+    let alice = w.login(0, 1, 1);
+    let conv = ConvId::direct(UserId(1), UserId(2));
+    w.send(alice, 1, conv, b"x");
+    w.take(alice);
+    for from in [Seq(u64::MAX), Seq(u64::MAX - 10), Seq(Seq::MAX.0 + 1)] {
+        w.frame(alice, pull(3, conv, from, 200), &[]);
+        assert_eq!(error(&w.take(alice)), Some((ErrorCode::BadRequest, 3)));
+    }
+    // The highest valid seq is served (nothing is there).
+    w.frame(alice, pull(4, conv, Seq::MAX, 200), &[]);
+    let frames = w.take(alice);
+    assert!(
+        matches!(frames.last(), Some((Meta::PullResult(r), _)) if r.req == 4 && r.to_seq == Seq::ZERO)
+    );
+}
+
+// ---- finding 8: a cursor ahead of a conversation does not mute it -------------------
+
+#[test]
+fn a_sync_cursor_ahead_of_the_conversation_is_moved_back_said_and_live_messages_flow() {
+    let mut w = World::new(2, Limits::default());
+    let alice = w.login(0, 1, 1);
+    let bob = w.login(1, 2, 1);
+    let conv = ConvId::direct(UserId(1), UserId(2));
+    for req in 1..=3 {
+        w.send(alice, req, conv, b"x");
+    }
+    w.take(bob);
+    w.hang_up(bob);
+    let bob = w.login(1, 2, 1);
+    w.sync_from(bob, 9, conv, Seq(1_000));
+    let done = sync_done(&w.take(bob));
+    assert_eq!(
+        done.refused,
+        vec![meta::CursorRefusal {
+            conv,
+            latest_seq: Seq(3),
+            code: ErrorCode::CursorAhead
+        }]
+    );
+    w.send(alice, 4, conv, b"after");
+    assert_eq!(seqs(&w.take(bob)), vec![4], "the conversation is not muted");
+}
+
+#[test]
+fn a_sync_cursor_of_a_conversation_the_user_is_not_in_is_refused_not_member() {
+    let mut w = World::new(2, Limits::default());
+    let group = ConvId::group(7);
+    w.command(Command::CreateGroup {
+        group,
+        members: vec![UserId(1), UserId(2)],
+    })
+    .unwrap();
+    let mallory = w.login(0, 9, 1);
+    let bad = ConvId { hi: 5, lo: 1 };
+    w.frame(
+        mallory,
+        Meta::Sync(meta::Sync {
+            req: 3,
+            cursors: vec![
+                meta::Cursor {
+                    conv: group,
+                    seq: Seq::ZERO,
+                },
+                meta::Cursor {
+                    conv: bad,
+                    seq: Seq::ZERO,
+                },
+            ],
+        }),
+        &[],
+    );
+    let mut refused = sync_done(&w.take(mallory)).refused;
+    refused.sort_by_key(|r| r.code.as_u16());
+    assert_eq!(
+        refused,
+        vec![
+            meta::CursorRefusal {
+                conv: group,
+                latest_seq: Seq::ZERO,
+                code: ErrorCode::NotMember
+            },
+            meta::CursorRefusal {
+                conv: bad,
+                latest_seq: Seq::ZERO,
+                code: ErrorCode::BadRequest
+            },
+        ]
+    );
+}
+
+// ---- finding 3: catching up is paced by the reader ----------------------------------
+
+const LARGE: usize = 60_000;
+
+/// Alice writes `n` messages of 60 KB to Bob while Bob is away; Bob comes back.
+fn large_backlog(n: u32) -> (World, usize, ConvId) {
+    let mut w = World::new(2, Limits::default());
+    let alice = w.login(0, 1, 1);
+    let conv = ConvId::direct(UserId(1), UserId(2));
+    for req in 1..=n {
+        w.send(alice, req, conv, &vec![req as u8; LARGE]);
+    }
+    assert_eq!(acks(&w.take(alice)).len(), n as usize);
+    let bob = w.login(1, 2, 1);
+    (w, bob, conv)
+}
+
+#[test]
+fn a_device_that_missed_many_large_messages_catches_up_all_of_them() {
+    let (mut w, bob, conv) = large_backlog(60);
+    w.sync_from(bob, 1, conv, Seq::ZERO);
+    let frames = w.take(bob);
+    assert!(!w.conns[bob].closed, "{:?}", error(&frames));
+    assert_eq!(seqs(&frames), (1..=60).collect::<Vec<_>>());
+    let done = sync_done(&frames);
+    assert!(done.gaps.is_empty() && done.more.is_empty() && done.refused.is_empty());
+}
+
+#[test]
+fn a_reply_waits_for_the_reader_and_never_outgrows_one_page() {
+    let (mut w, bob, conv) = large_backlog(60);
+    let limits = Limits::default();
+    w.conns[bob].reading = false;
+    w.sync_from(bob, 1, conv, Seq::ZERO);
+    // Nothing is read: the gateway holds one page (and one message past it) at most.
+    let held = w.held_bytes(bob);
+    assert!(
+        held > 0 && held < limits.replay_page_bytes + 2 * LARGE,
+        "{held}"
+    );
+    w.advance(Duration::from_secs(1));
+    assert_eq!(
+        w.held_bytes(bob),
+        held,
+        "no page goes out while the reader is stuck"
+    );
+    // Reading resumes: everything follows, in order, and the connection stays.
+    w.resume_reading(bob);
+    let frames = w.take(bob);
+    assert_eq!(seqs(&frames), (1..=60).collect::<Vec<_>>());
+    sync_done(&frames);
+    assert!(!w.conns[bob].closed);
+}
+
+#[test]
+fn a_pull_at_the_documented_maximum_of_large_messages_is_answered_in_full() {
+    let limits = Limits::default();
+    let (mut w, bob, conv) = large_backlog(limits.pull_limit_max);
+    w.frame(bob, pull(4, conv, Seq(1), limits.pull_limit_max), &[]);
+    let frames = w.take(bob);
+    assert!(!w.conns[bob].closed, "{:?}", error(&frames));
+    assert_eq!(
+        seqs(&frames),
+        (1..=u64::from(limits.pull_limit_max)).collect::<Vec<_>>()
+    );
+    match frames.last() {
+        Some((Meta::PullResult(r), _)) => assert_eq!(
+            (r.req, r.from_seq, r.to_seq, r.latest_seq),
+            (4, Seq(1), Seq(200), Seq(200))
+        ),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn pulls_beyond_the_queue_bound_are_refused_rate_limited() {
+    let limits = Limits::default();
+    let (mut w, bob, conv) = large_backlog(10);
+    w.conns[bob].reading = false;
+    for req in 0..=limits.pulls_queued_max as u32 {
+        w.frame(bob, pull(req, conv, Seq(1), 10), &[]);
+    }
+    w.resume_reading(bob);
+    let frames = w.take(bob);
+    assert_eq!(
+        error(&frames),
+        Some((ErrorCode::RateLimited, limits.pulls_queued_max as u32))
+    );
+    let results = frames
+        .iter()
+        .filter(|(m, _)| matches!(m, Meta::PullResult(_)))
+        .count();
+    assert_eq!(results, limits.pulls_queued_max);
+}
+
+// ---- finding 7: before Auth, only a small Auth frame -------------------------------
+
+#[test]
+fn an_unauthenticated_frame_over_the_auth_cap_is_refused_from_its_header() {
+    let mut w = World::new(1, Limits::default());
+    let c = w.open(0);
+    // A header declaring a 250 KB Send, and no body yet.
+    let mut header = vec![b'I', b'G', 1, 3, 0, 0, 0, 0];
+    header.extend_from_slice(&64u32.to_le_bytes());
+    header.extend_from_slice(&(250_000u32).to_le_bytes());
+    w.write(c, &header);
+    assert!(w.conns[c].closed);
+    assert_eq!(error_code(&w.take(c)), Some(ErrorCode::FrameTooLarge));
+}
+
+// ---- finding 5: one answer for a client_msg_id reused elsewhere ---------------------
+
+#[test]
+fn a_client_msg_id_reused_for_another_conversation_is_nacked() {
+    let mut w = World::new(1, Limits::default());
+    let alice = w.login(0, 1, 1);
+    let id = ClientMsgId([7; 16]);
+    let first = ConvId::direct(UserId(1), UserId(2));
+    let second = ConvId::direct(UserId(1), UserId(3));
+    w.send_with_id(alice, 1, first, id, b"a");
+    w.send_with_id(alice, 2, second, id, b"b");
+    let frames = w.take(alice);
+    assert_eq!(acks(&frames), vec![(1, Seq(1))]);
+    let nack = frames.iter().find_map(|(m, _)| match m {
+        Meta::Nack(n) => Some((n.req, n.code, n.conv)),
+        _ => None,
+    });
+    assert_eq!(nack, Some((2, ErrorCode::ClientMsgIdReused, second)));
+    assert_eq!(w.stored().len(), 1, "nothing new is stored");
+}
+
+// ---- rates, devices, token lifetime --------------------------------------------------
+
+#[test]
+fn frames_over_the_rate_are_nacked_rate_limited_and_the_connection_stays() {
+    let limits = Limits {
+        frames_per_sec: 10,
+        frames_burst: 5,
+        ..Limits::default()
+    };
+    let mut w = World::new(1, limits);
+    let alice = w.login(0, 1, 1);
+    let conv = ConvId::direct(UserId(1), UserId(2));
+    for req in 1..=8 {
+        w.send(alice, req, conv, b"x");
+    }
+    let frames = w.take(alice);
+    assert_eq!(acks(&frames).len(), 5);
+    let limited = frames
+        .iter()
+        .filter(|(m, _)| matches!(m, Meta::Nack(n) if n.code == ErrorCode::RateLimited))
+        .count();
+    assert_eq!(limited, 3);
+    assert!(!w.conns[alice].closed);
+    // A second later the rate allows more.
+    w.advance(Duration::from_secs(1));
+    w.send(alice, 9, conv, b"y");
+    assert_eq!(acks(&w.take(alice)), vec![(9, Seq(6))]);
+}
+
+#[test]
+fn a_login_beyond_the_devices_per_user_cap_is_refused() {
+    let limits = Limits {
+        devices_per_user_max: 2,
+        ..Limits::default()
+    };
+    let mut w = World::new(2, limits);
+    let a = w.login(0, 1, 1);
+    let b = w.login(1, 1, 2);
+    let c = w.open(0);
+    let token = w.token(1, 3);
+    w.frame(c, Meta::Auth(meta::Auth { token }), &[]);
+    assert!(w.conns[c].closed);
+    assert_eq!(error_code(&w.take(c)), Some(ErrorCode::TooManyDevices));
+    assert!(!w.conns[a].closed && !w.conns[b].closed);
+    // A device that leaves makes room; a device logging in again is a takeover, not a
+    // new device.
+    w.hang_up(b);
+    let d = w.login(1, 1, 3);
+    assert!(!w.conns[d].closed);
+    let e = w.login(0, 1, 1);
+    assert!(!w.conns[e].closed);
+    assert_eq!(error_code(&w.take(a)), Some(ErrorCode::SessionTakenOver));
+}
+
+#[test]
+fn a_session_is_told_to_renew_before_its_token_expires_and_closed_at_expiry() {
+    let limits = Limits::default();
+    let mut w = World::new(1, limits.clone());
+    let c = w.open(0);
+    let expires = w.now + Duration::from_secs(600);
+    let token = w.token_expiring(1, 1, expires);
+    w.frame(c, Meta::Auth(meta::Auth { token }), &[]);
+    w.take(c);
+    let ends = expires + limits.token_leeway;
+    // Keep the connection alive with pings until just before the renewal point.
+    let renew = ends.as_millis() - limits.token_renew_margin.as_millis() as u64;
+    while w.now.as_millis() + 10_000 < renew {
+        w.frame(c, Meta::Ping(meta::Ping { nonce: 1 }), &[]);
+        w.advance(Duration::from_secs(10));
+    }
+    assert!(!w.take(c).iter().any(|(m, _)| matches!(m, Meta::GoAway(_))));
+    w.frame(c, Meta::Ping(meta::Ping { nonce: 1 }), &[]);
+    w.advance(Duration::from_secs(11));
+    let goaway = w.take(c).into_iter().find_map(|(m, _)| match m {
+        Meta::GoAway(g) => Some(g.code),
+        _ => None,
+    });
+    assert_eq!(goaway, Some(ErrorCode::TokenExpired));
+    assert!(!w.conns[c].closed, "told first, closed only at expiry");
+    while !w.conns[c].closed && w.now < ends + Duration::from_secs(1) {
+        w.frame(c, Meta::Ping(meta::Ping { nonce: 1 }), &[]);
+        w.advance(Duration::from_secs(5));
+    }
+    assert!(w.conns[c].closed);
+    assert!(w.now >= ends);
+    assert_eq!(error_code(&w.take(c)), Some(ErrorCode::TokenExpired));
+}
