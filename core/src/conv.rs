@@ -24,6 +24,11 @@ pub struct Conversation {
     pub last_seq: Seq,
     /// The last durable seq.
     pub durable_seq: Seq,
+    /// When it was last used, on the shard's logical clock (for least-recently-used
+    /// eviction).
+    pub touched: u64,
+    /// Log reads in flight for it: it stays in memory until they are answered.
+    pub pinned: u32,
     hot: VecDeque<StoredMessage>,
 }
 
@@ -44,8 +49,36 @@ impl Conversation {
             members: members.into(),
             last_seq: Seq::ZERO,
             durable_seq: Seq::ZERO,
+            touched: 0,
+            pinned: 0,
             hot: VecDeque::new(),
         }
+    }
+
+    /// A direct conversation brought back from the log after it left memory: its messages
+    /// up to `last_seq` are durable there, and none is hot.
+    pub fn reloaded(id: ConvId, last_seq: Seq) -> Conversation {
+        let mut conv = Conversation::new(id, Vec::new());
+        conv.last_seq = last_seq;
+        conv.durable_seq = last_seq;
+        conv
+    }
+
+    /// Whether it may leave memory: a direct conversation (its members follow from its
+    /// id and its seq counter from the log) with nothing in flight. Groups stay: they are
+    /// created by operators, not by clients, so their number is not a client's to grow.
+    pub fn is_evictable(&self) -> bool {
+        matches!(self.id.kind(), Some(ConvKind::Direct(..)))
+            && self.last_seq == self.durable_seq
+            && self.pinned == 0
+    }
+
+    /// Messages and payload bytes in the hot tier.
+    pub fn hot_size(&self) -> (usize, usize) {
+        (
+            self.hot.len(),
+            self.hot.iter().map(|m| m.payload.len()).sum(),
+        )
     }
 
     /// Whether `user` may send to and read this conversation.

@@ -43,6 +43,20 @@ pub struct Limits {
     pub hot_messages_per_conv: usize,
     /// Payload bytes of the hot tier per shard. 64 MiB; the oldest messages go first.
     pub hot_bytes_per_shard: usize,
+    /// Messages of the hot tier per shard. 262,144: with the byte budget, this bounds the
+    /// per-message bookkeeping of many tiny messages too.
+    pub hot_messages_per_shard: usize,
+    /// Conversations a shard keeps in memory (seq counter, members, hot tier). Beyond,
+    /// the least recently used direct conversation with nothing in flight leaves memory,
+    /// and comes back from the log when touched. 100,000: about 30 MB of conversation
+    /// state, whatever number of conversations clients write to.
+    pub conversations_max: usize,
+    /// Conversations being loaded back from the log at once; a Send or replay for another
+    /// one is refused `RateLimited` beyond. 1024.
+    pub loads_inflight_max: usize,
+    /// Requests for one conversation held while it loads; beyond, refused `RateLimited`.
+    /// 256, the in-flight Sends of one connection.
+    pub load_waiters_max: usize,
     /// Members of one group. 100,000: a large chat room; above this, use a broadcast channel.
     pub group_members_max: usize,
     /// Member count above which a group switches to read diffusion (Notify + Pull). 500,
@@ -119,6 +133,10 @@ impl Default for Limits {
             dedupe_window_entries: 256 * 1024,
             hot_messages_per_conv: 256,
             hot_bytes_per_shard: 64 * 1024 * 1024,
+            hot_messages_per_shard: 256 * 1024,
+            conversations_max: 100_000,
+            loads_inflight_max: 1024,
+            load_waiters_max: 256,
             group_members_max: 100_000,
             read_diffusion_threshold: 500,
             pull_limit_max: 200,
@@ -200,6 +218,17 @@ impl Limits {
         }
         if (self.bytes_burst as usize) < self.frame_bytes_max as usize {
             return Err("bytes_burst must hold at least one frame of frame_bytes_max".into());
+        }
+        if self.hot_messages_per_shard == 0
+            || self.conversations_max == 0
+            || self.loads_inflight_max == 0
+            || self.load_waiters_max == 0
+        {
+            return Err(
+                "hot_messages_per_shard, conversations_max, loads_inflight_max and \
+                        load_waiters_max must be positive"
+                    .into(),
+            );
         }
         if self.devices_per_user_max == 0 || self.pulls_queued_max == 0 {
             return Err("devices_per_user_max and pulls_queued_max must be positive".into());

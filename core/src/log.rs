@@ -508,6 +508,20 @@ impl MemLog {
             .collect()
     }
 
+    /// The last durable seq of `conv` (0 if it has none): how a driver built on this log
+    /// answers the engine's `Load`.
+    pub fn last_durable_seq(&self, conv: ConvId) -> Seq {
+        scan(&self.bytes[..self.durable_len])
+            .records
+            .into_iter()
+            .filter_map(|(_, r)| match r {
+                Record::Message(m) if m.conv == conv => Some(m.seq),
+                _ => None,
+            })
+            .max()
+            .unwrap_or(Seq::ZERO)
+    }
+
     /// A power loss that keeps none of the volatile tail.
     pub fn crash(&mut self) {
         self.crash_torn(0);

@@ -54,6 +54,10 @@ use bytes::{Bytes, BytesMut};
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 
+/// Conversations looked at per input when over `conversations_max`: bounded work per
+/// input; the bound is met again within a few inputs even when some are in use.
+const EVICT_ATTEMPTS: usize = 16;
+
 /// A log append's number, increasing by one per [`Effect::Append`] since start.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Lsn(pub u64);
@@ -89,6 +93,9 @@ pub enum Effect {
         from: Seq,
         to: Seq,
     },
+    /// Find the last durable seq of the direct conversation `conv` in the log (it left
+    /// memory earlier) and answer with [`Shard::handle_loaded`].
+    Load { conv: ConvId },
     /// The command submitted with `token` finished.
     CommandDone {
         token: u64,
@@ -152,6 +159,10 @@ pub struct ShardStats {
     pub rate_limited: u64,
     /// Messages made durable by this shard (as owner).
     pub messages_stored: u64,
+    /// Conversations that left memory (least recently used, idle).
+    pub conversations_evicted: u64,
+    /// Conversations brought back from the log.
+    pub conversations_loaded: u64,
     /// Conversations held in memory now (gauge).
     pub conversations: u64,
     /// Messages in the hot tier now (gauge).
@@ -216,6 +227,13 @@ pub struct Shard {
     devices: Map<UserId, usize>,
 
     convs: Map<ConvId, Conversation>,
+    /// `convs` by last use, oldest first. Lazy: an entry whose time is not its
+    /// conversation's `touched` is stale and skipped (compacted when they pile up).
+    lru: VecDeque<(u64, ConvId)>,
+    /// The logical clock of `touched`.
+    clock: u64,
+    /// Direct conversations being loaded back from the log, with what waits for them.
+    loading: BTreeMap<ConvId, Vec<ShardMsg>>,
     dedupe: Window,
     /// Hot messages in append order, for the shard-wide byte budget.
     hot_order: VecDeque<(ConvId, Seq)>,
@@ -267,6 +285,9 @@ impl Shard {
             homes: Map::with_hasher(hasher),
             devices: Map::with_hasher(hasher),
             convs: Map::with_hasher(hasher),
+            lru: VecDeque::new(),
+            clock: 0,
+            loading: BTreeMap::new(),
             hot_order: VecDeque::new(),
             hot_bytes: 0,
             hot_count: 0,
@@ -348,6 +369,8 @@ impl Shard {
                         });
                     }
                     conv.last_seq = msg.seq;
+                    let id = msg.conv;
+                    self.touch(id);
                     self.dedupe.insert(
                         (msg.sender, msg.client_msg_id),
                         Sequenced {
@@ -378,6 +401,8 @@ impl Shard {
                 }
             }
         }
+        // Only now: a record for a conversation evicted halfway would look like a gap.
+        self.evict_idle(usize::MAX);
         Ok(())
     }
 
@@ -1342,6 +1367,9 @@ impl Shard {
     }
 
     fn on_shard_msg(&mut self, msg: ShardMsg) {
+        let Some(msg) = self.wait_for_load(msg) else {
+            return;
+        };
         match msg {
             ShardMsg::Submit {
                 from,
@@ -1514,6 +1542,145 @@ impl Shard {
         }
     }
 
+    /// Holds a Send or replay for a direct conversation that may have left memory until
+    /// the log says where it is (`Effect::Load`); returns the message when it can go on.
+    fn wait_for_load(&mut self, msg: ShardMsg) -> Option<ShardMsg> {
+        let (conv, user) = match &msg {
+            ShardMsg::Submit { conv, sender, .. } => (*conv, *sender),
+            ShardMsg::Replay { conv, user, .. } => (*conv, *user),
+            _ => return Some(msg),
+        };
+        let member = matches!(conv.kind(), Some(ConvKind::Direct(a, b)) if user == a || user == b);
+        if !member || self.convs.contains_key(&conv) {
+            // Groups never leave memory, and a non-member is refused without a load.
+            return Some(msg);
+        }
+        if let Some(waiting) = self.loading.get_mut(&conv) {
+            if waiting.len() < self.limits.load_waiters_max {
+                waiting.push(msg);
+            } else {
+                self.refuse_waiting(msg, ErrorCode::RateLimited);
+            }
+            return None;
+        }
+        if self.stats.conversations_evicted == 0 {
+            // Nothing ever left memory: a conversation not here is new.
+            return Some(msg);
+        }
+        if self.loading.len() >= self.limits.loads_inflight_max {
+            self.refuse_waiting(msg, ErrorCode::RateLimited);
+            return None;
+        }
+        self.loading.insert(conv, vec![msg]);
+        self.effects.push_back(Effect::Load { conv });
+        None
+    }
+
+    /// Answers a Send or replay that cannot wait for its conversation to load.
+    fn refuse_waiting(&mut self, msg: ShardMsg, code: ErrorCode) {
+        match msg {
+            ShardMsg::Submit {
+                from,
+                req,
+                client_msg_id,
+                conv,
+                ..
+            } => self.route(
+                from.shard,
+                ShardMsg::Nacked {
+                    to: from,
+                    req,
+                    client_msg_id,
+                    conv,
+                    code,
+                    message: "the conversation could not be loaded now; retry",
+                },
+            ),
+            ShardMsg::Replay {
+                to, conv, purpose, ..
+            } => self.route(
+                to.shard,
+                ShardMsg::Replayed {
+                    to,
+                    conv,
+                    purpose,
+                    result: Err(code),
+                },
+            ),
+            other => unreachable!("only Submit and Replay wait for a load, not {other:?}"),
+        }
+    }
+
+    /// The driver found the last durable seq of `conv` for an [`Effect::Load`] (`Err` if
+    /// it could not read the log: what waited is refused `StorageFailed`).
+    pub fn handle_loaded(&mut self, now: Instant, conv: ConvId, result: Result<Seq, ()>) {
+        self.now = now;
+        if let Some(waiting) = self.loading.remove(&conv) {
+            match result {
+                Ok(last) => {
+                    assert!(
+                        !self.convs.contains_key(&conv),
+                        "a loading conversation is absent"
+                    );
+                    self.convs.insert(conv, Conversation::reloaded(conv, last));
+                    self.touch(conv);
+                    self.stats.conversations_loaded += 1;
+                    for msg in waiting {
+                        self.on_shard_msg(msg);
+                    }
+                    self.evict_idle(EVICT_ATTEMPTS);
+                }
+                Err(()) => {
+                    for msg in waiting {
+                        self.refuse_waiting(msg, ErrorCode::StorageFailed);
+                    }
+                }
+            }
+        }
+        self.finish();
+    }
+
+    /// Marks `id` as just used.
+    fn touch(&mut self, id: ConvId) {
+        self.clock += 1;
+        let Some(c) = self.convs.get_mut(&id) else {
+            return;
+        };
+        c.touched = self.clock;
+        self.lru.push_back((self.clock, id));
+        if self.lru.len() > 2 * self.convs.len() + 1024 {
+            let convs = &self.convs;
+            self.lru
+                .retain(|(t, id)| convs.get(id).is_some_and(|c| c.touched == *t));
+        }
+    }
+
+    /// While over `conversations_max`, the least recently used conversation leaves memory
+    /// if it is idle (see [`Conversation::is_evictable`]), or goes to the back of the line.
+    /// Looks at no more than `attempts` live candidates, so that one input does bounded
+    /// work; conversations in use can hold the count over the bound by as many as they are.
+    fn evict_idle(&mut self, attempts: usize) {
+        let mut looked = 0;
+        while self.convs.len() > self.limits.conversations_max && looked < attempts {
+            let Some((t, id)) = self.lru.pop_front() else {
+                break;
+            };
+            let Some(c) = self.convs.get(&id).filter(|c| c.touched == t) else {
+                continue;
+            };
+            looked += 1;
+            if c.is_evictable() {
+                let (messages, bytes) = c.hot_size();
+                self.hot_count -= messages;
+                self.hot_bytes -= bytes;
+                self.convs.remove(&id);
+                self.stats.conversations_evicted += 1;
+            } else {
+                self.touch(id);
+            }
+        }
+    }
+
     /// Queues the Ack or Nack of a Send on its connection, if it is still open, and frees
     /// its in-flight slot. Returns whether the connection was there.
     fn answer_send(&mut self, id: ConnId, answer: &Meta) -> bool {
@@ -1677,22 +1844,29 @@ impl Shard {
             code,
             message,
         };
-        let conv = match (self.convs.contains_key(&msg.conv), msg.conv.kind()) {
-            (true, _) => self.convs.get_mut(&msg.conv),
-            (false, Some(ConvKind::Direct(..))) => Some(
-                self.convs
-                    .entry(msg.conv)
-                    .or_insert_with(|| Conversation::new(msg.conv, Vec::new())),
-            ),
-            _ => None,
+        // Membership first: a direct conversation's follows from its id, so a non-member
+        // creates no state.
+        let member = match (self.convs.get(&msg.conv), msg.conv.kind()) {
+            (Some(c), _) => c.is_member(msg.sender),
+            (None, Some(ConvKind::Direct(a, b))) => msg.sender == a || msg.sender == b,
+            (None, _) => false,
         };
-        let Some(conv) = conv.filter(|c| c.is_member(msg.sender)) else {
+        if !member {
             let m = nacked(ErrorCode::NotMember, "not a member of this conversation");
             self.route(from.shard, m);
             return;
-        };
+        }
+        let created = !self.convs.contains_key(&msg.conv);
+        let conv = self
+            .convs
+            .entry(msg.conv)
+            .or_insert_with(|| Conversation::new(msg.conv, Vec::new()));
         msg.seq = conv.last_seq.next();
         conv.last_seq = msg.seq;
+        self.touch(msg.conv);
+        if created {
+            self.evict_idle(EVICT_ATTEMPTS);
+        }
         encode_record(&Record::Message(msg.clone()), &mut self.append_buf);
         self.dedupe.insert(
             key,
@@ -1726,7 +1900,9 @@ impl Shard {
         self.hot_order.push_back((id, seq));
         // The shard-wide budget evicts in append order; entries already dropped by the
         // per-conversation bound are skipped.
-        while self.hot_bytes > self.limits.hot_bytes_per_shard {
+        while self.hot_bytes > self.limits.hot_bytes_per_shard
+            || self.hot_count > self.limits.hot_messages_per_shard
+        {
             let Some((c, s)) = self.hot_order.pop_front() else {
                 break;
             };
@@ -1796,6 +1972,7 @@ impl Shard {
             (None, _) => false,
         };
         let result = if member {
+            self.touch(conv_id);
             let from = from.max(Seq(1));
             let hot_from = self.convs.get(&conv_id).map_or(Seq(1), |c| c.hot_from());
             if from < hot_from && self.fetches.len() < self.limits.fetches_inflight_max {
@@ -1803,6 +1980,9 @@ impl Shard {
                 let fetch = self.next_fetch;
                 self.next_fetch += 1;
                 let to_seq = Seq((from.0 + u64::from(limit) - 1).min(hot_from.0 - 1));
+                if let Some(c) = self.convs.get_mut(&conv_id) {
+                    c.pinned += 1;
+                }
                 self.fetches.insert(
                     fetch,
                     PendingFetch {
@@ -1895,6 +2075,9 @@ impl Shard {
     ) {
         self.now = now;
         if let Some(p) = self.fetches.remove(&fetch) {
+            if let Some(c) = self.convs.get_mut(&p.conv) {
+                c.pinned -= 1;
+            }
             let older = match result {
                 // Keep only a contiguous run starting at the first seq asked for.
                 Ok(msgs) => {
@@ -2284,6 +2467,7 @@ impl Shard {
             Command::CreateGroup { group, members } => {
                 self.convs
                     .insert(*group, Conversation::new(*group, members.clone()));
+                self.touch(*group);
             }
             Command::AddMembers { group, members } => {
                 if let Some(c) = self.convs.get_mut(group) {

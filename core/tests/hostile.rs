@@ -367,3 +367,67 @@ fn a_session_is_told_to_renew_before_its_token_expires_and_closed_at_expiry() {
     assert!(w.now >= ends);
     assert_eq!(error_code(&w.take(c)), Some(ErrorCode::TokenExpired));
 }
+
+// ---- finding 4: conversation state is bounded ---------------------------------------
+
+#[test]
+fn conversations_beyond_the_bound_leave_memory_and_come_back_from_the_log() {
+    let limits = Limits {
+        conversations_max: 4,
+        ..Limits::default()
+    };
+    let mut w = World::new(1, limits);
+    let alice = w.login(0, 1, 1);
+    let mut req = 0;
+    for peer in 2..=51 {
+        for _ in 0..2 {
+            req += 1;
+            w.send(alice, req, ConvId::direct(UserId(1), UserId(peer)), b"x");
+        }
+        let stats = w.nodes[0].shard.stats();
+        assert!(
+            stats.conversations <= 4,
+            "{} in memory",
+            stats.conversations
+        );
+    }
+    assert_eq!(acks(&w.take(alice)).len(), 100);
+    assert!(w.nodes[0].shard.stats().conversations_evicted >= 46);
+    // An evicted conversation continues its seqs (I3) and serves its history.
+    let first = ConvId::direct(UserId(1), UserId(2));
+    w.send(alice, 1_000, first, b"third");
+    assert_eq!(acks(&w.take(alice)), vec![(1_000, Seq(3))]);
+    let bob = w.login(0, 2, 1);
+    w.sync_from(bob, 7, first, Seq::ZERO);
+    let frames = w.take(bob);
+    assert_eq!(seqs(&frames), vec![1, 2, 3]);
+    assert!(sync_done(&frames).gaps.is_empty());
+    let loaded = w.nodes[0].shard.stats().conversations_loaded;
+    assert!(loaded >= 1, "it came back from the log");
+    // And after a restart too.
+    w.crash_all();
+    let alice = w.login(0, 1, 1);
+    assert!(w.nodes[0].shard.stats().conversations <= 4);
+    w.send(
+        alice,
+        2_000,
+        ConvId::direct(UserId(1), UserId(30)),
+        b"again",
+    );
+    assert_eq!(acks(&w.take(alice)), vec![(2_000, Seq(3))]);
+}
+
+#[test]
+fn a_send_to_a_conversation_the_sender_is_not_in_creates_no_state() {
+    let mut w = World::new(1, Limits::default());
+    let mallory = w.login(0, 9, 1);
+    for peer in 10..=50 {
+        w.send(
+            mallory,
+            peer as u32,
+            ConvId::direct(UserId(1), UserId(peer)),
+            b"x",
+        );
+    }
+    assert_eq!(w.nodes[0].shard.stats().conversations, 0);
+}

@@ -140,6 +140,8 @@ struct State {
     /// Log reads the engine asked for: (fetch, conv, from, to).
     fetch_queue: VecDeque<(u64, ConvId, Seq, Seq)>,
     wake_fetch: Rc<Notify>,
+    /// Answers the engine's `Load`s from the log's read index (memory, no I/O).
+    reader: LogReader,
     scratch: Vec<u8>,
 }
 
@@ -169,6 +171,11 @@ impl State {
                 } => {
                     self.fetch_queue.push_back((fetch, conv, from, to));
                     self.wake_fetch.notify();
+                }
+                Effect::Load { conv } => {
+                    let last = self.reader.last_durable_seq(conv);
+                    let now = self.clock.now();
+                    self.shard.handle_loaded(now, conv, Ok(last));
                 }
             }
         }
@@ -397,6 +404,7 @@ async fn shard_main(setup: ShardSetup) -> Result<()> {
         wake_admin: Rc::new(Notify::default()),
         fetch_queue: VecDeque::new(),
         wake_fetch: Rc::new(Notify::default()),
+        reader: log.reader(),
         scratch: vec![0; READ_SCRATCH_BYTES],
     }));
 

@@ -979,6 +979,14 @@ impl Index {
         durable.get(start..end).unwrap_or_default().to_vec()
     }
 
+    /// The last durable seq of `conv`: seqs are indexed from 1 without a hole, so it is
+    /// the count of durable entries.
+    fn last_durable(&self, conv: ConvId) -> Seq {
+        self.convs
+            .get(&conv)
+            .map_or(Seq::ZERO, |entry| Seq(entry.durable as u64))
+    }
+
     fn stats(&self) -> IndexStats {
         let slot_bytes = std::mem::size_of::<(ConvId, ConvIndex)>() + 1;
         let messages = self.convs.values().map(|c| c.durable as u64).sum();
@@ -1197,6 +1205,12 @@ impl LogReader {
             next = end;
         }
         Ok(messages)
+    }
+
+    /// The last durable seq of `conv` (0 if it has none), from the index alone: how the
+    /// runtime answers the engine's `Load` of a conversation that left its memory.
+    pub fn last_durable_seq(&self, conv: ConvId) -> Seq {
+        self.state.index.borrow().last_durable(conv)
     }
 
     /// The size of the index. Walks every conversation: for metrics and benches, not for

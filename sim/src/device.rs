@@ -367,7 +367,7 @@ async fn session(
             if let Some(down_ms) = sh.devices[index].crash_after_send.take() {
                 // An armed crash: the app dies with the message committed and not sent.
                 sh.event(format!("dev{index} stops right after a send"));
-                sh.device_stopped = Some((index, down_ms));
+                sh.device_stopped.push((index, down_ms));
                 stopped = true;
             }
         }

@@ -194,6 +194,14 @@ impl FsLog {
         buf
     }
 
+    /// The last durable seq of `conv`: the answer to a `Load`, read from the file.
+    pub fn last_durable_seq(&mut self, conv: ConvId) -> Seq {
+        let mut durable = MemLog::new();
+        durable.append(&self.read(0, self.durable));
+        durable.sync();
+        durable.last_durable_seq(conv)
+    }
+
     /// The durable messages of `conv` with seq in `from..=to`: the answer to a `Fetch`,
     /// read from the file.
     pub fn durable_messages(&mut self, conv: ConvId, from: Seq, to: Seq) -> Vec<StoredMessage> {

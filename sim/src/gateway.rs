@@ -41,6 +41,9 @@ pub fn limits(rates: &Rates) -> Limits {
         // Small reply pages, so that every Sync, Pull and catch-up of more than a few of
         // the sim's short messages runs over several pages.
         replay_page_bytes: 256,
+        // A handful of conversations in memory: the sim's direct conversations leave
+        // memory and come back from the log all the time.
+        conversations_max: 1,
         ..Limits::default()
     };
     if let Some((soft, hard, grace_ms)) = rates.outbound {
@@ -445,6 +448,11 @@ impl Gateway {
                         } => {
                             let msgs = self.nodes[i].log.durable_messages(conv, from, to);
                             self.nodes[i].shard.handle_fetched(now, fetch, Ok(msgs));
+                        }
+                        Effect::Load { conv } => {
+                            shared.borrow_mut().counts.loaded += 1;
+                            let last = self.nodes[i].log.last_durable_seq(conv);
+                            self.nodes[i].shard.handle_loaded(now, conv, Ok(last));
                         }
                         Effect::CommandDone { token, result } => {
                             self.commands.insert(token, result.is_ok());

@@ -289,6 +289,9 @@ pub struct FaultCounts {
     pub freed: u64,
     /// Log reads that failed (EIO) and were retried.
     pub read_retry: u64,
+    /// Not a fault: conversations a shard loaded back from its log after they left its
+    /// memory (the sim keeps only a few in memory), evidence that the path runs.
+    pub loaded: u64,
 }
 
 impl FaultCounts {
@@ -316,6 +319,7 @@ impl FaultCounts {
             disk_full,
             freed,
             read_retry,
+            loaded,
         } = other;
         self.crash += crash;
         self.torn += torn;
@@ -338,6 +342,7 @@ impl FaultCounts {
         self.disk_full += disk_full;
         self.freed += freed;
         self.read_retry += read_retry;
+        self.loaded += loaded;
     }
 }
 
@@ -365,8 +370,9 @@ pub struct Shared {
     pub crash_point: Option<(CrashPoint, u64)>,
     /// The gateway stopped at an armed point: the run loop crashes it now.
     pub crash_now: Option<(CrashPoint, u64)>,
-    /// A device stopped right after a send (an armed crash), with its down time.
-    pub device_stopped: Option<(usize, u64)>,
+    /// Devices stopped right after a send (an armed crash), with their down times. Several
+    /// can stop within one step of the run loop; each is crashed.
+    pub device_stopped: Vec<(usize, u64)>,
     /// The devices, by index.
     pub devices: Vec<Device>,
     trace_hash: u64,
@@ -697,7 +703,7 @@ pub fn run_seed(cfg: &RunConfig) -> Outcome {
         storm_gen: 0,
         crash_point: None,
         crash_now: None,
-        device_stopped: None,
+        device_stopped: Vec::new(),
         devices,
         trace_hash: 0xcbf2_9ce4_8422_2325,
         trace: Vec::new(),
@@ -802,8 +808,8 @@ pub fn run_seed(cfg: &RunConfig) -> Outcome {
             drop(sh);
             w.crash_gateway(&mut sim, &shared, ms, down_ms, format!("at {point:?}"));
         }
-        let stopped = shared.borrow_mut().device_stopped.take();
-        if let Some((dev, down_ms)) = stopped {
+        let stopped = std::mem::take(&mut shared.borrow_mut().device_stopped);
+        for (dev, down_ms) in stopped {
             w.crash_device(&mut sim, &shared, ms, dev, down_ms);
         }
         if shared.borrow().violation_count() > 0 {

@@ -297,6 +297,10 @@ impl Node {
                         let msgs = self.log.durable_messages(conv, from, to);
                         self.shard.handle_fetched(NOW, fetch, Ok(msgs));
                     }
+                    Effect::Load { conv } => {
+                        let last = self.log.last_durable_seq(conv);
+                        self.shard.handle_loaded(NOW, conv, Ok(last));
+                    }
                     Effect::CommandDone { .. } => panic!("no commands in these models"),
                 }
             }

@@ -302,6 +302,11 @@ impl World {
                             let msgs = node.log.durable_messages(conv, from, to);
                             node.shard.handle_fetched(self.now, fetch, Ok(msgs));
                         }
+                        Effect::Load { conv } => {
+                            let node = &mut self.nodes[i];
+                            let last = node.log.last_durable_seq(conv);
+                            node.shard.handle_loaded(self.now, conv, Ok(last));
+                        }
                     }
                 }
                 while let Some(t) = self.nodes[i].shard.poll_transmit() {
