@@ -24,17 +24,20 @@ pub struct Sequenced {
     pub durable: bool,
 }
 
-/// A bounded map from dedupe key to the seq it got.
+/// A bounded map from dedupe key to what is known of it: the seq it got (the owner's
+/// window, `Window<Sequenced>`) or the conversation it names (the sender's home's
+/// bindings, `Window<ConvId>`, which make a client_msg_id reused for another conversation
+/// get one answer whichever shards own the two).
 #[derive(Debug)]
-pub struct Window {
+pub struct Window<V = Sequenced> {
     capacity: usize,
-    map: Map<DedupeKey, Sequenced>,
+    map: Map<DedupeKey, V>,
     order: VecDeque<DedupeKey>,
 }
 
-impl Window {
+impl<V: Copy> Window<V> {
     /// A window remembering up to `capacity` keys, hashed with `hasher`.
-    pub fn new(capacity: usize, hasher: SeededState) -> Window {
+    pub fn new(capacity: usize, hasher: SeededState) -> Window<V> {
         assert!(capacity > 0);
         Window {
             capacity,
@@ -44,14 +47,14 @@ impl Window {
     }
 
     /// What `key` got, if it is in the window.
-    pub fn get(&self, key: &DedupeKey) -> Option<Sequenced> {
+    pub fn get(&self, key: &DedupeKey) -> Option<V> {
         self.map.get(key).copied()
     }
 
     /// Remembers `key`; the oldest key leaves when the window is full. A key that is still
     /// pending is never evicted before it is durable: pending keys are at most the
     /// in-flight sends, far fewer than the capacity.
-    pub fn insert(&mut self, key: DedupeKey, value: Sequenced) {
+    pub fn insert(&mut self, key: DedupeKey, value: V) {
         if self.map.insert(key, value).is_none() {
             self.order.push_back(key);
         }
@@ -62,6 +65,25 @@ impl Window {
         }
     }
 
+    /// Keys remembered.
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// Whether the window is empty.
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    /// Every key and value, oldest first.
+    pub fn iter(&self) -> impl Iterator<Item = (DedupeKey, V)> + '_ {
+        self.order
+            .iter()
+            .filter_map(|k| self.map.get(k).map(|v| (*k, *v)))
+    }
+}
+
+impl Window<Sequenced> {
     /// Marks a pending key durable.
     pub fn mark_durable(&mut self, key: &DedupeKey) {
         if let Some(v) = self.map.get_mut(key) {
@@ -77,16 +99,6 @@ impl Window {
                 self.order.remove(pos);
             }
         }
-    }
-
-    /// Keys remembered.
-    pub fn len(&self) -> usize {
-        self.map.len()
-    }
-
-    /// Whether the window is empty.
-    pub fn is_empty(&self) -> bool {
-        self.map.is_empty()
     }
 }
 
@@ -108,7 +120,7 @@ mod tests {
 
     #[test]
     fn the_oldest_key_leaves_a_full_window() {
-        let mut w = Window::new(2, SeededState::default());
+        let mut w: Window = Window::new(2, SeededState::default());
         w.insert(key(1), at(1));
         w.insert(key(2), at(2));
         w.insert(key(3), at(3));
@@ -119,7 +131,7 @@ mod tests {
 
     #[test]
     fn a_failed_pending_key_is_forgotten_but_a_durable_one_is_not() {
-        let mut w = Window::new(4, SeededState::default());
+        let mut w: Window = Window::new(4, SeededState::default());
         w.insert(
             key(1),
             Sequenced {

@@ -96,8 +96,11 @@ pub enum CommandError {
 /// One message between shards.
 #[derive(Clone, Debug)]
 pub enum ShardMsg {
-    /// Connection shard -> owner: sequence and store this message.
+    /// Connection shard -> the sender's home (`bound: false`), which binds the
+    /// client_msg_id to the conversation and passes it on -> owner (`bound: true`):
+    /// sequence and store this message.
     Submit {
+        bound: bool,
         from: ConnRef,
         req: u32,
         sender: UserId,
@@ -106,6 +109,10 @@ pub enum ShardMsg {
         conv: ConvId,
         priority: Priority,
         payload: Bytes,
+    },
+    /// A recovered shard -> senders' homes: the conversations recent client_msg_ids name.
+    Bindings {
+        entries: Vec<(UserId, ClientMsgId, ConvId)>,
     },
     /// Owner -> connection shard: the message is durable with this seq.
     Acked {

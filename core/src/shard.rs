@@ -47,7 +47,9 @@ use crate::mesh::{
     Command, CommandError, ConnId, ConnRef, ReplayBatch, ReplayPurpose, ShardId, ShardMsg,
 };
 use crate::proto::meta::{self, CursorRefusal, Meta, Priority};
-use crate::proto::{ConvId, ConvKind, Decoder, DeviceId, Encoder, ErrorCode, Frame, Seq, UserId};
+use crate::proto::{
+    ClientMsgId, ConvId, ConvKind, Decoder, DeviceId, Encoder, ErrorCode, Frame, Seq, UserId,
+};
 use crate::time::Instant;
 use crate::timer::{self, Wheel};
 use bytes::{Bytes, BytesMut};
@@ -235,6 +237,8 @@ pub struct Shard {
     /// Direct conversations being loaded back from the log, with what waits for them.
     loading: BTreeMap<ConvId, Vec<ShardMsg>>,
     dedupe: Window,
+    /// For the senders homed here: the conversation each recent client_msg_id names.
+    bindings: Window<ConvId>,
     /// Hot messages in append order, for the shard-wide byte budget.
     hot_order: VecDeque<(ConvId, Seq)>,
     hot_bytes: usize,
@@ -272,6 +276,7 @@ impl Shard {
             decoder: Decoder::new(config.limits.frame_bytes_max),
             auth_decoder: Decoder::new(config.limits.auth_frame_bytes_max),
             dedupe: Window::new(config.limits.dedupe_window_entries, hasher),
+            bindings: Window::new(config.limits.dedupe_window_entries, hasher),
             limits: config.limits,
             verifier,
             hasher,
@@ -403,7 +408,24 @@ impl Shard {
         }
         // Only now: a record for a conversation evicted halfway would look like a gap.
         self.evict_idle(usize::MAX);
+        self.send_bindings_home();
         Ok(())
+    }
+
+    /// After recovery, tells each sender's home which conversation each client_msg_id in
+    /// the dedupe window names, so that a reuse for a conversation another shard owns is
+    /// still recognised after a restart. One message per home shard.
+    fn send_bindings_home(&mut self) {
+        let mut by_home: BTreeMap<ShardId, Vec<(UserId, ClientMsgId, ConvId)>> = BTreeMap::new();
+        for ((sender, id), seen) in self.dedupe.iter() {
+            by_home
+                .entry(Shard::home_of(sender, self.shard_count))
+                .or_default()
+                .push((sender, id, seen.conv));
+        }
+        for (home, entries) in by_home {
+            self.route(home, ShardMsg::Bindings { entries });
+        }
     }
 
     fn check_owned(&self, conv: ConvId) -> Result<(), RecoveryError> {
@@ -597,6 +619,8 @@ impl Shard {
         for (conv_id, msgs) in batches {
             self.fan_out(conv_id, msgs);
         }
+        // Conversations that were in use when new ones came may leave now.
+        self.evict_idle(EVICT_ATTEMPTS);
         self.finish();
     }
 
@@ -1149,10 +1173,11 @@ impl Shard {
         if let Some(c) = self.conn_mut(id) {
             c.inflight_sends += 1;
         }
-        let owner = Shard::owner_of(send.conv, self.shard_count);
+        let home = Shard::home_of(user, self.shard_count);
         self.route(
-            owner,
+            home,
             ShardMsg::Submit {
+                bound: false,
                 from: self.me(id),
                 req: send.req,
                 sender: user,
@@ -1371,7 +1396,16 @@ impl Shard {
             return;
         };
         match msg {
+            ShardMsg::Submit { bound: false, .. } => self.on_submit_at_home(msg),
+            ShardMsg::Bindings { entries } => {
+                for (sender, id, conv) in entries {
+                    if self.bindings.get(&(sender, id)).is_none() {
+                        self.bindings.insert((sender, id), conv);
+                    }
+                }
+            }
             ShardMsg::Submit {
+                bound: true,
                 from,
                 req,
                 sender,
@@ -1546,7 +1580,12 @@ impl Shard {
     /// the log says where it is (`Effect::Load`); returns the message when it can go on.
     fn wait_for_load(&mut self, msg: ShardMsg) -> Option<ShardMsg> {
         let (conv, user) = match &msg {
-            ShardMsg::Submit { conv, sender, .. } => (*conv, *sender),
+            ShardMsg::Submit {
+                bound: true,
+                conv,
+                sender,
+                ..
+            } => (*conv, *sender),
             ShardMsg::Replay { conv, user, .. } => (*conv, *user),
             _ => return Some(msg),
         };
@@ -1574,6 +1613,45 @@ impl Shard {
         self.loading.insert(conv, vec![msg]);
         self.effects.push_back(Effect::Load { conv });
         None
+    }
+
+    /// The sender's home: a client_msg_id names one message, so the same id for another
+    /// conversation is refused here, where every Send of the sender passes, whichever
+    /// shards own the two conversations (I2). Otherwise the id is bound to the
+    /// conversation and the Send goes on to its owner.
+    fn on_submit_at_home(&mut self, mut msg: ShardMsg) {
+        let ShardMsg::Submit {
+            bound,
+            from,
+            req,
+            sender,
+            client_msg_id,
+            conv,
+            ..
+        } = &mut msg
+        else {
+            unreachable!("only a Submit is bound at the home");
+        };
+        let key = (*sender, *client_msg_id);
+        match self.bindings.get(&key) {
+            Some(named) if named != *conv => {
+                let nack = ShardMsg::Nacked {
+                    to: *from,
+                    req: *req,
+                    client_msg_id: *client_msg_id,
+                    conv: *conv,
+                    code: ErrorCode::ClientMsgIdReused,
+                    message: "this client_msg_id was used for another conversation",
+                };
+                self.route(from.shard, nack);
+                return;
+            }
+            Some(_) => {}
+            None => self.bindings.insert(key, *conv),
+        }
+        *bound = true;
+        let owner = Shard::owner_of(*conv, self.shard_count);
+        self.route(owner, msg);
     }
 
     /// Answers a Send or replay that cannot wait for its conversation to load.

@@ -280,6 +280,49 @@ fn a_client_msg_id_reused_for_another_conversation_is_nacked() {
     assert_eq!(w.stored().len(), 1, "nothing new is stored");
 }
 
+#[test]
+fn a_client_msg_id_reused_for_a_conversation_of_another_shard_is_nacked_too_after_a_restart() {
+    let mut w = World::new(2, Limits::default());
+    // Two conversations of user 1 with different owners.
+    let (first, _) = w.direct_owned_by(0, 1, 2);
+    let (second, _) = w.direct_owned_by(1, 1, 2);
+    for round in 0..2 {
+        let alice = w.login(round as u16, 1, 1);
+        let id = ClientMsgId([round + 1; 16]);
+        w.send_with_id(alice, 1, first, id, b"a");
+        w.sync();
+        w.send_with_id(alice, 2, second, id, b"b");
+        w.sync();
+        let frames = w.take(alice);
+        let nack = frames.iter().find_map(|(m, _)| match m {
+            Meta::Nack(n) => Some((n.req, n.code)),
+            _ => None,
+        });
+        assert_eq!(
+            nack,
+            Some((2, ErrorCode::ClientMsgIdReused)),
+            "round {round}"
+        );
+        // After a restart the homes learn the bindings back from the owners' logs.
+        w.crash_all();
+        let alice = w.login(1 - round as u16, 1, 1);
+        w.send_with_id(alice, 3, second, id, b"b again");
+        w.sync();
+        let nack = w.take(alice).into_iter().find_map(|(m, _)| match m {
+            Meta::Nack(n) => Some((n.req, n.code)),
+            _ => None,
+        });
+        assert_eq!(
+            nack,
+            Some((3, ErrorCode::ClientMsgIdReused)),
+            "round {round}"
+        );
+        w.hang_up(alice);
+    }
+    let stored = w.stored();
+    assert_eq!(stored.iter().filter(|(c, _, _)| *c == second).count(), 0);
+}
+
 // ---- rates, devices, token lifetime --------------------------------------------------
 
 #[test]
