@@ -571,6 +571,10 @@ impl Shard {
     /// Every append up to `lsn` is durable.
     pub fn handle_durable(&mut self, now: Instant, lsn: Lsn) {
         self.now = now;
+        assert!(
+            lsn.0 < self.next_lsn,
+            "the driver reported {lsn:?} durable before it was appended"
+        );
         let mut batches: BTreeMap<ConvId, Vec<StoredMessage>> = BTreeMap::new();
         while self.pending.front().is_some_and(|(l, _)| *l <= lsn) {
             let Some((_, pending)) = self.pending.pop_front() else {
@@ -1939,6 +1943,13 @@ impl Shard {
             .convs
             .entry(msg.conv)
             .or_insert_with(|| Conversation::new(msg.conv, Vec::new()));
+        assert!(
+            conv.durable_seq <= conv.last_seq,
+            "{}: durable seq {} past the last handed out {}",
+            msg.conv,
+            conv.durable_seq,
+            conv.last_seq
+        );
         msg.seq = conv.last_seq.next();
         conv.last_seq = msg.seq;
         self.touch(msg.conv);
