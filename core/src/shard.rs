@@ -9,10 +9,12 @@
 //! 1. feeds inputs: [`Shard::handle_open`], [`Shard::handle_bytes`],
 //!    [`Shard::handle_written`], [`Shard::handle_closed`], [`Shard::handle_timeout`],
 //!    [`Shard::handle_durable`], [`Shard::handle_log_failed`], [`Shard::handle_shard_msg`],
-//!    [`Shard::handle_command`], [`Shard::handle_drain`], each with the current time;
+//!    [`Shard::handle_fetched`], [`Shard::handle_loaded`], [`Shard::handle_command`],
+//!    [`Shard::handle_keys`], [`Shard::handle_drain`], each with the current time;
 //! 2. drains [`Shard::poll_effect`]: appends bytes to the log (in order, each tagged with
-//!    its [`Lsn`]), carries [`ShardMsg`]s to their shards (FIFO per pair of shards), and
-//!    answers commands;
+//!    its [`Lsn`]), carries [`ShardMsg`]s to their shards (FIFO per pair of shards),
+//!    reads history (`Fetch`) and a conversation's last durable seq (`Load`) from the
+//!    log, and answers commands;
 //! 3. drains [`Shard::poll_transmit`]: writes each connection's chunks with one vectored
 //!    write, then reports bytes written with `handle_written`; a transmit marked `close`
 //!    is written and then the socket closed (core has already forgotten the connection);
@@ -34,7 +36,17 @@
 //! - I3: seqs of a conversation are handed out by its owner only, consecutively.
 //! - I4: a connection's push stream per conversation passes its [`ConvCursor`]: only the
 //!   next seq is sent; a gap is filled by a Replay from the owner before anything later.
-//! - I6: every queue here is bounded by a field of [`Limits`].
+//! - I6: every queue here is bounded by a field of [`Limits`]; so is the state clients
+//!   can grow: conversations in memory (`conversations_max`: idle direct conversations
+//!   leave memory and are loaded back from the log), the hot tier (bytes and entries), the
+//!   dedupe window and the homes' client_msg_id bindings. History (Sync, Pull, catch-up)
+//!   goes out a page at a time as the connection drains, so a reply never outruns its
+//!   reader. Each connection's frames and bytes are rate limited (token buckets).
+//! - Peer input never reaches arithmetic that can overflow: seqs above [`Seq::MAX`],
+//!   invalid conversation ids and oversized frames are refused where they enter; our own
+//!   invariants are asserted, and the asserts and overflow checks stay on in release.
+//! - A Send passes through its sender's home shard, which binds its client_msg_id to one
+//!   conversation (I2 whichever shards own what), then to the conversation's owner.
 
 use crate::auth::TokenVerifier;
 use crate::connection::{Admit, Connection, ConvCursor, Phase, ReplayAsk, SyncProgress};
