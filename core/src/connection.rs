@@ -225,6 +225,10 @@ pub struct Connection {
     pub dirty: bool,
     /// When the backlog went over the soft budget, while it stays over.
     pub degraded_since: Option<Instant>,
+    /// While something is queued or handed to the driver: when the last write made
+    /// progress (or when the backlog started, if nothing was written since). A client
+    /// that stops reading stalls every write, however small the backlog.
+    pub stalled_since: Option<Instant>,
     /// The tick of this connection's live timer-wheel entry.
     pub timer_tick: Option<u64>,
     /// Push-stream cursors by conversation.
@@ -264,6 +268,7 @@ impl Connection {
             outbox: Outbox::default(),
             dirty: false,
             degraded_since: None,
+            stalled_since: None,
             timer_tick: None,
             convs: Map::with_hasher(hasher),
             inflight_sends: 0,

@@ -548,6 +548,11 @@ impl Shard {
             if c.outbox.backlog() <= soft {
                 c.degraded_since = None;
             }
+            if c.outbox.backlog() == 0 {
+                c.stalled_since = None;
+            } else if n > 0 {
+                c.stalled_since = Some(now);
+            }
         }
         // The reader made room: the next page of history it asked for may go out.
         self.pump_replays(conn);
@@ -820,6 +825,10 @@ impl Shard {
         }
         c.push(encoder, meta, payload);
         self.stats.frames_out += 1;
+        let stall_starts = c.stalled_since.is_none();
+        if stall_starts {
+            c.stalled_since = Some(now);
+        }
         let backlog = c.outbox.backlog();
         if backlog > hard {
             self.stats.slow_consumer_closes += 1;
@@ -830,6 +839,8 @@ impl Shard {
             );
         } else if backlog > soft && c.degraded_since.is_none() {
             c.degraded_since = Some(now);
+            self.arm(id);
+        } else if stall_starts {
             self.arm(id);
         }
     }
@@ -912,7 +923,7 @@ impl Shard {
                     .saturating_sub(timer::TICK_MS),
             ),
         };
-        if let Some(since) = c.degraded_since {
+        for since in [c.degraded_since, c.stalled_since].into_iter().flatten() {
             deadline = deadline.min(since + grace);
         }
         for at in [c.renew_at, c.session_ends].into_iter().flatten() {
@@ -986,6 +997,24 @@ impl Shard {
                     id,
                     ErrorCode::SlowConsumer,
                     "outbound queue over its budget for longer than the grace period",
+                );
+                return;
+            }
+        }
+        if let Some(since) = c.stalled_since {
+            // Under the budget but not read at all: a page of history or a few frames
+            // that never leave would otherwise hold the connection (and the kernel's
+            // socket buffers behind it) for as long as the client keeps pinging.
+            assert!(
+                c.outbox.backlog() > 0,
+                "a stall is tracked only with a backlog"
+            );
+            if now >= since + grace {
+                self.stats.slow_consumer_closes += 1;
+                self.close(
+                    id,
+                    ErrorCode::SlowConsumer,
+                    "nothing could be written to the connection for the grace period",
                 );
                 return;
             }

@@ -203,6 +203,63 @@ fn a_reply_waits_for_the_reader_and_never_outgrows_one_page() {
     assert!(!w.conns[bob].closed);
 }
 
+/// Found end to end: a reader that stops with one page of history in flight holds less
+/// than the soft budget, so the budget never closed it; with pings it held its socket and
+/// the kernel's buffers behind it for good.
+#[test]
+fn a_reader_that_stops_under_the_budget_is_closed_after_the_grace_period() {
+    let (mut w, bob, conv) = large_backlog(60);
+    let limits = Limits::default();
+    w.conns[bob].reading = false;
+    w.sync_from(bob, 1, conv, Seq::ZERO);
+    let held = w.held_bytes(bob);
+    assert!(held > 0 && held < limits.outbound_soft_bytes, "{held}");
+    // It keeps pinging, so only the stalled writes can end it.
+    let step = Duration::from_secs(1);
+    let mut waited = Duration::ZERO;
+    while waited < limits.slow_consumer_grace {
+        w.frame(bob, Meta::Ping(meta::Ping { nonce: 1 }), &[]);
+        w.advance(step);
+        waited += step;
+        assert!(!w.conns[bob].closed || waited >= limits.slow_consumer_grace);
+    }
+    w.advance(step);
+    assert!(
+        w.conns[bob].closed,
+        "a stalled reader outlived the grace period"
+    );
+    w.resume_reading(bob);
+    assert_eq!(
+        error(&w.take(bob)).map(|(code, _)| code),
+        Some(ErrorCode::SlowConsumer)
+    );
+}
+
+/// The other side of the rule above: a reader that is slow but keeps reading is never
+/// closed for it, however long its catch-up takes.
+#[test]
+fn a_slow_reader_that_makes_progress_is_never_closed() {
+    let (mut w, bob, conv) = large_backlog(60);
+    let limits = Limits::default();
+    w.conns[bob].reading = false;
+    w.sync_from(bob, 1, conv, Seq::ZERO);
+    let mut got = Vec::new();
+    // One page per nine seconds: just inside the grace period each time.
+    let pause = limits.slow_consumer_grace - Duration::from_secs(1);
+    for _ in 0..30 {
+        w.frame(bob, Meta::Ping(meta::Ping { nonce: 1 }), &[]);
+        w.advance(pause);
+        assert!(!w.conns[bob].closed);
+        w.resume_reading(bob);
+        got.extend(seqs(&w.take(bob)));
+        w.conns[bob].reading = false;
+        if got.len() == 60 {
+            break;
+        }
+    }
+    assert_eq!(got, (1..=60).collect::<Vec<_>>());
+}
+
 #[test]
 fn a_pull_at_the_documented_maximum_of_large_messages_is_answered_in_full() {
     let limits = Limits::default();
