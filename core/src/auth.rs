@@ -5,15 +5,32 @@
 //! decimal string) and `exp` (Unix seconds). The gateway only verifies tokens; [`TokenSigner`]
 //! exists for the gateway's `token` command, loadgen and tests.
 //!
+//! Keys and `kid`: a [`TokenVerifier`] holds a key set of 1 to [`VERIFICATION_KEYS_MAX`]
+//! keys, so that keys rotate without a restart (the gateway reloads the set on SIGHUP).
+//! A set is one of two shapes, and which key checks a token follows from it:
+//! - **One key without an id** (the single-key setup, [`TokenVerifier::new`]): every token
+//!   is checked with that key, with or without a `kid` in its header, as before key sets
+//!   existed, so that issuers can stamp a `kid` before the gateway names its keys.
+//! - **Keys with ids** (every key has a distinct id, [`TokenVerifier::with_key_set`], even
+//!   a set of one): a token must name its key in the header's `kid`, compared byte for
+//!   byte. No `kid` is [`AuthError::MissingKeyId`], a `kid` naming no key of the set is
+//!   [`AuthError::UnknownKeyId`]; both are `BadToken` on the wire.
+//!
+//! A set mixing a key without an id with others is refused when it is built, so a token
+//! without `kid` is accepted only when exactly one key, without an id, is configured.
+//!
 //! Invariants:
-//! - A [`TokenVerifier`] accepts exactly one algorithm, the one of its key (HS256 or EdDSA).
-//!   `alg: none`, any other algorithm, or a header whose `alg` differs is rejected.
+//! - Each key verifies exactly one algorithm, its own (HS256 or EdDSA). The token's `kid`
+//!   only selects a key; its `alg` must then be that key's algorithm. `alg: none`, any
+//!   other algorithm, or an `alg` that differs from the selected key's is rejected, so an
+//!   HS256 token naming an Ed25519 key (the classic algorithm confusion) never verifies.
 //! - Nothing here reads a clock. The JWT library's own `exp`/`nbf` checks read the system
 //!   clock, so they are switched off and `exp` is checked here against the `now` the
 //!   driver passes in, with an explicit leeway.
 //! - A token longer than the configured bound is rejected before any of it is parsed.
-//! - Claims are looked at only after the signature has been verified.
-//! - Error messages never echo the token or claim values, only what was wrong.
+//! - Claims are looked at only after the signature has been verified; of the header,
+//!   only `alg`, `kid` and `crit` are used.
+//! - Error messages never echo the token, its `kid` or claim values, only what was wrong.
 //!
 //! Left to others: loading keys from files or config (the gateway), the Auth deadline and
 //! the Error frame that carries [`AuthError::code`] (the session), and the clock (drivers).
@@ -34,12 +51,23 @@ use crate::Instant;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::de::IgnoredAny;
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::fmt;
 use std::time::Duration;
 
 /// The shortest HS256 secret accepted. RFC 7518 section 3.2 requires a key at least as
 /// long as the hash output (256 bits); a shorter secret makes tokens forgeable by search.
 pub const HS256_SECRET_BYTES_MIN: usize = 32;
+
+/// The most keys one [`TokenVerifier`] holds. A rotation needs the current key, the next
+/// one and perhaps one being retired; 16 leaves room for a few issuers rotating at once,
+/// while a misconfigured set (a whole directory of keys, a runaway deploy script) is
+/// refused instead of being loaded into every shard.
+pub const VERIFICATION_KEYS_MAX: usize = 16;
+
+/// The longest key id accepted in a key set. 64 bytes: longer than the usual `kid`s (a
+/// UUID is 36 characters, a base64url SHA-256 thumbprint 43), short enough to log.
+pub const KEY_ID_BYTES_MAX: usize = 64;
 
 /// Why a token (or a key) was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -65,6 +93,12 @@ pub enum AuthError {
         /// The algorithm the token's header names.
         found: &'static str,
     },
+    /// The verifier's keys have ids, and the token's header names none (no `kid`).
+    #[error("token header has no `kid`, but the configured keys are selected by id")]
+    MissingKeyId,
+    /// The token's `kid` names none of the configured keys (the id is not repeated).
+    #[error("token header's `kid` names none of the configured keys")]
+    UnknownKeyId,
     /// The signature does not match the header and claims under the configured key.
     #[error("token signature does not match its contents under the configured key")]
     BadSignature,
@@ -87,7 +121,8 @@ pub enum AuthError {
         /// The driver's time when the token was checked, in Unix seconds.
         now_secs: u64,
     },
-    /// A key given to [`TokenVerifier::new`] or [`TokenSigner::new`] cannot be used.
+    /// A key or key set given to [`TokenVerifier::new`], [`TokenVerifier::with_key_set`] or
+    /// [`TokenSigner::new`] cannot be used.
     #[error("key cannot be used: {0}")]
     BadKey(String),
     /// The JWT library refused the token for a reason none of the variants above names.
@@ -104,6 +139,8 @@ impl AuthError {
             AuthError::TooLong { .. }
             | AuthError::Malformed(_)
             | AuthError::WrongAlgorithm { .. }
+            | AuthError::MissingKeyId
+            | AuthError::UnknownKeyId
             | AuthError::BadSignature
             | AuthError::MissingClaim(_)
             | AuthError::BadClaim { .. }
@@ -182,30 +219,47 @@ pub struct Identity {
     pub expires: Instant,
 }
 
-/// Checks tokens against one key, one algorithm and a caller-given time.
+/// One key of a verifier's key set: the key and the id tokens name it by.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VerificationKey {
+    /// The id a token's header names in `kid` to be checked with this key: non-empty, at
+    /// most [`KEY_ID_BYTES_MAX`] bytes of printable ASCII without spaces. `None` only for
+    /// the one key of a single-key set (see the module docs).
+    pub kid: Option<String>,
+    /// The key, and with it the one algorithm it verifies.
+    pub key: KeyConfig,
+}
+
+/// Checks tokens against a key set (one algorithm per key) and a caller-given time.
 #[derive(Clone, Debug)]
 pub struct TokenVerifier {
-    key: DecodingKey,
-    algorithm: Algorithm,
-    validation: Validation,
+    keys: Keys,
     leeway_secs: u64,
     token_bytes_max: usize,
 }
 
-impl TokenVerifier {
-    /// A verifier for tokens signed with `key`'s algorithm and key, accepting a token up to
-    /// `leeway` (whole seconds count) past its `exp`, and refusing tokens longer than
-    /// `token_bytes_max` bytes (normally [`crate::Limits::token_bytes_max`]).
-    ///
-    /// A token carrying an `aud` claim is rejected: the JWT library refuses audience-bound
-    /// tokens when no audience is configured, and imgate configures none, so a token minted
-    /// for another service under the same key is not taken for one of ours.
-    pub fn new(
-        key: &KeyConfig,
-        leeway: Duration,
-        token_bytes_max: usize,
-    ) -> Result<TokenVerifier, AuthError> {
-        let (decoding_key, algorithm) = match key {
+/// A verifier's keys, in one of the two shapes the module docs describe.
+#[derive(Clone, Debug)]
+enum Keys {
+    /// One key without an id: every token is checked with it, whatever its `kid`.
+    Single(Box<Key>),
+    /// Keys by id: a token is checked with the key its `kid` names, and no other. A
+    /// `BTreeMap`, not a `HashMap`: core iterates no randomly seeded map.
+    ById(BTreeMap<String, Key>),
+}
+
+/// One usable key: proven to build a verifier, and bound to its algorithm.
+#[derive(Clone, Debug)]
+struct Key {
+    decoding: DecodingKey,
+    algorithm: Algorithm,
+    /// Accepts `algorithm` only.
+    validation: Validation,
+}
+
+impl Key {
+    fn new(key: &KeyConfig) -> Result<Key, AuthError> {
+        let (decoding, algorithm) = match key {
             KeyConfig::Hs256 { secret } => {
                 check_hs256_secret(secret)?;
                 (DecodingKey::from_secret(secret), Algorithm::HS256)
@@ -232,7 +286,7 @@ impl TokenVerifier {
         // The library builds its verifier from the key on every decode; building one now
         // turns a key it would refuse (say, 32 bytes that are not a curve point) into an
         // error at start-up instead of a rejection of every token.
-        jsonwebtoken::crypto::verify("", b"", &decoding_key, algorithm)
+        jsonwebtoken::crypto::verify("", b"", &decoding, algorithm)
             .map_err(|e| AuthError::BadKey(e.to_string()))?;
 
         let mut validation = Validation::new(algorithm);
@@ -241,17 +295,95 @@ impl TokenVerifier {
         validation.validate_nbf = false;
         // `verify` requires sub, dev and exp itself, so that it can say which one is missing.
         validation.required_spec_claims.clear();
-        Ok(TokenVerifier {
-            key: decoding_key,
+        assert_eq!(validation.algorithms, [algorithm], "one algorithm per key");
+        Ok(Key {
+            decoding,
             algorithm,
             validation,
+        })
+    }
+}
+
+impl TokenVerifier {
+    /// A verifier with a single key and no key id (the single-key setup): tokens signed
+    /// with `key`'s algorithm and key, whatever their `kid`. It accepts a token up to
+    /// `leeway` (whole seconds count) past its `exp`, and refuses tokens longer than
+    /// `token_bytes_max` bytes (normally [`crate::Limits::token_bytes_max`]).
+    ///
+    /// A token carrying an `aud` claim is rejected: the JWT library refuses audience-bound
+    /// tokens when no audience is configured, and imgate configures none, so a token minted
+    /// for another service under the same key is not taken for one of ours.
+    pub fn new(
+        key: &KeyConfig,
+        leeway: Duration,
+        token_bytes_max: usize,
+    ) -> Result<TokenVerifier, AuthError> {
+        Ok(TokenVerifier {
+            keys: Keys::Single(Box::new(Key::new(key)?)),
             leeway_secs: leeway.as_secs(),
             token_bytes_max,
         })
     }
 
-    /// Checks `token`'s size, algorithm, signature and claims, and that it has not expired
-    /// at `now` (expired iff `exp + leeway < now`, in whole seconds).
+    /// A verifier for a key set, otherwise as [`TokenVerifier::new`]. The set is either one
+    /// key without an id (the same as [`TokenVerifier::new`]) or 1 to
+    /// [`VERIFICATION_KEYS_MAX`] keys that all have distinct, well-formed ids; anything
+    /// else, or any key that cannot be used, is [`AuthError::BadKey`] naming the key.
+    pub fn with_key_set(
+        keys: &[VerificationKey],
+        leeway: Duration,
+        token_bytes_max: usize,
+    ) -> Result<TokenVerifier, AuthError> {
+        if keys.is_empty() {
+            return Err(AuthError::BadKey("the key set is empty".to_owned()));
+        }
+        if keys.len() > VERIFICATION_KEYS_MAX {
+            return Err(AuthError::BadKey(format!(
+                "the key set has {} keys, over the limit of {VERIFICATION_KEYS_MAX}",
+                keys.len()
+            )));
+        }
+        if let [VerificationKey { kid: None, key }] = keys {
+            return TokenVerifier::new(key, leeway, token_bytes_max);
+        }
+        let mut by_id = BTreeMap::new();
+        for (i, entry) in keys.iter().enumerate() {
+            let Some(kid) = &entry.kid else {
+                return Err(AuthError::BadKey(format!(
+                    "key {} of {} has no id; only a set of one key may leave out its id",
+                    i + 1,
+                    keys.len()
+                )));
+            };
+            check_key_id(kid).map_err(|why| {
+                AuthError::BadKey(format!("key {} of {}: {why}", i + 1, keys.len()))
+            })?;
+            let key =
+                Key::new(&entry.key).map_err(|e| AuthError::BadKey(format!("key `{kid}`: {e}")))?;
+            if by_id.insert(kid.clone(), key).is_some() {
+                return Err(AuthError::BadKey(format!(
+                    "the key id `{kid}` is used twice"
+                )));
+            }
+        }
+        Ok(TokenVerifier {
+            keys: Keys::ById(by_id),
+            leeway_secs: leeway.as_secs(),
+            token_bytes_max,
+        })
+    }
+
+    /// The ids of the keys, in order; none for a single key without an id.
+    pub fn key_ids(&self) -> impl Iterator<Item = &str> {
+        let by_id = match &self.keys {
+            Keys::Single(_) => None,
+            Keys::ById(keys) => Some(keys.keys().map(String::as_str)),
+        };
+        by_id.into_iter().flatten()
+    }
+
+    /// Checks `token`'s size, key id, algorithm, signature and claims, and that it has not
+    /// expired at `now` (expired iff `exp + leeway < now`, in whole seconds).
     pub fn verify(&self, token: &str, now: Instant) -> Result<Identity, AuthError> {
         if token.len() > self.token_bytes_max {
             return Err(AuthError::TooLong {
@@ -259,8 +391,9 @@ impl TokenVerifier {
                 max: self.token_bytes_max,
             });
         }
-        let data = jsonwebtoken::decode::<RawClaims>(token, &self.key, &self.validation)
-            .map_err(|e| self.decode_error(token, e))?;
+        let key = self.key_for(token)?;
+        let data = jsonwebtoken::decode::<RawClaims>(token, &key.decoding, &key.validation)
+            .map_err(|e| decode_error(token, key.algorithm, e))?;
         // RFC 7515 4.1.11: a recipient must reject a token whose `crit` names extensions it
         // does not understand. imgate understands none; the library does not check `crit`.
         if data.header.crit.is_some() {
@@ -299,43 +432,89 @@ impl TokenVerifier {
         })
     }
 
-    /// Translates the library's refusal into ours, without echoing the token.
-    fn decode_error(&self, token: &str, e: jsonwebtoken::errors::Error) -> AuthError {
-        use jsonwebtoken::errors::ErrorKind;
-        match e.kind() {
-            ErrorKind::InvalidToken => AuthError::Malformed("not three dot-separated parts"),
-            ErrorKind::Base64(_) => AuthError::Malformed("a part is not unpadded base64url"),
-            ErrorKind::Utf8(_) => AuthError::Malformed("a part is not UTF-8"),
-            ErrorKind::Json(_) => AuthError::Malformed(
-                "the header or claims are not a JSON object of the expected shape, \
-                 or the header names an unsupported `alg`",
-            ),
-            ErrorKind::InvalidAlgorithm => {
-                // The header parsed (the library read it to compare algorithms), so reading
-                // it again only names what it found.
-                let found = jsonwebtoken::decode_header(token)
-                    .map(|h| algorithm_name(h.alg))
-                    .unwrap_or("an unknown algorithm");
-                AuthError::WrongAlgorithm {
-                    expected: algorithm_name(self.algorithm),
-                    found,
-                }
+    /// The key `token` is checked with: the single key, or the one its `kid` names. Only
+    /// the header is read here; the signature is checked by the caller, with this key.
+    fn key_for(&self, token: &str) -> Result<&Key, AuthError> {
+        match &self.keys {
+            Keys::Single(key) => Ok(key),
+            Keys::ById(keys) => {
+                let header = jsonwebtoken::decode_header(token).map_err(|e| {
+                    malformed(&e).unwrap_or_else(|| AuthError::Rejected(e.to_string()))
+                })?;
+                let kid = header.kid.ok_or(AuthError::MissingKeyId)?;
+                keys.get(&kid).ok_or(AuthError::UnknownKeyId)
             }
-            ErrorKind::InvalidSignature => AuthError::BadSignature,
-            ErrorKind::InvalidAudience => AuthError::BadClaim {
-                claim: "aud",
-                reason: "audience-bound tokens are not accepted",
-            },
-            // `new` proved the key usable, so these mean the library changed under us.
-            ErrorKind::InvalidKeyFormat | ErrorKind::InvalidEddsaKey => {
-                AuthError::BadKey(e.to_string())
-            }
-            _ => AuthError::Rejected(e.to_string()),
         }
     }
 }
 
-/// Mints tokens that a [`TokenVerifier`] with the matching key accepts.
+/// Translates the library's refusal of `token` under a key for `expected` into ours,
+/// without echoing the token.
+fn decode_error(token: &str, expected: Algorithm, e: jsonwebtoken::errors::Error) -> AuthError {
+    use jsonwebtoken::errors::ErrorKind;
+    if let Some(malformed) = malformed(&e) {
+        return malformed;
+    }
+    match e.kind() {
+        ErrorKind::InvalidAlgorithm => {
+            // The header parsed (the library read it to compare algorithms), so reading
+            // it again only names what it found.
+            let found = jsonwebtoken::decode_header(token)
+                .map(|h| algorithm_name(h.alg))
+                .unwrap_or("an unknown algorithm");
+            AuthError::WrongAlgorithm {
+                expected: algorithm_name(expected),
+                found,
+            }
+        }
+        ErrorKind::InvalidSignature => AuthError::BadSignature,
+        ErrorKind::InvalidAudience => AuthError::BadClaim {
+            claim: "aud",
+            reason: "audience-bound tokens are not accepted",
+        },
+        // `Key::new` proved the key usable, so these mean the library changed under us.
+        ErrorKind::InvalidKeyFormat | ErrorKind::InvalidEddsaKey => {
+            AuthError::BadKey(e.to_string())
+        }
+        _ => AuthError::Rejected(e.to_string()),
+    }
+}
+
+/// The library's refusals of a token that is not a well-formed JWT, as ours.
+fn malformed(e: &jsonwebtoken::errors::Error) -> Option<AuthError> {
+    use jsonwebtoken::errors::ErrorKind;
+    Some(match e.kind() {
+        ErrorKind::InvalidToken => AuthError::Malformed("not three dot-separated parts"),
+        ErrorKind::Base64(_) => AuthError::Malformed("a part is not unpadded base64url"),
+        ErrorKind::Utf8(_) => AuthError::Malformed("a part is not UTF-8"),
+        ErrorKind::Json(_) => AuthError::Malformed(
+            "the header or claims are not a JSON object of the expected shape, \
+             or the header names an unsupported `alg`",
+        ),
+        _ => return None,
+    })
+}
+
+/// A key id of a key set: non-empty, at most [`KEY_ID_BYTES_MAX`] bytes, printable ASCII
+/// without spaces, so that it reads the same in a config file, a log line and a header.
+fn check_key_id(kid: &str) -> Result<(), String> {
+    if kid.is_empty() {
+        return Err("the key id is empty".to_owned());
+    }
+    if kid.len() > KEY_ID_BYTES_MAX {
+        return Err(format!(
+            "the key id is {} bytes, over the limit of {KEY_ID_BYTES_MAX}",
+            kid.len()
+        ));
+    }
+    if !kid.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err("a key id may hold only printable ASCII without spaces".to_owned());
+    }
+    Ok(())
+}
+
+/// Mints tokens that a [`TokenVerifier`] with the matching key accepts; with
+/// [`TokenSigner::with_kid`], tokens that name their key for a key set.
 #[derive(Clone, Debug)]
 pub struct TokenSigner {
     key: EncodingKey,
@@ -366,6 +545,15 @@ impl TokenSigner {
             .try_mint(UserId(1), DeviceId(0), Instant::from_millis(0))
             .map_err(|e| AuthError::BadKey(e.to_string()))?;
         Ok(signer)
+    }
+
+    /// The same signer, naming `kid` in the header of every token it mints, so that a
+    /// verifier with a key set checks them with the key of that id. The id is not checked
+    /// here: tests mint tokens naming ids no verifier has.
+    pub fn with_kid(mut self, kid: impl Into<String>) -> TokenSigner {
+        // A header with one more string field serializes as surely as the one `new` tried.
+        self.header.kid = Some(kid.into());
+        self
     }
 
     /// A token for `user`'s `device`, valid until `expires` (rounded down to whole seconds):
@@ -1103,5 +1291,324 @@ MCowBQYDK2VwAyEAodoerquL9E6wSlJ/hxS14O0dmNZuAvkfgjPnHzWSVmI=
         };
         let shown = format!("{key:?} {signing:?} {:?}", hs_verifier());
         assert!(!shown.contains("imgate-test-secret"), "{shown}");
+    }
+
+    // Key sets and `kid`.
+
+    /// A set of two keys of different algorithms: `a` (HS256, SECRET) and `b` (EdDSA).
+    fn key_set_a_b() -> TokenVerifier {
+        TokenVerifier::with_key_set(
+            &[
+                VerificationKey {
+                    kid: Some("a".to_owned()),
+                    key: KeyConfig::Hs256 {
+                        secret: SECRET.to_vec(),
+                    },
+                },
+                VerificationKey {
+                    kid: Some("b".to_owned()),
+                    key: KeyConfig::EdDsa {
+                        public_key_pem: ED_PUBLIC_PEM.as_bytes().to_vec(),
+                    },
+                },
+            ],
+            LEEWAY,
+            TOKEN_BYTES_MAX,
+        )
+        .unwrap()
+    }
+
+    fn hs_key(kid: &str, secret: &[u8]) -> VerificationKey {
+        VerificationKey {
+            kid: Some(kid.to_owned()),
+            key: KeyConfig::Hs256 {
+                secret: secret.to_vec(),
+            },
+        }
+    }
+
+    fn key_set(keys: &[VerificationKey]) -> Result<TokenVerifier, AuthError> {
+        TokenVerifier::with_key_set(keys, LEEWAY, TOKEN_BYTES_MAX)
+    }
+
+    fn header_of(token: &str) -> serde_json::Value {
+        let header = token.split('.').next().unwrap();
+        serde_json::from_slice(&URL_SAFE_NO_PAD.decode(header).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn minted_token_names_its_kid_in_the_header() {
+        let token = hs_signer(SECRET)
+            .with_kid("a")
+            .mint(UserId(42), DeviceId(7), LATER);
+        assert_eq!(
+            header_of(&token),
+            json!({"alg": "HS256", "typ": "JWT", "kid": "a"})
+        );
+        let plain = hs_signer(SECRET).mint(UserId(42), DeviceId(7), LATER);
+        assert_eq!(header_of(&plain), json!({"alg": "HS256", "typ": "JWT"}));
+    }
+
+    #[test]
+    fn token_naming_kid_a_verifies_with_key_a() {
+        let token = hs_signer(SECRET)
+            .with_kid("a")
+            .mint(UserId(42), DeviceId(7), LATER);
+        assert_eq!(
+            key_set_a_b().verify(&token, NOW),
+            Ok(identity(42, 7, LATER))
+        );
+    }
+
+    #[test]
+    fn token_naming_kid_b_verifies_with_key_b() {
+        let token = ed_signer()
+            .with_kid("b")
+            .mint(UserId(42), DeviceId(7), LATER);
+        assert_eq!(
+            key_set_a_b().verify(&token, NOW),
+            Ok(identity(42, 7, LATER))
+        );
+    }
+
+    #[test]
+    fn token_naming_an_unknown_kid_is_bad_token() {
+        for kid in ["c", "A", "a ", "", "ab"] {
+            let token = hs_signer(SECRET)
+                .with_kid(kid)
+                .mint(UserId(42), DeviceId(7), LATER);
+            let err = key_set_a_b().verify(&token, NOW).unwrap_err();
+            assert_eq!(err, AuthError::UnknownKeyId, "kid {kid:?}");
+            assert_eq!(err.code(), ErrorCode::BadToken);
+        }
+    }
+
+    #[test]
+    fn unknown_kid_is_not_echoed_in_the_error() {
+        let token = hs_signer(SECRET)
+            .with_kid("secret-kid")
+            .mint(UserId(42), DeviceId(7), LATER);
+        let message = key_set_a_b().verify(&token, NOW).unwrap_err().to_string();
+        assert!(!message.contains("secret-kid"), "{message}");
+    }
+
+    #[test]
+    fn token_signed_by_one_key_naming_another_kid_is_rejected() {
+        let set = key_set(&[hs_key("a", SECRET), hs_key("b", OTHER_SECRET)]).unwrap();
+        let right = hs_signer(OTHER_SECRET)
+            .with_kid("b")
+            .mint(UserId(42), DeviceId(7), LATER);
+        assert_eq!(set.verify(&right, NOW), Ok(identity(42, 7, LATER)));
+        let wrong = hs_signer(OTHER_SECRET)
+            .with_kid("a")
+            .mint(UserId(42), DeviceId(7), LATER);
+        assert_eq!(set.verify(&wrong, NOW), Err(AuthError::BadSignature));
+    }
+
+    #[test]
+    fn eddsa_token_naming_an_hs256_kid_is_rejected() {
+        let token = ed_signer()
+            .with_kid("a")
+            .mint(UserId(42), DeviceId(7), LATER);
+        assert_eq!(
+            key_set_a_b().verify(&token, NOW),
+            Err(AuthError::WrongAlgorithm {
+                expected: "HS256",
+                found: "EdDSA"
+            })
+        );
+    }
+
+    #[test]
+    fn hs256_token_naming_an_eddsa_kid_is_rejected() {
+        let token = hs_signer(SECRET)
+            .with_kid("b")
+            .mint(UserId(42), DeviceId(7), LATER);
+        assert_eq!(
+            key_set_a_b().verify(&token, NOW),
+            Err(AuthError::WrongAlgorithm {
+                expected: "EdDSA",
+                found: "HS256"
+            })
+        );
+    }
+
+    #[test]
+    fn hs256_token_keyed_with_the_public_key_of_an_eddsa_kid_is_rejected() {
+        // The classic algorithm confusion: the public key is known to everyone, so an
+        // HMAC under it would be a forgery if the key's algorithm followed the header.
+        let mut header = Header::new(Algorithm::HS256);
+        header.kid = Some("b".to_owned());
+        let claims = json!({"sub":"42","dev":7,"exp":NOW_SECS + 60});
+        for secret in [ED_PUBLIC_PEM.as_bytes(), SECRET] {
+            let forged =
+                jsonwebtoken::encode(&header, &claims, &EncodingKey::from_secret(secret)).unwrap();
+            assert!(matches!(
+                key_set_a_b().verify(&forged, NOW),
+                Err(AuthError::WrongAlgorithm { .. })
+            ));
+        }
+    }
+
+    #[test]
+    fn token_without_kid_is_rejected_when_the_keys_have_ids() {
+        let hs = hs_signer(SECRET).mint(UserId(42), DeviceId(7), LATER);
+        let ed = ed_signer().mint(UserId(42), DeviceId(7), LATER);
+        for token in [&hs, &ed] {
+            let err = key_set_a_b().verify(token, NOW).unwrap_err();
+            assert_eq!(err, AuthError::MissingKeyId);
+            assert_eq!(err.code(), ErrorCode::BadToken);
+        }
+        // A set of one key with an id wants the id too.
+        let one = key_set(&[hs_key("a", SECRET)]).unwrap();
+        assert_eq!(one.verify(&hs, NOW), Err(AuthError::MissingKeyId));
+    }
+
+    #[test]
+    fn a_single_key_without_id_checks_every_token_whatever_its_kid() {
+        let unnamed = key_set(&[VerificationKey {
+            kid: None,
+            key: KeyConfig::Hs256 {
+                secret: SECRET.to_vec(),
+            },
+        }])
+        .unwrap();
+        assert_eq!(unnamed.key_ids().count(), 0);
+        let signer = hs_signer(SECRET);
+        for token in [
+            signer.mint(UserId(42), DeviceId(7), LATER),
+            signer
+                .clone()
+                .with_kid("x")
+                .mint(UserId(42), DeviceId(7), LATER),
+        ] {
+            assert_eq!(unnamed.verify(&token, NOW), Ok(identity(42, 7, LATER)));
+            assert_eq!(
+                hs_verifier().verify(&token, NOW),
+                Ok(identity(42, 7, LATER))
+            );
+        }
+        // The kid does not open another key: the single key's algorithm still rules.
+        let ed = ed_signer()
+            .with_kid("x")
+            .mint(UserId(42), DeviceId(7), LATER);
+        assert!(matches!(
+            unnamed.verify(&ed, NOW),
+            Err(AuthError::WrongAlgorithm { .. })
+        ));
+    }
+
+    #[test]
+    fn a_key_set_checks_expiry_claims_and_size_as_a_single_key_does() {
+        let signer = hs_signer(SECRET).with_kid("a");
+        let expired = signer.mint(UserId(42), DeviceId(7), Instant::from_millis(0));
+        assert!(matches!(
+            key_set_a_b().verify(&expired, NOW),
+            Err(AuthError::Expired { .. })
+        ));
+        let huge = "x".repeat(TOKEN_BYTES_MAX + 1);
+        assert!(matches!(
+            key_set_a_b().verify(&huge, NOW),
+            Err(AuthError::TooLong { .. })
+        ));
+        for garbage in ["", "garbage", "a.b", "!!!.???.###", ".."] {
+            let err = key_set_a_b().verify(garbage, NOW).unwrap_err();
+            assert!(
+                matches!(err, AuthError::Malformed(_)),
+                "{garbage:?}: {err:?}"
+            );
+        }
+        // A header whose `kid` is not a string is malformed, not an unknown key.
+        let header = b64(r#"{"alg":"HS256","typ":"JWT","kid":7}"#);
+        let claims = b64(r#"{"sub":"42","dev":7,"exp":1700003600}"#);
+        assert!(matches!(
+            key_set_a_b().verify(&format!("{header}.{claims}.x"), NOW),
+            Err(AuthError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn key_ids_are_listed_in_order() {
+        let set = key_set(&[hs_key("b", OTHER_SECRET), hs_key("a", SECRET)]).unwrap();
+        assert_eq!(set.key_ids().collect::<Vec<_>>(), ["a", "b"]);
+    }
+
+    #[test]
+    fn key_set_of_up_to_the_limit_is_accepted_and_over_it_refused() {
+        let keys: Vec<VerificationKey> = (0..=VERIFICATION_KEYS_MAX)
+            .map(|i| hs_key(&format!("k{i}"), SECRET))
+            .collect();
+        let full = key_set(&keys[..VERIFICATION_KEYS_MAX]).unwrap();
+        assert_eq!(full.key_ids().count(), VERIFICATION_KEYS_MAX);
+        assert!(matches!(key_set(&keys), Err(AuthError::BadKey(_))));
+        assert!(matches!(key_set(&[]), Err(AuthError::BadKey(_))));
+    }
+
+    #[test]
+    fn key_set_mixing_a_key_without_id_with_others_is_refused() {
+        let unnamed = VerificationKey {
+            kid: None,
+            key: KeyConfig::Hs256 {
+                secret: OTHER_SECRET.to_vec(),
+            },
+        };
+        for keys in [
+            vec![hs_key("a", SECRET), unnamed.clone()],
+            vec![unnamed.clone(), hs_key("a", SECRET)],
+            vec![unnamed.clone(), unnamed],
+        ] {
+            match key_set(&keys) {
+                Err(AuthError::BadKey(why)) => assert!(why.contains("no id"), "{why}"),
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn key_set_with_a_repeated_or_malformed_id_is_refused() {
+        let long = "k".repeat(KEY_ID_BYTES_MAX + 1);
+        for bad in ["", "a b", "kéy", "\n", long.as_str()] {
+            assert!(
+                matches!(
+                    key_set(&[hs_key("a", SECRET), hs_key(bad, OTHER_SECRET)]),
+                    Err(AuthError::BadKey(_))
+                ),
+                "{bad:?}"
+            );
+        }
+        assert!(key_set(&[hs_key(&"k".repeat(KEY_ID_BYTES_MAX), SECRET)]).is_ok());
+        match key_set(&[hs_key("a", SECRET), hs_key("a", OTHER_SECRET)]) {
+            Err(AuthError::BadKey(why)) => assert!(why.contains("twice"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn key_set_with_an_unusable_key_is_refused_naming_it() {
+        let keys = [
+            hs_key("a", SECRET),
+            hs_key("short", &[7; HS256_SECRET_BYTES_MIN - 1]),
+        ];
+        match key_set(&keys) {
+            Err(AuthError::BadKey(why)) => assert!(why.contains("`short`"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+        let private_as_public = VerificationKey {
+            kid: Some("b".to_owned()),
+            key: KeyConfig::EdDsa {
+                public_key_pem: ED_PRIVATE_PEM.as_bytes().to_vec(),
+            },
+        };
+        assert!(matches!(
+            key_set(&[hs_key("a", SECRET), private_as_public]),
+            Err(AuthError::BadKey(_))
+        ));
+    }
+
+    #[test]
+    fn key_set_debug_output_hides_the_secrets() {
+        let shown = format!("{:?}", key_set_a_b());
+        assert!(!shown.contains("imgate-test-secret"), "{shown}");
+        assert!(shown.contains("\"a\""), "{shown}");
     }
 }
