@@ -15,6 +15,8 @@ fn loadgen(g: &Gateway, args: &[&str]) -> (i32, Value) {
         .arg(g.listen.to_string())
         .arg("--admin")
         .arg(g.admin.to_string())
+        .arg("--admin-token-file")
+        .arg(g.data_dir.join("admin-token"))
         .arg("--secret-file")
         .arg(g.data_dir.join("dev-secret.hex"))
         .arg("--json")
@@ -132,6 +134,63 @@ fn idle_connections_are_held_and_the_gateway_is_measured() {
     assert_eq!(n(&s, "/held_min"), 50);
     assert_eq!(n(&s, "/workers"), 2);
     assert!(n(&s, "/gateway/rss_held_bytes") > 0, "{s:#}");
+}
+
+#[test]
+fn convs_writes_each_new_conversation_once_and_reads_them_back() {
+    // No config knob sets `conversations_max` yet, so this runs on the default bound: it
+    // checks the scenario's accounting, not eviction (benches/convs.sh measures that).
+    let g = Gateway::start(2, &[]);
+    let pid = g.child.as_ref().unwrap().id().to_string();
+    let (code, s) = loadgen(
+        &g,
+        &[
+            "-c",
+            "4",
+            "-d",
+            "60",
+            "--gateway-pid",
+            &pid,
+            "convs",
+            "--count",
+            "2000",
+            "--rate",
+            "2000",
+            "--report-every",
+            "500",
+            "--verify",
+            "200",
+        ],
+    );
+    assert_eq!(code, 0, "{s:#}");
+    assert_clean(&s);
+    assert_eq!(s["scenario"], "convs", "{s:#}");
+    assert_eq!(n(&s, "/convs/target"), 2000);
+    assert_eq!(
+        n(&s, "/convs/written"),
+        2000,
+        "every conversation acked: {s:#}"
+    );
+    assert_eq!(n(&s, "/totals/acked"), 2000, "one message each: {s:#}");
+    assert_eq!(n(&s, "/totals/sent"), 2000 + n(&s, "/convs/rate_limited"));
+    assert_eq!(n(&s, "/totals/delivered"), 0, "peers are never connected");
+    assert_eq!(n(&s, "/convs/verified"), 200, "{s:#}");
+    assert_eq!(n(&s, "/convs/verify_missing"), 0, "{s:#}");
+    let rows = s["convs"]["rows"].as_array().expect("rows");
+    let phases: Vec<&str> = rows.iter().filter_map(|r| r["phase"].as_str()).collect();
+    assert_eq!(phases.first(), Some(&"start"), "{phases:?}");
+    assert!(phases.ends_with(&["settled", "disconnected"]), "{phases:?}");
+    assert!(
+        phases.iter().filter(|p| **p == "load").count() >= 2,
+        "{phases:?}"
+    );
+    let last = rows.last().unwrap();
+    assert_eq!(n(last, "/n"), 2000);
+    assert!(n(last, "/rss_bytes") > 0, "{last:#}");
+    // The admin token is at hand, so the gauges are read: every conversation written is
+    // still in memory, far below the default bound.
+    assert_eq!(n(last, "/conversations"), 2000, "{last:#}");
+    assert!(n(last, "/open_fds") > 0, "{last:#}");
 }
 
 #[test]

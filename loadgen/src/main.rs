@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 mod admin;
+mod convs;
 mod ledger;
 mod spec;
 mod summary;
@@ -17,7 +18,7 @@ mod worker;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use imgate_core::proto::{ConvId, UserId};
-use spec::{Counters, Report, Scenario, Unit, WorkerLine, WorkerSpec};
+use spec::{ConvsSpec, Counters, Report, Scenario, Unit, WorkerLine, WorkerSpec};
 use std::io::{BufRead, BufReader, Write};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
@@ -30,12 +31,14 @@ use summary::{GatewayUse, Summary};
 /// on the build machines, with room for the runtime's own.
 const CONNECTIONS_PER_WORKER: usize = 15_000;
 
-/// imgate loadgen: idle, chat, fan-out and reconnect load against a gateway, with latency
-/// histograms (corrected for coordinated omission) and correctness counts.
+/// imgate loadgen: idle, chat, fan-out, reconnect and many-conversation load against a
+/// gateway, with latency histograms (corrected for coordinated omission) and correctness
+/// counts.
 ///
 /// Exit status: 0 when the run was clean; 1 when a message was lost, duplicated or
-/// reordered; 3 when there were errors, unresolved sends, or fewer connections held than
-/// asked for; 2 for bad usage.
+/// reordered; 3 when there were errors, unresolved sends, fewer connections held than
+/// asked for, or (convs) fewer conversations written than asked for; 4 (convs) when the
+/// gateway's RSS went over --rss-max-mib; 2 for bad usage.
 #[derive(Parser, Debug)]
 #[command(name = "loadgen", version, about, long_about = None)]
 struct Cli {
@@ -44,9 +47,14 @@ struct Cli {
     /// Gateway client address.
     #[arg(long, global = true, default_value = "127.0.0.1:7400")]
     gateway: SocketAddr,
-    /// Gateway admin address (fanout creates its groups there).
+    /// Gateway admin address (fanout creates its groups there; convs reads /metrics).
     #[arg(long, global = true, default_value = "127.0.0.1:7401")]
     admin: SocketAddr,
+    /// File holding the gateway's admin bearer token (surrounding whitespace trimmed),
+    /// read only when groups are created or (convs) metrics read. Default: the token a
+    /// zero-config gateway generates.
+    #[arg(long, global = true, default_value = "imgate-data/admin-token")]
+    admin_token_file: PathBuf,
     /// File holding the gateway's HS256 secret (surrounding whitespace trimmed), as the
     /// gateway reads it. Default: the dev secret of a zero-config gateway.
     #[arg(long, global = true, default_value = "imgate-data/dev-secret.hex")]
@@ -76,9 +84,10 @@ struct Cli {
     /// Spread connections over source addresses 127.0.0.1 .. 127.0.0.N.
     #[arg(long, global = true, default_value_t = 4)]
     source_addrs: u8,
-    /// Payload bytes per message (at least 16: loadgen's header).
-    #[arg(long, global = true, default_value_t = 100)]
-    payload_bytes: usize,
+    /// Payload bytes per message (at least 16: loadgen's header). Default: 100; 32 for
+    /// convs.
+    #[arg(long, global = true)]
+    payload_bytes: Option<usize>,
     /// Client heartbeat interval, seconds (the gateway's AuthOk may shorten it).
     #[arg(long, global = true, default_value_t = 30)]
     heartbeat_secs: u64,
@@ -92,6 +101,9 @@ struct Cli {
     /// Print the summary as JSON on stdout instead of text.
     #[arg(long, global = true)]
     json: bool,
+    /// Also write the summary as JSON to this file (whatever --json says).
+    #[arg(long, global = true, value_name = "FILE")]
+    json_out: Option<PathBuf>,
     /// Write the latency histograms to PREFIX.ack.hgrm and PREFIX.deliver.hgrm
     /// (HdrHistogram percentile-distribution format, milliseconds).
     #[arg(long, global = true, value_name = "PREFIX")]
@@ -130,6 +142,37 @@ enum ScenarioCmd {
         #[arg(long, default_value_t = 1000.0)]
         reconnects_per_sec: f64,
     },
+    /// Each connection writes one message to one brand-new direct conversation after
+    /// another (with a peer user never connected and never reused), at an aggregate
+    /// open-loop rate, until --count conversations are written; then reads a sample back.
+    /// Reports the gateway's RSS against the number written (with --gateway-pid, or from
+    /// /metrics), and its conversation gauges when the admin token is at hand.
+    Convs {
+        /// Conversations to write, all connections together. The load ends when all are
+        /// acked, or after --duration.
+        #[arg(short = 'n', long, default_value_t = 100_000)]
+        count: u64,
+        /// Messages (so new conversations) per second, all connections together. The
+        /// gateway limits each connection to 1,000 frames/s by default: spread the rate
+        /// over enough connections. A Send refused `RateLimited` is written again later.
+        #[arg(short = 'r', long, default_value_t = 10_000.0)]
+        rate: f64,
+        /// A table row every this many conversations. Default: a tenth of --count.
+        #[arg(long)]
+        report_every: Option<u64>,
+        /// Conversations read back (Pull) after the load, all connections together, spread
+        /// evenly over those written: each must hold its message.
+        #[arg(long, default_value_t = 1000)]
+        verify: u64,
+        /// Bound on the gateway's RSS, MiB: a peak above it fails the run (exit 4).
+        #[arg(long)]
+        rss_max_mib: Option<f64>,
+        /// User id of peer 0; conversation k is with user (peer-base + k). Default:
+        /// 2^62 + 64 x the user base, so runs a second or more apart never share a peer
+        /// (up to 2^26 conversations each) and peers never meet loadgen's own users.
+        #[arg(long)]
+        peer_base: Option<u64>,
+    },
     /// Internal: a worker process (spec on stdin).
     #[command(hide = true)]
     Worker,
@@ -154,6 +197,7 @@ struct Plan {
     send_rate_per_sender: f64,
     drop_rate_per_conn: f64,
     groups: Vec<(u64, Vec<UserId>)>,
+    convs: Option<ConvsSpec>,
 }
 
 fn plan(cli: &Cli, user_base: u64) -> Result<Plan> {
@@ -196,6 +240,7 @@ fn plan(cli: &Cli, user_base: u64) -> Result<Plan> {
             send_rate_per_sender: 0.0,
             drop_rate_per_conn: 0.0,
             groups: vec![],
+            convs: None,
         },
         ScenarioCmd::Chat { rate } => Plan {
             scenario: Scenario::Chat,
@@ -203,6 +248,7 @@ fn plan(cli: &Cli, user_base: u64) -> Result<Plan> {
             send_rate_per_sender: per(*rate, n)?,
             drop_rate_per_conn: 0.0,
             groups: vec![],
+            convs: None,
         },
         ScenarioCmd::Reconnect {
             rate,
@@ -213,6 +259,7 @@ fn plan(cli: &Cli, user_base: u64) -> Result<Plan> {
             send_rate_per_sender: per(*rate, n)?,
             drop_rate_per_conn: per(*reconnects_per_sec, n)?,
             groups: vec![],
+            convs: None,
         },
         ScenarioCmd::Fanout {
             group_size,
@@ -245,6 +292,59 @@ fn plan(cli: &Cli, user_base: u64) -> Result<Plan> {
                 units,
                 drop_rate_per_conn: 0.0,
                 groups,
+                convs: None,
+            }
+        }
+        ScenarioCmd::Convs {
+            count,
+            rate,
+            verify,
+            peer_base,
+            ..
+        } => {
+            if *count == 0 {
+                bail!("--count must be at least 1");
+            }
+            let peer_base = match peer_base {
+                Some(b) => *b,
+                None => user_base
+                    .checked_mul(64)
+                    .and_then(|b| b.checked_add(1 << 62))
+                    .context("the user base is too large to derive peers from: set --peer-base")?,
+            };
+            let peers = peer_base
+                ..peer_base
+                    .checked_add(*count)
+                    .context("--peer-base + --count overflows")?;
+            let users = user_base..user_base + n as u64;
+            if peer_base == 0 || (peers.start < users.end && users.start < peers.end) {
+                bail!("peers {peers:?} must be non-zero and not meet the users {users:?}");
+            }
+            let per_connection = per(*rate, n)?;
+            if per_connection > 900.0 {
+                eprintln!(
+                    "loadgen: {per_connection:.0} messages/s per connection is close to the gateway's \
+                     default limit of 1,000 frames/s: expect RateLimited Nacks; use more connections"
+                );
+            }
+            Plan {
+                scenario: Scenario::Convs,
+                units: (0..n)
+                    .map(|i| Unit {
+                        conv: None,
+                        members: vec![i as u32],
+                        senders: vec![i as u32],
+                    })
+                    .collect(),
+                send_rate_per_sender: per_connection,
+                drop_rate_per_conn: 0.0,
+                groups: vec![],
+                convs: Some(ConvsSpec {
+                    count: *count,
+                    connections: n as u64,
+                    peer_base,
+                    verify_per_connection: verify.div_ceil(n as u64),
+                }),
             }
         }
         ScenarioCmd::Worker => unreachable!("handled in main"),
@@ -330,6 +430,8 @@ struct Run {
     last_print: Instant,
     last_printed: Counters,
     quiet: bool,
+    /// Convs: the conversations to write, for the progress line.
+    convs_target: Option<u64>,
 }
 
 impl Run {
@@ -369,9 +471,15 @@ impl Run {
         let now = self.totals();
         let secs = self.last_print.elapsed().as_secs_f64();
         let rate = |a: u64, b: u64| (a.saturating_sub(b)) as f64 / secs;
+        let convs = self.convs_target.map_or_else(String::new, |c| {
+            format!(
+                " | convs {}/{c}, rate-limited {}",
+                now.acked, now.rate_limited
+            )
+        });
         if !self.quiet {
             eprintln!(
-                "[{:>4}s] {phase:<10} conns {}/{} (+{:.0}/s) | sent {:.0}/s acked {:.0}/s delivered {:.0}/s | drops {:.0}/s | errors {}",
+                "[{:>4}s] {phase:<10} conns {}/{} (+{:.0}/s) | sent {:.0}/s acked {:.0}/s delivered {:.0}/s | drops {:.0}/s | errors {}{convs}",
                 self.started.elapsed().as_secs(),
                 now.authenticated,
                 connections,
@@ -401,7 +509,9 @@ impl Run {
 
 fn orchestrate(cli: &Cli) -> Result<ExitCode> {
     let secret = secret(cli)?;
-    if cli.payload_bytes < worker::PAYLOAD_HEADER {
+    let is_convs = matches!(cli.scenario, ScenarioCmd::Convs { .. });
+    let payload_bytes = cli.payload_bytes.unwrap_or(if is_convs { 32 } else { 100 });
+    if payload_bytes < worker::PAYLOAD_HEADER {
         bail!(
             "--payload-bytes must be at least {}",
             worker::PAYLOAD_HEADER
@@ -418,9 +528,17 @@ fn orchestrate(cli: &Cli) -> Result<ExitCode> {
             << 20
     });
     let plan = plan(cli, user_base)?;
-    for (gid, members) in &plan.groups {
-        admin::create_group(cli.admin, *gid, members)
-            .with_context(|| format!("creating group {gid} at {}", cli.admin))?;
+    if !plan.groups.is_empty() {
+        let token = std::fs::read_to_string(&cli.admin_token_file).with_context(|| {
+            format!(
+                "reading the gateway's admin token from {} (set --admin-token-file)",
+                cli.admin_token_file.display()
+            )
+        })?;
+        for (gid, members) in &plan.groups {
+            admin::create_group(cli.admin, token.trim(), *gid, members)
+                .with_context(|| format!("creating group {gid} at {}", cli.admin))?;
+        }
     }
     let n = cli.connections;
     let workers = cli
@@ -433,6 +551,30 @@ fn orchestrate(cli: &Cli) -> Result<ExitCode> {
         .collect();
     let sampler = cli.gateway_pid.map(sys::ProcSampler::new).transpose()?;
     let before = sampler.as_ref().map(|s| s.sample()).transpose()?;
+    let mut probe = match &cli.scenario {
+        ScenarioCmd::Convs {
+            count,
+            report_every,
+            ..
+        } => {
+            // Metrics are a bonus: without the token the table still has RSS (with a pid).
+            let token = match std::fs::read_to_string(&cli.admin_token_file) {
+                Ok(t) => Some(t.trim().to_string()),
+                Err(e) => {
+                    eprintln!(
+                        "loadgen: no admin token in {} ({e}): the table leaves out the gateway's metrics",
+                        cli.admin_token_file.display()
+                    );
+                    None
+                }
+            };
+            let process = cli.gateway_pid.map(sys::ProcSampler::new).transpose()?;
+            let step = report_every.unwrap_or((count / 10).max(1));
+            Some(convs::Probe::new(process, cli.admin, token, step))
+        }
+        _ => None,
+    };
+    let convs_target = plan.convs.map(|c| c.count);
 
     let (tx, rx) = mpsc::channel();
     let mut run = Run {
@@ -442,6 +584,7 @@ fn orchestrate(cli: &Cli) -> Result<ExitCode> {
         last_print: Instant::now(),
         last_printed: Counters::default(),
         quiet: cli.json,
+        convs_target,
     };
     let connect_timeout = Duration::from_secs(
         cli.connect_timeout
@@ -462,10 +605,11 @@ fn orchestrate(cli: &Cli) -> Result<ExitCode> {
             connect_rate: cli.connect_rate * share as f64 / n as f64,
             send_rate_per_sender: plan.send_rate_per_sender,
             drop_rate_per_conn: plan.drop_rate_per_conn,
-            payload_bytes: cli.payload_bytes,
+            payload_bytes,
             heartbeat_secs: cli.heartbeat_secs,
             token_ttl_secs,
             drain_secs: cli.drain,
+            convs: plan.convs,
         };
         run.workers.push(spawn_worker(i, &spec, tx.clone())?);
     }
@@ -485,12 +629,24 @@ fn orchestrate(cli: &Cli) -> Result<ExitCode> {
     let connected = run.totals().authenticated;
 
     // Load.
+    if let Some(p) = &mut probe {
+        p.start();
+        p.row("start", 0);
+    }
     run.tell("go");
     let go_sample = sampler.as_ref().map(|s| s.sample()).transpose()?;
     let window_end = Instant::now() + Duration::from_secs(cli.duration);
     while Instant::now() < window_end && !run.all_gone() {
         run.pump(Duration::from_millis(100));
         run.progress("running", n);
+        if let Some(p) = &mut probe {
+            // Convs: the load ends once every conversation is written.
+            let written = run.totals().acked;
+            p.tick(written);
+            if convs_target.is_some_and(|c| written >= c) {
+                break;
+            }
+        }
     }
     let stop_sample = sampler.as_ref().map(|s| s.sample()).transpose()?;
     run.tell("stop");
@@ -503,11 +659,20 @@ fn orchestrate(cli: &Cli) -> Result<ExitCode> {
         run.pump(Duration::from_millis(100));
         run.progress("settling", n);
     }
+    if let Some(p) = &mut probe {
+        p.row("settled", run.totals().acked);
+    }
     for w in &mut run.workers {
         if w.report.is_none() {
             let _ = w.child.kill();
         }
         let _ = w.child.wait();
+    }
+    if let Some(p) = &mut probe {
+        // The workers are gone, and their connections with them: what stays is what the
+        // gateway keeps for conversations nobody is connected to.
+        std::thread::sleep(Duration::from_secs(1));
+        p.row("disconnected", run.totals().acked);
     }
     let reports: Vec<Report> = run
         .workers
@@ -540,6 +705,20 @@ fn orchestrate(cli: &Cli) -> Result<ExitCode> {
                 / stop.at.duration_since(go.at).as_secs_f64().max(1e-9),
         });
     }
+    if let (Some(p), Some(c), ScenarioCmd::Convs { rss_max_mib, .. }) =
+        (probe, plan.convs, &cli.scenario)
+    {
+        let mut cs = p.finish(
+            s.totals.acked,
+            rss_max_mib.map(|m| (m * 1024.0 * 1024.0) as u64),
+        );
+        cs.target = c.count;
+        cs.rate_limited = s.totals.rate_limited;
+        cs.verified = s.totals.verified;
+        cs.verify_missing = s.totals.verify_missing;
+        cs.peer_base = c.peer_base;
+        s.convs = Some(cs);
+    }
     if let Some(prefix) = &cli.hdr_out {
         let with = |ext: &str| {
             let mut p = prefix.clone().into_os_string();
@@ -549,15 +728,24 @@ fn orchestrate(cli: &Cli) -> Result<ExitCode> {
         summary::write_hgrm(&merged.ack, &with(".ack.hgrm"))?;
         summary::write_hgrm(&merged.deliver, &with(".deliver.hgrm"))?;
     }
+    let json = serde_json::to_string_pretty(&s)?;
+    if let Some(path) = &cli.json_out {
+        std::fs::write(path, format!("{json}\n"))
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
     if cli.json {
-        println!("{}", serde_json::to_string_pretty(&s)?);
+        println!("{json}");
     } else {
         print!("{}", s.text());
     }
     let v = &s.verdict;
-    Ok(if v.lost + v.duplicated + v.reordered > 0 {
+    let convs_missing = s.convs.as_ref().map_or(0, |c| c.verify_missing);
+    let convs_short = s.convs.as_ref().is_some_and(|c| c.written < c.target);
+    let over_bound = s.convs.as_ref().is_some_and(|c| c.over_bound);
+    Ok(if v.lost + v.duplicated + v.reordered + convs_missing > 0 {
         ExitCode::from(1)
     } else if !s.errors.is_empty()
+        || convs_short
         || v.unresolved > 0
         // Every connection up once the run settled; and throughout the window, except
         // for reconnect, which drops connections on purpose.
@@ -566,6 +754,8 @@ fn orchestrate(cli: &Cli) -> Result<ExitCode> {
         || reports.len() < worker_count
     {
         ExitCode::from(3)
+    } else if over_bound {
+        ExitCode::from(4)
     } else {
         ExitCode::SUCCESS
     })

@@ -23,6 +23,42 @@ pub enum Scenario {
     Fanout,
     /// Direct pairs sending, with connections dropped and reconnected.
     Reconnect,
+    /// Each connection writes one message to one brand-new direct conversation after
+    /// another (peers never connected, never reused).
+    Convs,
+}
+
+/// The `Convs` plan, the same for every worker: connection `i` (global index) writes to
+/// conversations `k = i, i + connections, i + 2 * connections, ... < count`, conversation
+/// `k` being the direct one of user `user_base + i` and user `peer_base + k`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConvsSpec {
+    /// Conversations to write, all connections together.
+    pub count: u64,
+    /// Connections of the whole run (the stride of `k`).
+    pub connections: u64,
+    /// User id of peer 0; peer `k` is `peer_base + k`.
+    pub peer_base: u64,
+    /// Conversations each connection reads back (Pull) after the load, spread over its
+    /// share, to check they were kept (most of them left memory long before).
+    pub verify_per_connection: u64,
+}
+
+impl ConvsSpec {
+    /// How many conversations connection `index` writes.
+    pub fn share(&self, index: u32) -> u64 {
+        let i = u64::from(index);
+        if i >= self.count || self.connections == 0 {
+            0
+        } else {
+            (self.count - i).div_ceil(self.connections)
+        }
+    }
+
+    /// Number `k` of the `j`-th conversation of connection `index`.
+    pub fn k(&self, index: u32, j: u64) -> u64 {
+        u64::from(index) + j * self.connections
+    }
 }
 
 /// One conversation and its members' connections (global connection indexes).
@@ -69,6 +105,8 @@ pub struct WorkerSpec {
     pub token_ttl_secs: u64,
     /// How long after `stop` the worker waits for acks and deliveries to settle.
     pub drain_secs: u64,
+    /// The plan of the `Convs` scenario.
+    pub convs: Option<ConvsSpec>,
 }
 
 impl WorkerSpec {
@@ -95,6 +133,12 @@ pub struct Counters {
     pub delivered: u64,
     /// Errors of every kind.
     pub errors: u64,
+    /// Sends Nacked `RateLimited` and sent again later (`Convs`; not errors).
+    pub rate_limited: u64,
+    /// Conversations read back and found to hold the message (`Convs`).
+    pub verified: u64,
+    /// Conversations read back and found empty (`Convs`): written, acked, and gone.
+    pub verify_missing: u64,
 }
 
 impl Counters {
@@ -107,6 +151,9 @@ impl Counters {
         self.acked += o.acked;
         self.delivered += o.delivered;
         self.errors += o.errors;
+        self.rate_limited += o.rate_limited;
+        self.verified += o.verified;
+        self.verify_missing += o.verify_missing;
     }
 }
 
@@ -193,6 +240,27 @@ mod tests {
             .collect();
         all.sort();
         assert_eq!(all, (0..20).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn convs_shares_cover_every_conversation_once() {
+        for (count, connections) in [(10u64, 3u64), (2, 5), (1_000_000, 20), (7, 7)] {
+            let spec = ConvsSpec {
+                count,
+                connections,
+                peer_base: 1 << 62,
+                verify_per_connection: 0,
+            };
+            let mut ks: Vec<u64> = (0..connections as u32)
+                .flat_map(|i| (0..spec.share(i)).map(move |j| spec.k(i, j)))
+                .collect();
+            ks.sort_unstable();
+            assert_eq!(
+                ks,
+                (0..count).collect::<Vec<_>>(),
+                "{count} over {connections}"
+            );
+        }
     }
 
     #[test]

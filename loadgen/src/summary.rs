@@ -1,6 +1,7 @@
 //! The run's summary: worker reports merged, as text for people and JSON for machines, and
 //! the latency histograms as HdrHistogram percentile-distribution files.
 
+use crate::convs::ConvsSummary;
 use crate::ledger::Verdict;
 use crate::spec::{Counters, Report};
 use anyhow::{anyhow, Result};
@@ -98,6 +99,9 @@ pub struct Summary {
     pub verdict: Verdict,
     /// The gateway's memory and CPU, with `--gateway-pid`.
     pub gateway: Option<GatewayUse>,
+    /// The `convs` scenario: conversations written and RSS against their number.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub convs: Option<ConvsSummary>,
 }
 
 /// Worker reports merged: counters summed, histograms added.
@@ -134,6 +138,7 @@ pub fn merge(reports: &[Report]) -> Result<Merged> {
         w.logins -= r.at_go.logins;
         w.drops -= r.at_go.drops;
         w.errors -= r.at_go.errors;
+        w.rate_limited -= r.at_go.rate_limited;
         s.window.add(&w);
         s.held_min += r.held_min;
         for (k, v) in &r.errors {
@@ -231,15 +236,23 @@ impl Summary {
             let _ = writeln!(t, "errors       {}", list.join("; "));
         }
         if let Some(g) = &self.gateway {
+            // Convs grows memory by conversation, not by connection: its table says how.
+            let per = if self.convs.is_some() {
+                String::new()
+            } else {
+                format!(": {} B per connection", g.rss_per_connection_bytes)
+            };
             let _ = writeln!(
                 t,
-                "gateway      pid {}: RSS {:.1} MiB before, {:.1} MiB held: {} B per connection; CPU {:.2} cores over the window",
+                "gateway      pid {}: RSS {:.1} MiB before, {:.1} MiB held{per}; CPU {:.2} cores over the window",
                 g.pid,
                 g.rss_before_bytes as f64 / 1048576.0,
                 g.rss_held_bytes as f64 / 1048576.0,
-                g.rss_per_connection_bytes,
                 g.cpu_cores
             );
+        }
+        if let Some(c) = &self.convs {
+            t.push_str(&c.text());
         }
         t
     }

@@ -14,18 +14,27 @@
 //! this worker's epoch), the sender's connection index and the sender's message number.
 //! A conversation's members all live in one worker, so the receiver reads the send time
 //! on the same clock, and the [`Ledger`] sees both ends.
+//!
+//! In the `Convs` scenario a connection has no one conversation: each slot of its schedule
+//! writes to the next brand-new direct conversation of its share (see [`ConvsSpec`]), a
+//! Send Nacked `RateLimited` is written again later, and after the load each connection
+//! reads a sample of its conversations back with Pull (phase `Verifying`). Its client
+//! engine is rebuilt, unacked messages restored, after each disconnect, so a reconnect
+//! never Syncs the cursors of thousands of conversations.
 
 use crate::ledger::{Ledger, Seen};
-use crate::spec::{Counters, Report, Scenario, Unit, WorkerLine, WorkerSpec};
+use crate::spec::{ConvsSpec, Counters, Report, Scenario, Unit, WorkerLine, WorkerSpec};
 use anyhow::{Context, Result};
 use bytes::{Bytes, BytesMut};
 use hdrhistogram::serialization::{Serializer, V2Serializer};
 use hdrhistogram::Histogram;
 use imgate_core::auth::{SigningKey, TokenSigner};
-use imgate_core::client::{Client, ClientConfig, ClientEvent, Priority, SendFailure};
-use imgate_core::proto::{ClientMsgId, ConvId, DeviceId, UserId};
+use imgate_core::client::{
+    Client, ClientConfig, ClientError, ClientEvent, Priority, RequestFailure, SendFailure,
+};
+use imgate_core::proto::{ClientMsgId, ConvId, DeviceId, ErrorCode, Seq, UserId};
 use std::cell::RefCell;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::rc::Rc;
@@ -59,11 +68,25 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often the drain checks whether everything settled.
 const SETTLE_POLL: Duration = Duration::from_millis(50);
 
+/// How long a conversation refused `RateLimited` (or not taken by a full outbox) waits
+/// before it is written again, at least (`Convs`); a random fraction of it is added.
+const RETRY_AFTER: Duration = Duration::from_millis(200);
+
+/// Progress lines a second in the `Convs` scenario, so the parent reads the number of
+/// conversations written (and samples the gateway) at a finer step than once a second.
+const CONVS_PROGRESS_EVERY: Duration = Duration::from_millis(250);
+
+/// Least time the read-back of the `Convs` scenario may take before what is left of it
+/// is counted unfinished.
+const VERIFY_MIN: Duration = Duration::from_secs(10);
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Phase {
     Connecting,
     Running,
     Draining,
+    /// `Convs` only: read a sample of the conversations back.
+    Verifying,
     Done,
 }
 
@@ -74,8 +97,12 @@ struct State {
     ledger: Ledger,
     ack_hist: Histogram<u64>,
     deliver_hist: Histogram<u64>,
-    /// Sum of every client's outbox: messages not yet acked or finally refused.
+    /// Sum of every client's outbox: messages not yet acked or finally refused (with, in
+    /// `Convs`, conversations waiting to be written again).
     outboxes: usize,
+    /// `Convs` read-back: connections that planned theirs, and reads not yet concluded.
+    verify_planned: u64,
+    verify_open: u64,
     /// Receptions owed for acked messages (an acked message owes one per other member)...
     owed: u64,
     /// ...and receptions made (first showings only).
@@ -157,6 +184,8 @@ async fn drive(spec: WorkerSpec) -> Result<Report> {
             ack_hist: hist(),
             deliver_hist: hist(),
             outboxes: 0,
+            verify_planned: 0,
+            verify_open: 0,
             owed: 0,
             made: 0,
         }),
@@ -187,7 +216,11 @@ async fn drive(spec: WorkerSpec) -> Result<Report> {
 
     // Commands from the parent; progress to it.
     let mut stdin = tokio::io::BufReader::new(tokio::io::stdin()).lines();
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut tick = tokio::time::interval(if shared.spec.convs.is_some() {
+        CONVS_PROGRESS_EVERY
+    } else {
+        Duration::from_secs(1)
+    });
     // While connecting, a progress line also goes out the moment the last connection is
     // up, so the parent times the connect phase to the millisecond, not the second.
     let mut ready_check = tokio::time::interval(SETTLE_POLL);
@@ -244,6 +277,39 @@ async fn drive(spec: WorkerSpec) -> Result<Report> {
         }
         tokio::time::sleep(SETTLE_POLL).await;
     }
+
+    // Convs: read a sample of the conversations back.
+    if shared
+        .spec
+        .convs
+        .is_some_and(|c| c.verify_per_connection > 0)
+    {
+        // A pause first: the last writes again may have spent the connection's frame
+        // budget at the gateway, and a Pull over it would be refused with a close.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        phase_tx.send_replace(Phase::Verifying);
+        let wait = Duration::from_secs(shared.spec.drain_secs).max(VERIFY_MIN);
+        let deadline = Instant::now() + wait;
+        while Instant::now() < deadline {
+            {
+                let st = shared.state.borrow();
+                if st.verify_planned == connections && st.verify_open == 0 {
+                    break;
+                }
+            }
+            tokio::time::sleep(SETTLE_POLL).await;
+        }
+        let mut st = shared.state.borrow_mut();
+        let (open, unplanned) = (st.verify_open, connections - st.verify_planned);
+        if open > 0 || unplanned > 0 {
+            st.error(
+                format!(
+                    "read-back unfinished: {open} reads open, {unplanned} connections never read"
+                ),
+                open.max(1),
+            );
+        }
+    }
     phase_tx.send_replace(Phase::Done);
 
     let st = shared.state.borrow();
@@ -288,6 +354,17 @@ enum End {
     Finished,
 }
 
+/// A message awaiting its Ack: what restores it into a rebuilt client engine, and what
+/// the ledger and the latency histogram need when it is acked.
+struct Sent {
+    /// Intended send time, ns since the worker's epoch.
+    intended: u64,
+    /// The sender's number for it.
+    number: u32,
+    conv: ConvId,
+    payload: Bytes,
+}
+
 /// One connection: its client engine and its place in the load.
 struct Conn {
     index: u32,
@@ -296,8 +373,21 @@ struct Conn {
     peers: u32,
     source: Ipv4Addr,
     client: Client,
-    /// Messages awaiting their Ack: intended send time (ns) and number.
-    pending: HashMap<ClientMsgId, (u64, u32)>,
+    /// Client engines built before this one (`Convs` rebuilds it after a disconnect).
+    rebuilds: u64,
+    /// Messages awaiting their Ack.
+    pending: HashMap<ClientMsgId, Sent>,
+    /// The `Convs` plan, this connection's user, and the next conversation of its share.
+    convs: Option<ConvsSpec>,
+    user: UserId,
+    next_j: u64,
+    /// Conversations to write again, and from when (`Convs`).
+    again: VecDeque<(Instant, ConvId)>,
+    /// Conversations to read back, whether they were chosen yet, and reads in flight by
+    /// request number (`Convs`).
+    verify_queue: VecDeque<ConvId>,
+    verify_planned: bool,
+    verify_pending: HashMap<u32, ConvId>,
     next_number: u32,
     /// Outbox length last told to the shared state.
     outbox_told: usize,
@@ -327,6 +417,7 @@ impl Conn {
             ..ClientConfig::default()
         };
         let sends = unit.senders.contains(&index) && spec.send_rate_per_sender > 0.0;
+        let convs = spec.convs.filter(|_| spec.scenario == Scenario::Convs);
         let drops = spec.scenario == Scenario::Reconnect && spec.drop_rate_per_conn > 0.0;
         Conn {
             index,
@@ -334,7 +425,15 @@ impl Conn {
             peers: unit.members.len().saturating_sub(1) as u32,
             source: spec.sources[index as usize % spec.sources.len()],
             client: Client::new(config, BTreeMap::new()),
+            rebuilds: 0,
             pending: HashMap::new(),
+            convs,
+            user,
+            next_j: 0,
+            again: VecDeque::new(),
+            verify_queue: VecDeque::new(),
+            verify_planned: false,
+            verify_pending: HashMap::new(),
             next_number: 1,
             outbox_told: 0,
             authenticated: false,
@@ -385,6 +484,9 @@ impl Conn {
                 shared.state.borrow_mut().counters.authenticated -= 1;
             }
             let _ = self.process_events(&shared);
+            if self.convs.is_some() && !matches!(end, End::Finished) {
+                self.rebuild_client(&shared);
+            }
             match end {
                 End::Finished => break,
                 End::Planned => backoff = BACKOFF_MIN,
@@ -419,6 +521,9 @@ impl Conn {
         let mut rbuf = BytesMut::new();
         let mut out = BytesMut::new();
         loop {
+            if *phase.borrow() == Phase::Verifying {
+                self.verify_step(shared);
+            }
             // Write what the engine queued, then act on its events.
             while let Some(b) = self.client.poll_transmit() {
                 out.extend_from_slice(&b);
@@ -445,8 +550,7 @@ impl Conn {
             if now_phase == Phase::Done {
                 return End::Finished;
             }
-            let running = now_phase == Phase::Running;
-            self.arm_schedules(running);
+            self.arm_schedules(now_phase);
             let engine_timer = self.client.poll_timeout().map(|t| shared.instant_of(t));
             let wake = [engine_timer, self.next_send, self.next_drop]
                 .into_iter()
@@ -480,7 +584,7 @@ impl Conn {
                         self.client.handle_timeout(shared.core_now());
                     }
                     if self.next_send.is_some_and(|t| t <= now) {
-                        self.send_due(shared, now);
+                        self.send_due(shared, now, now_phase);
                     }
                     if self.next_drop.is_some_and(|t| t <= now) {
                         self.next_drop = self.next_drop.zip(self.drop_every).map(|(t, d)| (t + d).max(now));
@@ -497,29 +601,58 @@ impl Conn {
         }
     }
 
-    /// Starts the send and drop schedules when the load starts; stops them after.
-    fn arm_schedules(&mut self, running: bool) {
-        if !running {
-            self.next_send = None;
-            self.next_drop = None;
-            return;
-        }
+    /// Starts the send and drop schedules when the load starts; stops them after (a
+    /// `Convs` connection keeps sending while it has conversations to write again).
+    fn arm_schedules(&mut self, phase: Phase) {
         let now = Instant::now();
-        if self.next_send.is_none() {
-            if let (Some(every), Some(_)) = (self.send_every, self.conv) {
-                self.next_send = Some(now + self.jitter(every));
+        match self.send_every.filter(|_| self.has_work(phase)) {
+            None => self.next_send = None,
+            Some(every) => {
+                if self.next_send.is_none() {
+                    self.next_send = Some(now + self.jitter(every));
+                }
             }
         }
-        if self.next_drop.is_none() {
+        if phase != Phase::Running {
+            self.next_drop = None;
+        } else if self.next_drop.is_none() {
             if let Some(every) = self.drop_every {
                 self.next_drop = Some(now + self.jitter(every));
             }
         }
     }
 
+    /// Whether there is anything to send in `phase`.
+    fn has_work(&self, phase: Phase) -> bool {
+        match self.convs {
+            None => phase == Phase::Running && self.conv.is_some(),
+            Some(c) => {
+                (phase == Phase::Running && self.next_j < c.share(self.index))
+                    || (matches!(phase, Phase::Running | Phase::Draining) && !self.again.is_empty())
+            }
+        }
+    }
+
+    /// The conversation the next send goes to, if any is due: the connection's one, or in
+    /// `Convs` a conversation due to be written again, else (while running) a new one.
+    fn next_conv(&mut self, now: Instant, phase: Phase) -> Option<ConvId> {
+        let Some(c) = self.convs else {
+            return self.conv;
+        };
+        if self.again.front().is_some_and(|&(t, _)| t <= now) {
+            return self.again.pop_front().map(|(_, conv)| conv);
+        }
+        if phase == Phase::Running && self.next_j < c.share(self.index) {
+            let k = c.k(self.index, self.next_j);
+            self.next_j += 1;
+            return Some(ConvId::direct(self.user, UserId(c.peer_base + k)));
+        }
+        None
+    }
+
     /// Sends every message whose intended time has come.
-    fn send_due(&mut self, shared: &Shared, now: Instant) {
-        let (Some(every), Some(conv)) = (self.send_every, self.conv) else {
+    fn send_due(&mut self, shared: &Shared, now: Instant, phase: Phase) {
+        let Some(every) = self.send_every else {
             return;
         };
         let mut sent = 0;
@@ -533,6 +666,12 @@ impl Conn {
                 self.next_send = Some(now + every);
                 break;
             }
+            let Some(conv) = self.next_conv(now, phase) else {
+                // Nothing due: wait for the next conversation to write again, if any
+                // (`arm_schedules` starts the schedule again when there is new work).
+                self.next_send = self.again.front().map(|&(t, _)| t.max(at + every));
+                break;
+            };
             self.next_send = Some(at + every);
             sent += 1;
             let intended = shared.nanos_since_epoch(at);
@@ -541,17 +680,88 @@ impl Conn {
             payload[0..8].copy_from_slice(&intended.to_le_bytes());
             payload[8..12].copy_from_slice(&self.index.to_le_bytes());
             payload[12..16].copy_from_slice(&number.to_le_bytes());
+            let payload = payload.freeze();
             match self
                 .client
-                .send(shared.core_now(), conv, payload.freeze(), Priority::Normal)
+                .send(shared.core_now(), conv, payload.clone(), Priority::Normal)
             {
                 Ok(id) => {
                     self.next_number += 1;
-                    self.pending.insert(id, (intended, number));
+                    let sent = Sent {
+                        intended,
+                        number,
+                        conv,
+                        payload,
+                    };
+                    self.pending.insert(id, sent);
                     shared.state.borrow_mut().counters.sent += 1;
+                }
+                Err(ClientError::OutboxFull { .. }) if self.convs.is_some() => {
+                    // Backpressure from a slow gateway: this conversation waits its turn.
+                    let wait = RETRY_AFTER + self.jitter(RETRY_AFTER);
+                    self.again.push_back((now + wait, conv));
                 }
                 Err(e) => shared.state.borrow_mut().error(format!("send: {e}"), 1),
             }
+        }
+    }
+
+    /// After a disconnect (`Convs`): a new client engine, with no cursors, holding the
+    /// unacked messages under their own ids (so a message that became durable before the
+    /// disconnect is answered by dedupe, not stored twice). The old engine's cursors, one
+    /// per conversation written, would make the reconnect's Sync longer than the gateway
+    /// takes.
+    fn rebuild_client(&mut self, shared: &Shared) {
+        self.rebuilds += 1;
+        let mut config = self.client.config().clone();
+        // A new seed: the new engine must not draw the ids the old one drew.
+        config.seed = config
+            .seed
+            .wrapping_add(self.rebuilds.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let mut client = Client::new(config, BTreeMap::new());
+        let mut unacked: Vec<(&ClientMsgId, &Sent)> = self.pending.iter().collect();
+        unacked.sort_by_key(|(_, p)| p.number);
+        let mut st = shared.state.borrow_mut();
+        for (id, p) in unacked {
+            if let Err(e) = client.restore_unacked(*id, p.conv, p.payload.clone(), Priority::Normal)
+            {
+                st.error(format!("restoring an unacked message: {e}"), 1);
+            }
+        }
+        self.client = client;
+        // Reads in flight died with the connection: they go again.
+        for (_, conv) in self.verify_pending.drain() {
+            self.verify_queue.push_back(conv);
+        }
+    }
+
+    /// `Convs` read-back: chooses the conversations to read (once, spread evenly over
+    /// those this connection wrote) and keeps as many Pulls in flight as the engine allows.
+    fn verify_step(&mut self, shared: &Shared) {
+        let Some(c) = self.convs else {
+            return;
+        };
+        if !self.verify_planned {
+            self.verify_planned = true;
+            let written = self.next_j;
+            let v = c.verify_per_connection.min(written);
+            for t in 0..v {
+                let j = t * written / v;
+                let k = c.k(self.index, j);
+                self.verify_queue
+                    .push_back(ConvId::direct(self.user, UserId(c.peer_base + k)));
+            }
+            let mut st = shared.state.borrow_mut();
+            st.verify_planned += 1;
+            st.verify_open += v;
+        }
+        while let Some(&conv) = self.verify_queue.front() {
+            // Not ready or at the engine's bound of Pulls: the rest go on a later turn.
+            let Ok(req) = self.client.pull(shared.core_now(), conv, Seq(1), 1) else {
+                break;
+            };
+            self.verify_queue.pop_front();
+            self.verify_pending.insert(req, conv);
         }
     }
 
@@ -569,15 +779,29 @@ impl Conn {
                     st.counters.logins += 1;
                 }
                 ClientEvent::Acked { client_msg_id, .. } => {
-                    if let Some((intended, number)) = self.pending.remove(&client_msg_id) {
+                    if let Some(sent) = self.pending.remove(&client_msg_id) {
                         let lat = shared
                             .nanos_since_epoch(Instant::now())
-                            .saturating_sub(intended);
+                            .saturating_sub(sent.intended);
                         st.ack_hist
                             .saturating_record((lat / 1000).clamp(1, LATENCY_MAX_US));
-                        st.ledger.acked(self.index, number);
+                        st.ledger.acked(self.index, sent.number);
                         st.counters.acked += 1;
                         st.owed += u64::from(self.peers);
+                    }
+                }
+                ClientEvent::Nacked {
+                    client_msg_id,
+                    conv,
+                    code,
+                    retriable,
+                    ..
+                } if self.convs.is_some() && code == ErrorCode::RateLimited && !retriable => {
+                    // Refused, not stored: written again later, as a new message.
+                    if self.pending.remove(&client_msg_id).is_some() {
+                        st.counters.rate_limited += 1;
+                        let wait = RETRY_AFTER + self.jitter(RETRY_AFTER);
+                        self.again.push_back((Instant::now() + wait, conv));
                     }
                 }
                 ClientEvent::Nacked {
@@ -604,6 +828,9 @@ impl Conn {
                         self.client.retry(shared.core_now(), client_msg_id);
                     }
                 }
+                // Convs: nobody else writes to these conversations, so this is one of this
+                // connection's own messages, replayed by a read-back Pull.
+                ClientEvent::Message { .. } if self.convs.is_some() => {}
                 ClientEvent::Message { payload, .. } => {
                     if payload.len() < PAYLOAD_HEADER {
                         st.error("message without a loadgen header", 1);
@@ -628,8 +855,28 @@ impl Conn {
                 ClientEvent::SyncFailed { reason, .. } => {
                     st.error(format!("sync failed: {reason:?}"), 1)
                 }
-                ClientEvent::PullFailed { reason, .. } => {
-                    st.error(format!("pull failed: {reason:?}"), 1)
+                ClientEvent::PullDone {
+                    req, latest_seq, ..
+                } => {
+                    if self.verify_pending.remove(&req).is_some() {
+                        st.verify_open -= 1;
+                        if latest_seq >= Seq(1) {
+                            st.counters.verified += 1;
+                        } else {
+                            st.counters.verify_missing += 1;
+                        }
+                    }
+                }
+                ClientEvent::PullFailed { req, conv, reason } => {
+                    let what = match &reason {
+                        RequestFailure::Rejected { code, .. } => format!("{code:?}"),
+                        other => format!("{other:?}"),
+                    };
+                    st.error(format!("pull failed: {what}"), 1);
+                    if self.verify_pending.remove(&req).is_some() {
+                        // Read again (a disconnect or a timeout); the deadline bounds it.
+                        self.verify_queue.push_back(conv);
+                    }
                 }
                 ClientEvent::Closed { code, message, .. } => {
                     st.error(format!("closed: {code:?}: {message}"), 1);
@@ -641,11 +888,10 @@ impl Conn {
                 }
                 ClientEvent::Notify { .. }
                 | ClientEvent::SyncDone { .. }
-                | ClientEvent::PullDone { .. }
                 | ClientEvent::Signal { .. } => {}
             }
         }
-        let outbox = self.client.outbox_len();
+        let outbox = self.client.outbox_len() + self.again.len();
         st.outboxes = st.outboxes + outbox - self.outbox_told;
         self.outbox_told = outbox;
         end
