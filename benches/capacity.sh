@@ -68,6 +68,7 @@ run() {
   echo "== $name: loadgen $*" >&2
   local code=0
   "$LOADGEN" --gateway "$LISTEN" --admin "127.0.0.1:$ADMIN_PORT" \
+    --admin-token-file "$work/data/admin-token" \
     --secret-file "$work/data/dev-secret.hex" --gateway-pid "$gw_pid" --json \
     --hdr-out "$work/$name" "$@" >"$work/$name.json" || code=$?
   stop_gateway

@@ -339,7 +339,16 @@ fn a_truncated_frame_then_silence_is_closed_at_the_auth_deadline() {
 
 #[test]
 fn a_client_that_never_reads_is_closed_as_a_slow_consumer() {
-    let g = Gateway::start(1, &[]);
+    // The sender writes 60 KB messages as fast as they are acked: far above the default
+    // per-connection byte rate, which would Nack it RateLimited long before the reader's
+    // grace period ends. Here the rates are lifted so that only the reader is slow.
+    let config = std::env::temp_dir().join(format!("imgate-slow-{}.toml", std::process::id()));
+    std::fs::write(
+        &config,
+        "bytes_per_sec = 1073741824\nbytes_burst = 1073741824\nframes_per_sec = 100000\n",
+    )
+    .unwrap();
+    let g = Gateway::start(1, &["--config", config.to_str().unwrap()]);
     let conv = ConvId::direct(UserId(1), UserId(2));
     let mut sender = Client::login(&g, 1, 1);
     let mut sloth = Client::login(&g, 2, 1);

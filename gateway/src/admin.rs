@@ -2,13 +2,22 @@
 //! glommio executor and its own port.
 //!
 //! This module owns the HTTP/1.1 handling, written by hand because the surface is five
-//! routes: one request per connection, answered with `Connection: close`. It leaves to the
-//! runtime how a command reaches its owner shard and what a drain does: both sit behind
-//! the [`Control`] trait, which the runtime implements over its shard channels.
+//! routes: one request per connection, answered with `Connection: close`; the bearer-token
+//! check; and the connection slots. It leaves to the runtime how a command reaches its
+//! owner shard and what a drain does: both sit behind the [`Control`] trait, which the
+//! runtime implements over its shard channels.
+//!
+//! Every route but `/healthz` requires `Authorization: Bearer <token>`, the token from the
+//! config ([`AdminToken`]); a missing or wrong one gets 401 before any body is read.
+//! `/healthz` stays open: load-balancer and orchestrator probes seldom carry credentials,
+//! and it only tells what any client can find out by connecting (whether the gateway
+//! serves), while `/metrics` tells traffic and internals and the other routes change state.
 //!
 //! Routes:
+//! - `GET /healthz` (no token): 200 `ok` while every shard's loop has turned within
+//!   [`SHARD_SILENCE_MAX`]; otherwise 503 with a line per silent shard naming it; 503
+//!   `draining` once a drain started.
 //! - `GET /metrics`: 200, [`Metrics::render`] as `text/plain; version=0.0.4`.
-//! - `GET /healthz`: 200 `ok`, or 503 `draining` once a drain started.
 //! - `POST /groups` `{"id": 42, "members": [1, 2]}`: creates group 42.
 //! - `POST /groups/42/members` `{"members": [4]}`: adds members.
 //! - `DELETE /groups/42/members` `{"members": [4]}`: removes members.
@@ -17,27 +26,34 @@
 //!   ([`CommandError::NoSuchGroup`]), 409 ([`CommandError::AlreadyExists`]), 503
 //!   ([`CommandError::StorageFailed`]) or 504 (no answer within [`COMMAND_TIMEOUT`]).
 //! - `POST /drain`: 202; asks the runtime to drain (stop accepting, GoAway, exit).
+//! - With the cargo feature `fault-injection` only (tests; never shipped):
+//!   `POST /fault/shards/{i}/panic`, `.../stall`, `.../resume`: 202; see `fault.rs`.
 //!
 //! Invariants: every connection is bounded in bytes ([`HEAD_BYTES_MAX`],
-//! [`BODY_BYTES_MAX`], [`LINGER_BYTES_MAX`]), in time ([`READ_TIMEOUT`],
-//! [`WRITE_TIMEOUT`], [`COMMAND_TIMEOUT`], [`LINGER_TIMEOUT`]) and in number
-//! ([`CONNECTIONS_MAX`]); bad input gets a 4xx/5xx status with a short body (text, or JSON
-//! on the group routes) and a close, never a panic.
+//! [`BODY_BYTES_MAX`], [`LINGER_BYTES_MAX`]), in time ([`HEAD_TIMEOUT`],
+//! [`BODY_TIMEOUT`], [`WRITE_TIMEOUT`], [`COMMAND_TIMEOUT`], [`LINGER_TIMEOUT`]) and in
+//! number ([`CONNECTIONS_MAX`]); a connection without a valid token can always be evicted
+//! to make room for a new one (see [`Slots`]), so no number of slow or silent clients keeps
+//! `/healthz` or `/metrics` waiting; bad input gets a 4xx/5xx status with a short body
+//! (text, or JSON on the group routes) and a close, never a panic.
 
 use crate::metrics::Metrics;
+use futures_lite::future::poll_fn;
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::{TcpListener, TcpStream};
-use glommio::sync::Semaphore;
 use glommio::timer::Timer;
 use imgate_core::mesh::{Command, CommandError};
 use imgate_core::proto::{ConvId, UserId};
 use serde::Deserialize;
+use std::cell::{Cell, RefCell};
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::Shutdown;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::time::Duration;
+use std::task::{Poll, Waker};
+use std::time::{Duration, Instant};
 
 /// Largest request head (request line and headers) accepted: 8 KiB, the common default of
 /// HTTP servers, far above what an admin client sends.
@@ -45,18 +61,27 @@ pub const HEAD_BYTES_MAX: usize = 8 * 1024;
 /// Largest request body accepted: 1 MiB holds a member list of over 100,000 ids, the
 /// core's `group_members_max`, written as JSON.
 pub const BODY_BYTES_MAX: usize = 1024 * 1024;
-/// Time a client has to send its whole request (head and body) once connected. One
-/// deadline for the whole request, not per read, so a client trickling a byte at a time
-/// cannot hold a connection slot for longer.
-pub const READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time a client has to send its whole request head once connected. One deadline for the
+/// whole head, not per read, so a client trickling a byte at a time gains nothing. Every
+/// admin client (curl, a scraper, a load-balancer probe) sends its head in one segment
+/// right after connecting, so 2 s is hundreds of round trips even across regions, while a
+/// silent connection gives its slot back five times sooner than under the 10 s that one
+/// deadline for head and body used to allow.
+pub const HEAD_TIMEOUT: Duration = Duration::from_secs(2);
+/// Time a client with a valid token has to send its body once its head is in: a body of
+/// [`BODY_BYTES_MAX`] at 1 Mbit/s takes 8 s. Only token holders get this far (the token
+/// is checked on the head), so this bounds a slow operator, not an attacker.
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time a client has to take the whole response.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time a group command has to be answered by its owner shard (a durable log append
 /// there, milliseconds normally). Past it the client gets 504; the command may still
 /// take effect.
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
-/// Connections served at once. More wait in the listen backlog: the admin port is for
-/// operators and scrapers, and each connection holds up to two buffers of the sizes above.
+/// Connections served at once: the admin port is for operators, scrapers and probes, a
+/// handful at a time, and each connection holds up to two buffers of the sizes above. When
+/// all are taken, a new connection evicts the longest-waiting one without a valid token
+/// (see [`Slots`]); only if every slot serves a token holder does it wait in the backlog.
 pub const CONNECTIONS_MAX: usize = 64;
 /// After answering, the server shuts its side down and reads (and drops) what the client
 /// still sends, so that closing with unread data does not reset the connection before the
@@ -65,6 +90,11 @@ pub const CONNECTIONS_MAX: usize = 64;
 pub const LINGER_BYTES_MAX: usize = 64 * 1024;
 /// ... and in time.
 pub const LINGER_TIMEOUT: Duration = Duration::from_secs(2);
+/// `/healthz` answers 200 only while every shard's loop has turned within this. A shard
+/// turns every 100 ms (its tick), so 2 s is 20 missed ticks: a shard stuck in a loop, a
+/// blocking call or a dead thread, not one that is merely busy; and it is well inside the
+/// 5-10 s interval at which load balancers probe, so one probe sees it.
+pub const SHARD_SILENCE_MAX: Duration = Duration::from_secs(2);
 /// Pause after a failed accept (such as EMFILE) so that a persistent error does not spin.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// Size of one read while lingering.
@@ -82,6 +112,52 @@ pub trait Control {
     fn drain(&self);
     /// Whether a drain has started.
     fn is_draining(&self) -> bool;
+    /// Asks shard `shard` (an index below the metrics' shard count and
+    /// `fault::SHARDS_MAX`) for `fault` on its next turn. Test builds only.
+    #[cfg(feature = "fault-injection")]
+    fn inject(&self, shard: usize, fault: crate::fault::Fault);
+}
+
+/// The admin API's bearer token. Its `Debug` does not show it.
+#[derive(Clone)]
+pub struct AdminToken(Rc<[u8]>);
+
+impl AdminToken {
+    /// The token `token` (the config's, see `Config::admin_token`). Must not be empty:
+    /// an empty token would admit an empty `Bearer` credential.
+    pub fn new(token: &[u8]) -> AdminToken {
+        assert!(!token.is_empty(), "an empty admin token admits anyone");
+        AdminToken(token.into())
+    }
+
+    /// Whether an `Authorization` header value carries this token: the `Bearer` scheme
+    /// (any case) and the token, compared in constant time.
+    fn admits(&self, authorization: Option<&str>) -> bool {
+        let Some((scheme, credentials)) = authorization.and_then(|a| a.split_once(' ')) else {
+            return false;
+        };
+        scheme.eq_ignore_ascii_case("bearer")
+            && constant_time_eq(&self.0, credentials.trim_matches(' ').as_bytes())
+    }
+}
+
+impl std::fmt::Debug for AdminToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AdminToken(..)")
+    }
+}
+
+/// Whether `presented` equals `expected`, in a time that depends on `expected`'s length
+/// only: every byte is compared and the differences are OR-ed together, with no early exit
+/// a client could time to guess the token byte by byte. (Whether the lengths differ is
+/// folded in too; the length of the token is no secret: a generated one is 64 hex digits.)
+fn constant_time_eq(expected: &[u8], presented: &[u8]) -> bool {
+    let mut diff = u8::from(expected.len() != presented.len());
+    for (i, e) in expected.iter().enumerate() {
+        diff |= e ^ presented.get(i).copied().unwrap_or(0);
+    }
+    // Keeps the optimiser from turning the fold back into an early-exit comparison.
+    std::hint::black_box(diff) == 0
 }
 
 /// Everything the admin server serves from.
@@ -91,13 +167,14 @@ pub struct AdminContext {
     pub metrics: Arc<Metrics>,
     /// The way to the shards.
     pub control: Rc<dyn Control>,
+    /// The token every route but `/healthz` requires.
+    pub token: AdminToken,
 }
 
 /// Serves admin HTTP on `listener` forever, one task per connection, at most
 /// [`CONNECTIONS_MAX`] at once. Must run on a glommio executor (it uses its timers and
-/// tasks). It returns only if its connection-slot semaphore is closed, which nothing does;
-/// a runtime that wants to stop it drops its executor or races it against a shutdown
-/// future.
+/// tasks). It never returns; a runtime that wants to stop it drops its executor or races
+/// it against a shutdown future.
 pub async fn serve(listener: TcpListener, ctx: AdminContext) {
     serve_with(listener, ctx, Timeouts::DEFAULT).await;
 }
@@ -106,7 +183,8 @@ pub async fn serve(listener: TcpListener, ctx: AdminContext) {
 /// shorten them to prove each one fires without waiting seconds.
 #[derive(Clone, Copy, Debug)]
 struct Timeouts {
-    read: Duration,
+    head: Duration,
+    body: Duration,
     write: Duration,
     command: Duration,
     linger: Duration,
@@ -114,7 +192,8 @@ struct Timeouts {
 
 impl Timeouts {
     const DEFAULT: Timeouts = Timeouts {
-        read: READ_TIMEOUT,
+        head: HEAD_TIMEOUT,
+        body: BODY_TIMEOUT,
         write: WRITE_TIMEOUT,
         command: COMMAND_TIMEOUT,
         linger: LINGER_TIMEOUT,
@@ -127,60 +206,199 @@ struct Server {
     timeouts: Timeouts,
 }
 
+/// A flag one task waits on and others raise. Single-threaded (one executor).
+#[derive(Default)]
+struct Signal {
+    raised: Cell<bool>,
+    waker: RefCell<Option<Waker>>,
+}
+
+impl Signal {
+    fn raise(&self) {
+        self.raised.set(true);
+        if let Some(w) = self.waker.borrow_mut().take() {
+            w.wake();
+        }
+    }
+
+    /// Resolves once the flag is raised, and lowers it. One waiter at a time.
+    async fn wait(&self) {
+        poll_fn(|cx| {
+            if self.raised.replace(false) {
+                Poll::Ready(())
+            } else {
+                *self.waker.borrow_mut() = Some(cx.waker().clone());
+                Poll::Pending
+            }
+        })
+        .await
+    }
+}
+
+/// The connection slots, and the policy that keeps `/healthz` and `/metrics` answerable
+/// when every slot is taken: a new connection evicts the connection that has waited longest
+/// on a client without a valid token (reading its head, or lingering after its answer).
+///
+/// Why eviction and not a reserve of slots for `/healthz` and `/metrics`: the server cannot
+/// know what a connection asks for before it has read the head, and a client that never
+/// finishes its head fills a reserved slot as easily as any other, so a reserve only raises
+/// the number of silent connections an attacker needs. With eviction, a slot is held for
+/// good only by a request that showed the token; every other slot is taken back, oldest
+/// first, whenever someone new connects. A probe sends its head at once, so it is answered
+/// unless [`CONNECTIONS_MAX`] newer connections arrive within its round trip (a connection
+/// flood, bounded by what the kernel and this thread accept, not a slot held by a slow
+/// client); a half-sent head cannot keep it waiting at all, not even for [`HEAD_TIMEOUT`].
+#[derive(Default)]
+struct Slots {
+    held: RefCell<BTreeMap<u64, Held>>,
+    next_id: Cell<u64>,
+    /// Raised when a slot is freed or becomes evictable; the accept loop waits on it.
+    changed: Signal,
+}
+
+/// One taken slot.
+struct Held {
+    /// Since when the connection has been waiting on a client that showed no valid token
+    /// (its connect, or the start of its linger); `None` while it serves a request that
+    /// did, which is never evicted.
+    evictable_since: Option<Instant>,
+    /// Raised to evict the connection.
+    evict: Rc<Signal>,
+    /// Eviction was asked; the slot is freed when the connection's task ends.
+    evicted: bool,
+}
+
+impl Slots {
+    /// Waits until a slot is free, evicting the connection that has been evictable the
+    /// longest when none is. Evicts one connection at a time: the next only once that one
+    /// has gone, so the slots held never exceed [`CONNECTIONS_MAX`].
+    async fn make_room(&self) {
+        loop {
+            {
+                let mut held = self.held.borrow_mut();
+                if held.len() < CONNECTIONS_MAX {
+                    return;
+                }
+                if !held.values().any(|h| h.evicted) {
+                    // `min_by_key` keeps the first of equals: the lowest id, the oldest.
+                    let victim = held
+                        .values_mut()
+                        .filter(|h| h.evictable_since.is_some())
+                        .min_by_key(|h| h.evictable_since);
+                    if let Some(victim) = victim {
+                        victim.evicted = true;
+                        victim.evict.raise();
+                    }
+                }
+            }
+            self.changed.wait().await;
+        }
+    }
+
+    /// Takes a slot for a connection just accepted (evictable from now). The caller made
+    /// room first.
+    fn take(self: &Rc<Slots>) -> Slot {
+        let id = self.next_id.get();
+        self.next_id.set(id + 1);
+        let evict = Rc::new(Signal::default());
+        let mut held = self.held.borrow_mut();
+        assert!(held.len() < CONNECTIONS_MAX, "a slot taken without room");
+        held.insert(
+            id,
+            Held {
+                evictable_since: Some(Instant::now()),
+                evict: evict.clone(),
+                evicted: false,
+            },
+        );
+        Slot {
+            slots: self.clone(),
+            id,
+            evict,
+        }
+    }
+}
+
+/// A connection's slot; dropping it frees the slot.
+struct Slot {
+    slots: Rc<Slots>,
+    id: u64,
+    evict: Rc<Signal>,
+}
+
+impl Slot {
+    /// The connection now serves a request with a valid token: it is not evicted.
+    fn serving(&self) {
+        self.set_evictable(false);
+    }
+
+    /// The connection waits on its client again (it lingers): it may be evicted.
+    fn waiting(&self) {
+        self.set_evictable(true);
+    }
+
+    fn set_evictable(&self, evictable: bool) {
+        if let Some(held) = self.slots.held.borrow_mut().get_mut(&self.id) {
+            held.evictable_since = evictable.then(Instant::now);
+        }
+        if evictable {
+            self.slots.changed.raise();
+        }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.slots.held.borrow_mut().remove(&self.id);
+        self.slots.changed.raise();
+    }
+}
+
 async fn serve_with(listener: TcpListener, ctx: AdminContext, timeouts: Timeouts) {
     let server = Rc::new(Server { ctx, timeouts });
-    let slots = Rc::new(Semaphore::new(CONNECTIONS_MAX as u64));
+    let slots = Rc::new(Slots::default());
     loop {
-        // Take a slot before accepting, so that extra connections wait in the kernel's
-        // backlog instead of in memory here.
-        let permit = match slots.acquire_static_permit(1).await {
-            Ok(permit) => permit,
-            Err(e) => {
-                tracing::error!(error = %e, "admin connection semaphore closed; admin server stops");
-                return;
-            }
-        };
+        // Accept first, then make room: the accept loop must see a new connection to evict
+        // for it. At most this one connection waits here for room; others wait in the
+        // kernel's backlog.
         let stream = match listener.accept().await {
             Ok(stream) => stream,
             Err(e) => {
                 tracing::warn!(error = %e, "admin accept failed");
-                drop(permit);
                 Timer::new(ACCEPT_BACKOFF).await;
                 continue;
             }
         };
+        slots.make_room().await;
+        let slot = slots.take();
         let server = server.clone();
         glommio::spawn_local(async move {
-            handle_connection(stream, &server).await;
-            drop(permit);
+            let evict = slot.evict.clone();
+            let served = futures_lite::future::or(
+                async {
+                    handle_connection(stream, &server, &slot).await;
+                    true
+                },
+                async {
+                    evict.wait().await;
+                    false
+                },
+            )
+            .await;
+            if !served {
+                // The connection (and its stream) was dropped without an answer.
+                tracing::debug!("admin connection evicted to make room for a new one");
+            }
+            drop(slot);
         })
         .detach();
     }
 }
 
 /// Serves one request on `stream`, then closes it.
-async fn handle_connection(mut stream: TcpStream, server: &Server) {
-    let read = with_deadline(
-        server.timeouts.read,
-        read_request(&mut stream),
-        Err(ReadError::Reject(Response::text(408, "request timeout\n"))),
-    )
-    .await;
-    let response = match read {
-        Ok(request) => {
-            let response = route(&request, server).await;
-            tracing::debug!(
-                method = %request.head.method,
-                path = %request.head.path,
-                status = response.status,
-                "admin request"
-            );
-            response
-        }
-        Err(ReadError::Reject(response)) => {
-            tracing::debug!(status = response.status, "admin request rejected");
-            response
-        }
+async fn handle_connection(mut stream: TcpStream, server: &Server, slot: &Slot) {
+    let response = match answer(&mut stream, server, slot).await {
+        Ok(response) | Err(ReadError::Reject(response)) => response,
         Err(ReadError::Gone) => return,
     };
     let bytes = response.encode();
@@ -197,7 +415,56 @@ async fn handle_connection(mut stream: TcpStream, server: &Server) {
         tracing::debug!(error = %e, "admin response not written");
         return;
     }
+    slot.waiting();
     linger(&mut stream, server.timeouts.linger).await;
+}
+
+/// Reads a request and answers it: the head within [`HEAD_TIMEOUT`]; then, for a route
+/// that requires the token, the token, and only with a valid one the body (within
+/// [`BODY_TIMEOUT`]) and the route.
+async fn answer(
+    stream: &mut TcpStream,
+    server: &Server,
+    slot: &Slot,
+) -> Result<Response, ReadError> {
+    let (head, early) = with_deadline(
+        server.timeouts.head,
+        read_head(stream),
+        Err(ReadError::Reject(Response::text(
+            408,
+            "request head timeout\n",
+        ))),
+    )
+    .await?;
+    let body = if head.path == "/healthz" {
+        // The open route takes no body; it is not read (the linger drains it), so that a
+        // client without the token cannot hold a slot that is not evictable.
+        Vec::new()
+    } else {
+        if !server.ctx.token.admits(head.authorization.as_deref()) {
+            tracing::debug!(path = %head.path, "admin request without a valid token");
+            return Ok(Response::unauthorized());
+        }
+        slot.serving();
+        with_deadline(
+            server.timeouts.body,
+            read_body(stream, &head, early),
+            Err(ReadError::Reject(Response::text(
+                408,
+                "request body timeout\n",
+            ))),
+        )
+        .await?
+    };
+    let request = Request { head, body };
+    let response = route(&request, server).await;
+    tracing::debug!(
+        method = %request.head.method,
+        path = %request.head.path,
+        status = response.status,
+        "admin request"
+    );
+    Ok(response)
 }
 
 /// Shuts down the sending side and reads until the client closes, bounded by
@@ -258,6 +525,8 @@ struct Head {
     content_length: usize,
     /// The client sent `Expect: 100-continue` and waits for a go-ahead before its body.
     expect_continue: bool,
+    /// The `Authorization` header's value, if one was sent.
+    authorization: Option<String>,
 }
 
 /// A whole request.
@@ -267,9 +536,9 @@ struct Request {
     body: Vec<u8>,
 }
 
-/// Reads one request: the head up to [`HEAD_BYTES_MAX`], then a body of its
-/// `Content-Length` up to [`BODY_BYTES_MAX`]. Bytes after the body are ignored.
-async fn read_request(stream: &mut TcpStream) -> Result<Request, ReadError> {
+/// Reads one request head, up to [`HEAD_BYTES_MAX`]; returns it with the bytes read past
+/// it (the start of the body).
+async fn read_head(stream: &mut TcpStream) -> Result<(Head, Vec<u8>), ReadError> {
     let mut buf = vec![0u8; HEAD_BYTES_MAX];
     let mut filled = 0usize;
     // Where the search for the blank line resumes: a blank line completed by new bytes
@@ -298,17 +567,26 @@ async fn read_request(stream: &mut TcpStream) -> Result<Request, ReadError> {
         filled += n;
     };
     let head = parse_head(&buf[..head_len]).map_err(ReadError::Reject)?;
+    buf.truncate(filled);
+    let early = buf.split_off(body_start);
+    Ok((head, early))
+}
 
-    let mut body = Vec::with_capacity(head.content_length);
-    let already = (filled - body_start).min(head.content_length);
-    body.extend_from_slice(&buf[body_start..body_start + already]);
-    drop(buf);
+/// Reads the body of `head`: its `Content-Length` bytes (bounded by [`BODY_BYTES_MAX`]
+/// in [`parse_head`]), starting with `early`, the bytes already read past the head. Bytes
+/// after the body are ignored.
+async fn read_body(
+    stream: &mut TcpStream,
+    head: &Head,
+    early: Vec<u8>,
+) -> Result<Vec<u8>, ReadError> {
+    let mut body = early;
+    body.truncate(head.content_length);
     if head.expect_continue && body.len() < head.content_length {
         stream.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await?;
     }
-    // `body` has capacity `content_length`, which `parse_head` bounded by BODY_BYTES_MAX.
+    let mut got = body.len();
     body.resize(head.content_length, 0);
-    let mut got = already;
     while got < head.content_length {
         let n = stream.read(&mut body[got..]).await?;
         if n == 0 {
@@ -319,7 +597,7 @@ async fn read_request(stream: &mut TcpStream) -> Result<Request, ReadError> {
         }
         got += n;
     }
-    Ok(Request { head, body })
+    Ok(body)
 }
 
 /// Where the head ends in `buf`: `(head length without the blank line, body start)`,
@@ -368,6 +646,7 @@ fn parse_head(head: &[u8]) -> Result<Head, Response> {
 
     let mut content_length: Option<usize> = None;
     let mut expect_continue = false;
+    let mut authorization: Option<String> = None;
     for line in lines.filter(|line| !line.is_empty()) {
         let Some((name, value)) = line.split_once(':') else {
             return Err(bad("header line without a colon"));
@@ -400,6 +679,11 @@ fn parse_head(head: &[u8]) -> Result<Head, Response> {
                 ));
             }
             expect_continue = true;
+        } else if name.eq_ignore_ascii_case("authorization") {
+            if authorization.is_some() {
+                return Err(bad("more than one Authorization header"));
+            }
+            authorization = Some(value.to_owned());
         }
     }
     let content_length = content_length.unwrap_or(0);
@@ -411,6 +695,7 @@ fn parse_head(head: &[u8]) -> Result<Head, Response> {
         path: path.to_owned(),
         content_length,
         expect_continue,
+        authorization,
     })
 }
 
@@ -440,13 +725,12 @@ async fn route(request: &Request, server: &Server) -> Response {
                 status: 200,
                 content_type: "text/plain; version=0.0.4; charset=utf-8",
                 body: ctx.metrics.render().into_bytes(),
-                allow: None,
+                header: None,
             },
             _ => Response::method_not_allowed("GET"),
         },
         "/healthz" => match method {
-            "GET" if ctx.control.is_draining() => Response::text(503, "draining\n"),
-            "GET" => Response::text(200, "ok\n"),
+            "GET" => healthz(ctx),
             _ => Response::method_not_allowed("GET"),
         },
         "/drain" => match method {
@@ -462,6 +746,10 @@ async fn route(request: &Request, server: &Server) -> Response {
             _ => Response::method_not_allowed("POST"),
         },
         _ => {
+            #[cfg(feature = "fault-injection")]
+            if let Some(rest) = path.strip_prefix("/fault/shards/") {
+                return inject_fault(method, rest, ctx);
+            }
             let Some(id) = path
                 .strip_prefix("/groups/")
                 .and_then(|rest| rest.strip_suffix("/members"))
@@ -475,6 +763,58 @@ async fn route(request: &Request, server: &Server) -> Response {
             change_members(method == "POST", id, &request.body, server).await
         }
     }
+}
+
+/// `GET /healthz`: 503 while draining or while a shard is silent (naming each), else 200.
+fn healthz(ctx: &AdminContext) -> Response {
+    if ctx.control.is_draining() {
+        return Response::text(503, "draining\n");
+    }
+    let silent = ctx.metrics.silent_shards(Instant::now(), SHARD_SILENCE_MAX);
+    if silent.is_empty() {
+        return Response::text(200, "ok\n");
+    }
+    let mut body = String::new();
+    for s in silent {
+        body.push_str(&match s.silent_for {
+            None => format!("shard {} has not started\n", s.shard),
+            Some(d) => format!(
+                "shard {} has not turned for {:.1} s\n",
+                s.shard,
+                d.as_secs_f64()
+            ),
+        });
+    }
+    Response::text(503, &body)
+}
+
+/// `POST /fault/shards/{i}/{panic|stall|resume}` (test builds only).
+#[cfg(feature = "fault-injection")]
+fn inject_fault(method: &str, rest: &str, ctx: &AdminContext) -> Response {
+    use crate::fault::{Fault, SHARDS_MAX};
+    let Some((shard, kind)) = rest.split_once('/') else {
+        return Response::text(404, "not found\n");
+    };
+    let fault = match kind {
+        "panic" => Fault::Panic,
+        "fail" => Fault::Fail,
+        "stall" => Fault::Stall,
+        "resume" => Fault::Resume,
+        _ => return Response::text(404, "not found\n"),
+    };
+    let shard = match shard.bytes().all(|b| b.is_ascii_digit()) {
+        true => shard.parse::<usize>().ok(),
+        false => None,
+    };
+    let Some(shard) = shard.filter(|&s| s < ctx.metrics.shard_count() && s < SHARDS_MAX) else {
+        return Response::text(404, "no such shard\n");
+    };
+    if method != "POST" {
+        return Response::method_not_allowed("POST");
+    }
+    tracing::warn!(shard, ?fault, "fault injected over admin HTTP");
+    ctx.control.inject(shard, fault);
+    Response::text(202, "fault injected\n")
 }
 
 async fn create_group(body: &[u8], server: &Server) -> Response {
@@ -559,8 +899,8 @@ struct Response {
     status: u16,
     content_type: &'static str,
     body: Vec<u8>,
-    /// The `Allow` header of a 405.
-    allow: Option<&'static str>,
+    /// One more header: `Allow` on a 405, `WWW-Authenticate` on a 401.
+    header: Option<(&'static str, &'static str)>,
 }
 
 impl Response {
@@ -569,7 +909,7 @@ impl Response {
             status,
             content_type: "text/plain; charset=utf-8",
             body: body.as_bytes().to_vec(),
-            allow: None,
+            header: None,
         }
     }
 
@@ -578,7 +918,7 @@ impl Response {
             status,
             content_type: "application/json",
             body: body.into_bytes(),
-            allow: None,
+            header: None,
         }
     }
 
@@ -592,8 +932,15 @@ impl Response {
 
     fn method_not_allowed(allow: &'static str) -> Response {
         Response {
-            allow: Some(allow),
+            header: Some(("Allow", allow)),
             ..Response::text(405, "method not allowed\n")
+        }
+    }
+
+    fn unauthorized() -> Response {
+        Response {
+            header: Some(("WWW-Authenticate", "Bearer")),
+            ..Response::text(401, "a valid Authorization: Bearer token is required\n")
         }
     }
 
@@ -605,9 +952,10 @@ impl Response {
             self.content_type,
             self.body.len()
         );
-        if let Some(allow) = self.allow {
-            head.push_str("Allow: ");
-            head.push_str(allow);
+        if let Some((name, value)) = self.header {
+            head.push_str(name);
+            head.push_str(": ");
+            head.push_str(value);
             head.push_str("\r\n");
         }
         head.push_str("\r\n");
@@ -623,6 +971,7 @@ fn reason(status: u16) -> &'static str {
         200 => "OK",
         202 => "Accepted",
         400 => "Bad Request",
+        401 => "Unauthorized",
         404 => "Not Found",
         405 => "Method Not Allowed",
         408 => "Request Timeout",
@@ -646,6 +995,9 @@ mod tests {
     use std::collections::VecDeque;
     use std::net::SocketAddr;
 
+    /// The admin token of every test server.
+    const TOKEN: &str = "0123456789abcdef-test-token";
+
     /// A [`Control`] that records what it is asked and answers from a script.
     #[derive(Default)]
     struct FakeControl {
@@ -654,6 +1006,8 @@ mod tests {
         /// Commands never complete, as if the owner shard never answered.
         hang: Cell<bool>,
         drains: Cell<u32>,
+        #[cfg(feature = "fault-injection")]
+        faults: RefCell<Vec<(usize, crate::fault::Fault)>>,
     }
 
     impl Control for FakeControl {
@@ -673,6 +1027,20 @@ mod tests {
         fn is_draining(&self) -> bool {
             self.drains.get() > 0
         }
+
+        #[cfg(feature = "fault-injection")]
+        fn inject(&self, shard: usize, fault: crate::fault::Fault) {
+            self.faults.borrow_mut().push((shard, fault));
+        }
+    }
+
+    /// Metrics of `shards` shards that have all just turned: a healthy gateway.
+    fn alive(shards: usize) -> Arc<Metrics> {
+        let metrics = Metrics::new(shards);
+        for i in 0..shards {
+            metrics.shard(i).record_turn();
+        }
+        metrics
     }
 
     /// A parsed response.
@@ -699,7 +1067,7 @@ mod tests {
         F: FnOnce(SocketAddr, Rc<FakeControl>) -> Fut + Send + 'static,
         Fut: Future<Output = ()> + 'static,
     {
-        run_server(Metrics::new(1), Vec::new(), Some(timeouts), test);
+        run_server(alive(1), Vec::new(), Some(timeouts), test);
     }
 
     fn run_server<F, Fut>(
@@ -721,6 +1089,7 @@ mod tests {
                 let ctx = AdminContext {
                     metrics,
                     control: control.clone(),
+                    token: AdminToken::new(TOKEN.as_bytes()),
                 };
                 match timeouts {
                     None => glommio::spawn_local(serve(listener, ctx)).detach(),
@@ -765,18 +1134,37 @@ mod tests {
         request("POST", path, json)
     }
 
+    /// A request with the right token.
     fn request(method: &str, path: &str, body: &str) -> Vec<u8> {
+        request_as(Some(&format!("Bearer {TOKEN}")), method, path, body)
+    }
+
+    /// A request with this `Authorization` header (none if `None`).
+    fn request_as(authorization: Option<&str>, method: &str, path: &str, body: &str) -> Vec<u8> {
+        let authorization = authorization
+            .map(|a| format!("Authorization: {a}\r\n"))
+            .unwrap_or_default();
         format!(
-            "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
-             Content-Length: {}\r\n\r\n{body}",
+            "{method} {path} HTTP/1.1\r\nHost: x\r\n{authorization}\
+             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
             body.len()
         )
         .into_bytes()
     }
 
+    /// A wait no test should reach; past it the test fails instead of hanging.
+    const WAIT: Duration = Duration::from_secs(10);
+
+    /// `fut`'s output, or a panic naming `what` if it takes longer than [`WAIT`].
+    async fn within<T>(what: &str, fut: impl Future<Output = T>) -> T {
+        with_deadline(WAIT, async { Some(fut.await) }, None)
+            .await
+            .unwrap_or_else(|| panic!("{what}: no answer within {WAIT:?}"))
+    }
+
     #[test]
     fn metrics_are_served_as_prometheus_text() {
-        let metrics = Metrics::new(2);
+        let metrics = alive(2);
         metrics.shard(1).publish(&ShardStats {
             acks: 7,
             ..ShardStats::default()
@@ -784,7 +1172,7 @@ mod tests {
         metrics.shard(0).record_fsync(Duration::from_micros(1500));
         let expected = metrics.clone();
         with_server(metrics, Vec::new(), move |addr, _| async move {
-            let reply = exchange(addr, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await;
+            let reply = exchange(addr, &request("GET", "/metrics", "")).await;
             assert_eq!(reply.status, 200);
             assert!(
                 reply
@@ -797,10 +1185,16 @@ mod tests {
             assert!(reply
                 .body
                 .contains("\nimgate_fsync_seconds_bucket{shard=\"0\",le=\"0.0025\"} 1\n"));
-            // The same text as rendering directly, but for the uptime line.
+            assert!(reply.body.contains("\nprocess_open_fds "));
+            // The same text as rendering directly, but for the samples that change with
+            // time (uptime, turn ages, the process's own numbers).
             let strip = |text: &str| {
                 text.lines()
-                    .filter(|l| !l.starts_with("imgate_uptime_seconds "))
+                    .filter(|l| {
+                        !l.starts_with("imgate_uptime_seconds ")
+                            && !l.starts_with("imgate_shard_turn_age_seconds{")
+                            && !l.starts_with("process_")
+                    })
                     .collect::<Vec<_>>()
                     .join("\n")
             };
@@ -810,7 +1204,7 @@ mod tests {
 
     #[test]
     fn create_group_reaches_control_as_a_command() {
-        with_server(Metrics::new(1), Vec::new(), |addr, control| async move {
+        with_server(alive(1), Vec::new(), |addr, control| async move {
             let reply = exchange(addr, &post("/groups", r#"{"id": 42, "members": [1,2,3]}"#)).await;
             assert_eq!(reply.status, 200, "{}", reply.body);
             assert_eq!(reply.body, r#"{"ok":true}"#);
@@ -827,7 +1221,7 @@ mod tests {
 
     #[test]
     fn member_changes_reach_control_as_add_and_remove() {
-        with_server(Metrics::new(1), Vec::new(), |addr, control| async move {
+        with_server(alive(1), Vec::new(), |addr, control| async move {
             let add = exchange(addr, &post("/groups/42/members", r#"{"members":[4]}"#)).await;
             assert_eq!(add.status, 200, "{}", add.body);
             let remove = exchange(
@@ -862,7 +1256,7 @@ mod tests {
             Err(CommandError::NotAGroup(g)),
             Err(CommandError::StorageFailed),
         ];
-        with_server(Metrics::new(1), script, move |addr, control| async move {
+        with_server(alive(1), script, move |addr, control| async move {
             let create = post("/groups", r#"{"id": 42, "members": [1]}"#);
             let add = post("/groups/42/members", r#"{"members": [0]}"#);
             let expected = [
@@ -884,7 +1278,7 @@ mod tests {
 
     #[test]
     fn bad_json_and_group_zero_are_rejected_before_control() {
-        with_server(Metrics::new(1), Vec::new(), |addr, control| async move {
+        with_server(alive(1), Vec::new(), |addr, control| async move {
             let requests = [
                 post("/groups", r#"{"id": 0, "members": [1]}"#),
                 post("/groups", r#"{"id": 42, "members": [1"#),
@@ -909,7 +1303,7 @@ mod tests {
 
     #[test]
     fn garbage_request_line_is_a_400() {
-        with_server(Metrics::new(1), Vec::new(), |addr, _| async move {
+        with_server(alive(1), Vec::new(), |addr, _| async move {
             for garbage in [
                 &b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n"[..],
                 b"hello\r\n\r\n",
@@ -929,7 +1323,7 @@ mod tests {
 
     #[test]
     fn oversize_head_is_refused_and_closed() {
-        with_server(Metrics::new(1), Vec::new(), |addr, _| async move {
+        with_server(alive(1), Vec::new(), |addr, _| async move {
             let mut req = b"GET /metrics HTTP/1.1\r\nX-Filler: ".to_vec();
             req.extend(std::iter::repeat_n(b'a', 3 * HEAD_BYTES_MAX));
             req.extend_from_slice(b"\r\n\r\n");
@@ -941,7 +1335,7 @@ mod tests {
 
     #[test]
     fn oversize_body_is_refused_without_reading_it() {
-        with_server(Metrics::new(1), Vec::new(), |addr, control| async move {
+        with_server(alive(1), Vec::new(), |addr, control| async move {
             let req = format!(
                 "POST /groups HTTP/1.1\r\nContent-Length: {}\r\n\r\n",
                 BODY_BYTES_MAX + 1
@@ -954,7 +1348,7 @@ mod tests {
 
     #[test]
     fn unknown_paths_and_methods_are_refused() {
-        with_server(Metrics::new(1), Vec::new(), |addr, _| async move {
+        with_server(alive(1), Vec::new(), |addr, _| async move {
             for path in [
                 "/",
                 "/nope",
@@ -981,7 +1375,7 @@ mod tests {
 
     #[test]
     fn drain_flips_healthz_to_503() {
-        with_server(Metrics::new(1), Vec::new(), |addr, control| async move {
+        with_server(alive(1), Vec::new(), |addr, control| async move {
             let healthy = exchange(addr, b"GET /healthz HTTP/1.1\r\n\r\n").await;
             assert_eq!((healthy.status, healthy.body.as_str()), (200, "ok\n"));
             let drain = exchange(addr, &post("/drain", "")).await;
@@ -999,20 +1393,330 @@ mod tests {
     const LONG: Duration = Duration::from_secs(60);
 
     #[test]
-    fn a_request_not_finished_in_time_gets_408() {
+    fn a_head_not_finished_in_time_gets_408() {
         let timeouts = Timeouts {
-            read: Duration::from_millis(50),
+            head: Duration::from_millis(50),
+            body: LONG,
             ..Timeouts::DEFAULT
         };
         with_timeouts(timeouts, |addr, _| async move {
-            // A head that never ends, and a body that never comes.
-            for partial in [
-                &b"GET /metrics HTTP/1.1\r\nHost: x\r\n"[..],
-                b"POST /groups HTTP/1.1\r\nContent-Length: 10\r\n\r\n{\"id\"",
-            ] {
-                let reply = exchange(addr, partial).await;
-                assert_eq!(reply.status, 408, "{}", String::from_utf8_lossy(partial));
+            let partial = format!("GET /metrics HTTP/1.1\r\nAuthorization: Bearer {TOKEN}\r\n");
+            let reply = within("head timeout", exchange(addr, partial.as_bytes())).await;
+            assert_eq!(
+                (reply.status, reply.body.as_str()),
+                (408, "request head timeout\n")
+            );
+        });
+    }
+
+    #[test]
+    fn a_body_not_finished_in_time_gets_408() {
+        let timeouts = Timeouts {
+            head: LONG,
+            body: Duration::from_millis(50),
+            ..Timeouts::DEFAULT
+        };
+        with_timeouts(timeouts, |addr, control| async move {
+            let mut partial = request("POST", "/groups", r#"{"id": 5, "members": [1]}"#);
+            partial.truncate(partial.len() - 3);
+            let reply = within("body timeout", exchange(addr, &partial)).await;
+            assert_eq!(
+                (reply.status, reply.body.as_str()),
+                (408, "request body timeout\n")
+            );
+            assert!(control.commands.borrow().is_empty());
+        });
+    }
+
+    #[test]
+    fn the_head_deadline_does_not_cover_the_body() {
+        // A body that comes after the head deadline but within the body deadline is read.
+        let timeouts = Timeouts {
+            head: Duration::from_millis(50),
+            body: LONG,
+            ..Timeouts::DEFAULT
+        };
+        with_timeouts(timeouts, |addr, control| async move {
+            let body = r#"{"id": 5, "members": [1]}"#;
+            let head = request("POST", "/groups", "");
+            let head = String::from_utf8(head).expect("ASCII").replace(
+                "Content-Length: 0",
+                &format!("Content-Length: {}", body.len()),
+            );
+            let mut stream = TcpStream::connect(addr).await.expect("connect");
+            stream.write_all(head.as_bytes()).await.expect("head");
+            // The slow client this test is about: its body comes after the head deadline.
+            Timer::new(Duration::from_millis(200)).await;
+            stream.write_all(body.as_bytes()).await.expect("body");
+            let mut reply = String::new();
+            within("reply", stream.read_to_string(&mut reply))
+                .await
+                .expect("reply");
+            assert!(reply.starts_with("HTTP/1.1 200 OK\r\n"), "{reply}");
+            assert_eq!(control.commands.borrow().len(), 1);
+        });
+    }
+
+    /// Opens a connection and sends half a request head (no blank line), as a slowloris
+    /// client does.
+    async fn half_head(addr: SocketAddr) -> TcpStream {
+        let mut stream = TcpStream::connect(addr).await.expect("connect");
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .expect("write half a head");
+        stream
+    }
+
+    #[test]
+    fn half_heads_in_every_slot_cannot_keep_healthz_or_metrics_waiting() {
+        // No deadline fires in this test: only eviction can make room.
+        let timeouts = Timeouts {
+            head: LONG,
+            body: LONG,
+            write: LONG,
+            command: LONG,
+            linger: LONG,
+        };
+        with_timeouts(timeouts, |addr, _| async move {
+            let extra = 8;
+            let mut held = Vec::new();
+            for _ in 0..CONNECTIONS_MAX + extra {
+                held.push(half_head(addr).await);
             }
+            let health = within("healthz", exchange(addr, b"GET /healthz HTTP/1.1\r\n\r\n")).await;
+            assert_eq!((health.status, health.body.as_str()), (200, "ok\n"));
+            let metrics = within("metrics", exchange(addr, &request("GET", "/metrics", ""))).await;
+            assert_eq!(metrics.status, 200);
+            assert!(metrics.body.contains("imgate_connections{shard=\"0\"}"));
+            // The oldest half-heads were closed without an answer (evicted, not timed
+            // out: that would have sent a 408).
+            for (i, stream) in held.iter_mut().take(extra).enumerate() {
+                let mut got = Vec::new();
+                let _ = within("evicted", stream.read_to_end(&mut got)).await;
+                assert!(
+                    got.is_empty(),
+                    "connection {i}: {}",
+                    String::from_utf8_lossy(&got)
+                );
+            }
+        });
+    }
+
+    #[test]
+    fn a_request_with_the_token_keeps_its_slot_while_half_heads_are_evicted() {
+        let timeouts = Timeouts {
+            head: LONG,
+            body: LONG,
+            write: LONG,
+            command: LONG,
+            linger: LONG,
+        };
+        with_timeouts(timeouts, |addr, control| async move {
+            // The oldest connection: an operator whose body is slow to come.
+            let body = r#"{"id": 11, "members": [1]}"#;
+            let mut operator = TcpStream::connect(addr).await.expect("connect");
+            let head = format!(
+                "POST /groups HTTP/1.1\r\nAuthorization: Bearer {TOKEN}\r\n\
+                 Expect: 100-continue\r\nContent-Length: {}\r\n\r\n",
+                body.len()
+            );
+            operator.write_all(head.as_bytes()).await.expect("head");
+            // The go-ahead proves the server has read the head and checked the token.
+            let mut go_ahead = [0u8; 25];
+            within("100 Continue", operator.read_exact(&mut go_ahead))
+                .await
+                .expect("100 Continue");
+            let mut held = Vec::new();
+            for _ in 0..CONNECTIONS_MAX + 4 {
+                held.push(half_head(addr).await);
+            }
+            let health = within("healthz", exchange(addr, b"GET /healthz HTTP/1.1\r\n\r\n")).await;
+            assert_eq!(health.status, 200);
+            operator.write_all(body.as_bytes()).await.expect("body");
+            let mut reply = String::new();
+            within("reply", operator.read_to_string(&mut reply))
+                .await
+                .expect("reply");
+            assert!(reply.starts_with("HTTP/1.1 200 OK\r\n"), "{reply}");
+            assert_eq!(control.commands.borrow().len(), 1);
+        });
+    }
+
+    #[test]
+    fn healthz_answers_without_waiting_for_a_body() {
+        // The open route never reads a body, so a client without the token cannot hold a
+        // slot that eviction may not take back by promising one.
+        let timeouts = Timeouts {
+            head: LONG,
+            body: LONG,
+            ..Timeouts::DEFAULT
+        };
+        with_timeouts(timeouts, |addr, _| async move {
+            let req = b"GET /healthz HTTP/1.1\r\nContent-Length: 100000\r\n\r\n";
+            let mut stream = TcpStream::connect(addr).await.expect("connect");
+            stream.write_all(req).await.expect("write");
+            let mut reply = vec![0u8; 12];
+            within("healthz", stream.read_exact(&mut reply))
+                .await
+                .expect("reply");
+            assert_eq!(&reply, b"HTTP/1.1 200");
+        });
+    }
+
+    #[test]
+    fn every_route_but_healthz_requires_the_bearer_token() {
+        with_server(alive(1), Vec::new(), |addr, control| async move {
+            let wrong = format!("Bearer {TOKEN}x");
+            let short = format!("Bearer {}", &TOKEN[..TOKEN.len() - 1]);
+            let basic = format!("Basic {TOKEN}");
+            let refused: [Option<&str>; 6] = [
+                None,
+                Some("Bearer"),
+                Some("Bearer "),
+                Some(&wrong),
+                Some(&short),
+                Some(&basic),
+            ];
+            for authorization in refused {
+                for (method, path, body) in [
+                    ("GET", "/metrics", ""),
+                    ("POST", "/groups", r#"{"id": 42, "members": [1]}"#),
+                    ("POST", "/groups/42/members", r#"{"members": [4]}"#),
+                    ("POST", "/drain", ""),
+                    ("GET", "/nope", ""),
+                ] {
+                    let reply =
+                        exchange(addr, &request_as(authorization, method, path, body)).await;
+                    assert_eq!(reply.status, 401, "{authorization:?} {method} {path}");
+                    assert!(reply.head.contains("\r\nWWW-Authenticate: Bearer"));
+                }
+            }
+            assert!(control.commands.borrow().is_empty());
+            assert_eq!(control.drains.get(), 0);
+            // Without a token no body is asked for: no 100 Continue, just the 401.
+            let mut stream = TcpStream::connect(addr).await.expect("connect");
+            stream
+                .write_all(
+                    b"POST /groups HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 9\r\n\r\n",
+                )
+                .await
+                .expect("write");
+            let mut reply = String::new();
+            within("401", stream.read_to_string(&mut reply))
+                .await
+                .expect("reply");
+            assert!(
+                reply.starts_with("HTTP/1.1 401 Unauthorized\r\n"),
+                "{reply}"
+            );
+            // Two Authorization headers are a bad request, whichever holds the token.
+            let twice = format!(
+                "GET /metrics HTTP/1.1\r\nAuthorization: Bearer {TOKEN}\r\nAuthorization: Bearer x\r\n\r\n"
+            );
+            assert_eq!(exchange(addr, twice.as_bytes()).await.status, 400);
+
+            // The right token, in any case of the scheme, is admitted.
+            for scheme in ["Bearer", "bearer", "BEARER"] {
+                let auth = format!("{scheme} {TOKEN}");
+                let reply = exchange(addr, &request_as(Some(&auth), "GET", "/metrics", "")).await;
+                assert_eq!(reply.status, 200, "{scheme}");
+            }
+            let created = exchange(addr, &post("/groups", r#"{"id": 42, "members": [1]}"#)).await;
+            assert_eq!(created.status, 200, "{}", created.body);
+            assert_eq!(control.commands.borrow().len(), 1);
+            // /healthz is open: load-balancer probes carry no credentials.
+            let health = exchange(addr, &request_as(None, "GET", "/healthz", "")).await;
+            assert_eq!((health.status, health.body.as_str()), (200, "ok\n"));
+        });
+    }
+
+    #[test]
+    fn tokens_compare_whole_and_exact() {
+        let token = AdminToken::new(b"secret-token-123");
+        assert!(token.admits(Some("Bearer secret-token-123")));
+        assert!(token.admits(Some("bearer  secret-token-123 ")));
+        for bad in [
+            None,
+            Some(""),
+            Some("secret-token-123"),
+            Some("Bearer secret-token-12"),
+            Some("Bearer secret-token-1234"),
+            Some("Bearer secret-token-124"),
+            Some("Bearer Secret-token-123"),
+            Some("Token secret-token-123"),
+        ] {
+            assert!(!token.admits(bad), "{bad:?}");
+        }
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"ab"));
+        assert!(!constant_time_eq(b"abc", b"abc\0"));
+        assert!(!constant_time_eq(b"abc", b""));
+        assert_eq!(format!("{token:?}"), "AdminToken(..)");
+    }
+
+    #[test]
+    fn healthz_names_every_shard_that_has_not_turned_in_time() {
+        let epoch = Instant::now()
+            .checked_sub(Duration::from_secs(10))
+            .expect("the machine has been up for 10 s");
+        let metrics = Metrics::started_at(3, epoch);
+        metrics.shard(0).record_turn();
+        metrics
+            .shard(1)
+            .record_turn_at(epoch + Duration::from_secs(1));
+        let turned = metrics.clone();
+        with_server(metrics, Vec::new(), move |addr, _| async move {
+            let reply = exchange(addr, b"GET /healthz HTTP/1.1\r\n\r\n").await;
+            assert_eq!(reply.status, 503, "{}", reply.body);
+            let lines: Vec<&str> = reply.body.lines().collect();
+            assert_eq!(lines.len(), 2, "{}", reply.body);
+            assert!(
+                lines[0].starts_with("shard 1 has not turned for 9."),
+                "{}",
+                lines[0]
+            );
+            assert_eq!(lines[1], "shard 2 has not started");
+            // Once both turn again, all is well.
+            turned.shard(1).record_turn();
+            turned.shard(2).record_turn();
+            let reply = exchange(addr, b"GET /healthz HTTP/1.1\r\n\r\n").await;
+            assert_eq!((reply.status, reply.body.as_str()), (200, "ok\n"));
+        });
+    }
+
+    #[cfg(feature = "fault-injection")]
+    #[test]
+    fn fault_routes_reach_control_for_existing_shards_only() {
+        use crate::fault::Fault;
+        with_server(alive(2), Vec::new(), |addr, control| async move {
+            for (path, shard, fault) in [
+                ("/fault/shards/1/panic", 1, Fault::Panic),
+                ("/fault/shards/0/stall", 0, Fault::Stall),
+                ("/fault/shards/0/resume", 0, Fault::Resume),
+            ] {
+                let reply = exchange(addr, &post(path, "")).await;
+                assert_eq!(reply.status, 202, "{path}");
+                assert_eq!(control.faults.borrow().last(), Some(&(shard, fault)));
+            }
+            for path in [
+                "/fault/shards/2/panic",
+                "/fault/shards/x/panic",
+                "/fault/shards/1/explode",
+                "/fault/shards/1",
+            ] {
+                assert_eq!(exchange(addr, &post(path, "")).await.status, 404, "{path}");
+            }
+            assert_eq!(
+                exchange(addr, &request("GET", "/fault/shards/1/panic", ""))
+                    .await
+                    .status,
+                405
+            );
+            let anonymous = request_as(None, "POST", "/fault/shards/1/panic", "");
+            assert_eq!(exchange(addr, &anonymous).await.status, 401);
+            assert_eq!(control.faults.borrow().len(), 3);
         });
     }
 
@@ -1020,7 +1724,8 @@ mod tests {
     fn a_command_without_an_answer_gets_504() {
         let timeouts = Timeouts {
             command: Duration::from_millis(50),
-            read: LONG,
+            head: LONG,
+            body: LONG,
             ..Timeouts::DEFAULT
         };
         with_timeouts(timeouts, |addr, control| async move {
@@ -1033,11 +1738,12 @@ mod tests {
 
     #[test]
     fn expect_continue_gets_a_go_ahead_before_the_body() {
-        with_server(Metrics::new(1), Vec::new(), |addr, control| async move {
+        with_server(alive(1), Vec::new(), |addr, control| async move {
             let body = r#"{"id": 9, "members": [1]}"#;
             let mut stream = TcpStream::connect(addr).await.expect("connect");
             let head = format!(
-                "POST /groups HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: {}\r\n\r\n",
+                "POST /groups HTTP/1.1\r\nAuthorization: Bearer {TOKEN}\r\n\
+                 Expect: 100-continue\r\nContent-Length: {}\r\n\r\n",
                 body.len()
             );
             stream.write_all(head.as_bytes()).await.expect("write head");
@@ -1055,7 +1761,9 @@ mod tests {
 
     #[test]
     fn head_parsing_accepts_lenient_line_ends_and_keeps_the_path() {
-        let head = b"POST /groups/1/members?x=1 HTTP/1.1\nContent-Length:  12 \ncontent-length: 12";
+        let head =
+            b"POST /groups/1/members?x=1 HTTP/1.1\nContent-Length:  12 \ncontent-length: 12\n\
+                     authorization:\tBearer abc ";
         let parsed = parse_head(head).expect("valid head");
         assert_eq!(
             parsed,
@@ -1064,6 +1772,7 @@ mod tests {
                 path: "/groups/1/members".into(),
                 content_length: 12,
                 expect_continue: false,
+                authorization: Some("Bearer abc".into()),
             }
         );
         assert_eq!(

@@ -3,6 +3,8 @@
 
 mod admin;
 mod config;
+#[cfg(feature = "fault-injection")]
+mod fault;
 mod metrics;
 mod runtime;
 mod storage;
@@ -16,6 +18,10 @@ use imgate_core::Instant;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{SystemTime, UNIX_EPOCH};
+
+/// The exit status after a panic in any thread: 101, what Rust gives a panicking main
+/// thread, so that every panic looks the same to a supervisor.
+const PANIC_EXIT_CODE: i32 = 101;
 
 /// imgate gateway: the long-connection server IM clients keep a socket open to.
 #[derive(Parser, Debug)]
@@ -48,6 +54,10 @@ struct RunArgs {
     /// [default: 127.0.0.1:7401].
     #[arg(long)]
     admin: Option<SocketAddr>,
+    /// File holding the admin API's bearer token [default: admin-token in the data dir,
+    /// generated on first start].
+    #[arg(long)]
+    admin_token_file: Option<PathBuf>,
     /// Directory for the logs and the dev signing secret [default: imgate-data].
     #[arg(long)]
     data_dir: Option<PathBuf>,
@@ -79,6 +89,11 @@ struct TokenArgs {
     /// Data directory holding the dev secret [default: imgate-data].
     #[arg(long)]
     data_dir: Option<PathBuf>,
+    /// Key id: signs with the HS256 key of this id from the config's `[[keys]]` (required
+    /// when keys have ids) and names it in the token's `kid` header. With a single key, it
+    /// is only written into the header.
+    #[arg(long)]
+    kid: Option<String>,
 }
 
 fn main() {
@@ -115,6 +130,7 @@ fn real_main() -> Result<()> {
         Overrides {
             listen: run.listen,
             admin: run.admin,
+            admin_token_file: run.admin_token_file,
             data_dir: run.data_dir,
             shards: run.shards,
             connections_max: run.max_connections,
@@ -123,7 +139,10 @@ fn real_main() -> Result<()> {
     )?;
     match token {
         Some(t) => mint(&config, &t),
-        None => runtime::run(config),
+        None => {
+            exit_on_panic();
+            runtime::run(config)
+        }
     }
 }
 
@@ -133,6 +152,7 @@ fn merge(outer: RunArgs, inner: RunArgs) -> RunArgs {
         config: inner.config.or(outer.config),
         listen: inner.listen.or(outer.listen),
         admin: inner.admin.or(outer.admin),
+        admin_token_file: inner.admin_token_file.or(outer.admin_token_file),
         data_dir: inner.data_dir.or(outer.data_dir),
         shards: inner.shards.or(outer.shards),
         max_connections: inner.max_connections.or(outer.max_connections),
@@ -140,12 +160,51 @@ fn merge(outer: RunArgs, inner: RunArgs) -> RunArgs {
     }
 }
 
+/// Makes a panic in any thread end the whole process at once, with an error log line
+/// naming the thread and exit status [`PANIC_EXIT_CODE`].
+///
+/// Without it a panicking shard thread dies alone: the other shards, the admin server and
+/// the dead shard's listener stay up, so its users hang while `/healthz` says all is well
+/// (a zombie shard). The shard's state cannot be rebuilt in place, while a fresh process
+/// recovers every shard from its log, so the only safe answer is to stop everything and let
+/// the supervisor (systemd's `Restart=on-failure`) start again. Exiting from the hook, before
+/// any unwinding, also means no executor can catch the panic and carry on.
+fn exit_on_panic() {
+    let print_default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let current = std::thread::current();
+        let thread = current.name().unwrap_or("<unnamed>");
+        let payload = info.payload();
+        let message = payload
+            .downcast_ref::<&str>()
+            .copied()
+            .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+            .unwrap_or("(a non-text panic payload)");
+        let location = info
+            .location()
+            .map(|l| format!("{}:{}:{}", l.file(), l.line(), l.column()))
+            .unwrap_or_default();
+        tracing::error!(
+            thread,
+            %location,
+            message,
+            "a gateway thread panicked; exiting so that the supervisor restarts the process"
+        );
+        // The standard message (and a backtrace when RUST_BACKTRACE asks for one).
+        print_default(info);
+        std::process::exit(PANIC_EXIT_CODE);
+    }));
+}
+
 fn mint(config: &Config, t: &TokenArgs) -> Result<()> {
     if t.user == 0 {
         anyhow::bail!("user 0 is not a user");
     }
-    let signer = TokenSigner::new(&config.signing_key()?)
+    let mut signer = TokenSigner::new(&config.signing_key(t.kid.as_deref())?)
         .map_err(|e| anyhow::anyhow!("signing key: {e}"))?;
+    if let Some(kid) = &t.kid {
+        signer = signer.with_kid(kid.as_str());
+    }
     let now_ms = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)

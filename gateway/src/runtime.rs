@@ -12,14 +12,14 @@
 //! - one receiver and one sender task per peer shard (FIFO per pair, as the engine needs);
 //! - the tick task: engine timers every 100 ms, metrics, and the shutdown signal.
 
-use crate::admin::{AdminContext, Control};
+use crate::admin::{AdminContext, AdminToken, Control};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::storage::{self, LogConfig, LogReader, SegmentLog};
 use anyhow::{bail, Context as _, Result};
 use bytes::{Bytes, BytesMut};
 use futures_lite::future::poll_fn;
-use futures_lite::{AsyncRead, AsyncWrite};
+use futures_lite::{AsyncRead, AsyncWrite, FutureExt as _};
 use glommio::channels::channel_mesh::{MeshBuilder, Receivers, Senders};
 use glommio::channels::shared_channel::{self, ConnectedReceiver, ConnectedSender};
 use glommio::net::{TcpListener, TcpStream};
@@ -35,8 +35,8 @@ use std::future::Future;
 use std::os::fd::AsRawFd;
 use std::pin::Pin;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Poll, Waker};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -111,16 +111,75 @@ impl Notify {
     }
 }
 
+/// How long a connection the engine has closed may take to write its last bytes (what was
+/// queued and the final Error or GoAway) before its socket is shut down and closed anyway.
+/// 2 s: a client that reads gets its last frame within a few round trips even on a slow
+/// mobile link. A client that does not read (a slow consumer, the usual reason for such a
+/// close) never lets the write finish; without this bound it would keep the descriptor,
+/// the kernel's socket buffers and the queued backlog for as long as it likes.
+const CLOSE_LINGER: Duration = Duration::from_secs(2);
+
+/// How often a closing connection that has written its last frame checks whether the
+/// peer has acknowledged it. 10 ms: a fraction of a round trip on most links, and only
+/// closing connections, for at most [`CLOSE_LINGER`], poll.
+const ACK_POLL: Duration = Duration::from_millis(10);
+
 /// One connection's socket and outbound queue.
+///
+/// Its life: open (the engine knows it) -> closing (the engine closed it and forgot it;
+/// nothing more is read, the writer flushes for at most [`CLOSE_LINGER`]) -> closed (the
+/// socket is shut down; the tasks end and the descriptor is closed when the last of them
+/// drops this). A peer that goes away skips closing.
 struct ConnIo {
     id: ConnId,
     stream: RefCell<TcpStream>,
     outq: RefCell<VecDeque<Bytes>>,
     wake_writer: Notify,
+    /// Wakes a reader parked on a silent peer once the socket is shut down.
+    wake_reader: Notify,
     /// Write what is queued, then close (the engine has dropped the connection).
     closing: Cell<bool>,
+    /// When the last flush of a closing connection is cut short; set when the writer
+    /// first sees `closing`.
+    linger_until: Cell<Option<std::time::Instant>>,
     /// The socket is gone; both tasks stop.
     closed: Cell<bool>,
+    /// The shard's count of open connection sockets; this one leaves it when dropped.
+    sockets: Rc<Sockets>,
+}
+
+impl Drop for ConnIo {
+    fn drop(&mut self) {
+        // The stream (and its descriptor) is dropped right after this, in this same call.
+        self.sockets.release();
+    }
+}
+
+/// The connection sockets one shard holds open: every `ConnIo` from accept until its
+/// descriptor is closed. This is the driver's own count, next to the engine's
+/// (`ShardStats::connections`): the engine forgets a connection the moment it closes it,
+/// while the driver still holds the socket for up to [`CLOSE_LINGER`] to flush it. The
+/// acceptor counts those closing sockets against `connections_max` too (see
+/// `room_to_accept`), so that a stream of connections closed as slow consumers cannot hold
+/// more descriptors than the limit allows.
+#[derive(Default)]
+struct Sockets {
+    open: Cell<usize>,
+    /// Wakes the acceptor when it waits for a closing socket to go.
+    released: Notify,
+}
+
+impl Sockets {
+    fn opened(&self) {
+        self.open.set(self.open.get() + 1);
+    }
+
+    fn release(&self) {
+        let open = self.open.get();
+        assert!(open > 0, "a connection socket released twice");
+        self.open.set(open - 1);
+        self.released.notify();
+    }
 }
 
 /// A command from the admin server and where to send its answer.
@@ -216,6 +275,8 @@ struct ShardSetup {
         shared_channel::SharedSender<AdminReply>,
     )>,
     clock: Clock,
+    /// Key sets reloaded on SIGHUP, for this shard to take.
+    keys: KeyWatch,
 }
 
 /// Runs the gateway until SIGTERM, SIGINT or an admin drain; returns when every shard has
@@ -241,13 +302,7 @@ pub fn run(config: Config) -> Result<()> {
     config.data_dir = std::fs::canonicalize(&config.data_dir)
         .with_context(|| format!("resolving data dir {}", config.data_dir.display()))?;
     check_shard_count(&config, count)?;
-    let key = config.verification_key()?;
-    let verifier = TokenVerifier::new(
-        &key,
-        config.limits.token_leeway,
-        config.limits.token_bytes_max,
-    )
-    .map_err(|e| anyhow::anyhow!("verification key: {e}"))?;
+    let verifier = config.verifier()?;
     let per_shard = (capacity / count as u64) as usize;
     config.limits.connections_max = config.limits.connections_max.min(per_shard.max(1));
     tracing::info!(
@@ -264,6 +319,8 @@ pub fn run(config: Config) -> Result<()> {
     for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(signal, stop.clone()).context("installing signal handler")?;
     }
+    let key_updates = Arc::new(KeyUpdates::default());
+    let key_reloader = spawn_key_reloader(config.clone(), key_updates.clone())?;
     let io_memory = io_memory_per_executor(count + 1);
     let metrics = Metrics::new(count);
     let clock = Clock::new();
@@ -274,6 +331,7 @@ pub fn run(config: Config) -> Result<()> {
 
     // Bind the admin port before the shards start, so that a bad address fails fast.
     let admin_addr = config.admin;
+    let admin_token = config.admin_token().context("reading the admin token")?;
     let admin_metrics = metrics.clone();
     let admin_stop = stop.clone();
     let admin = LocalExecutorBuilder::new(Placement::Unbound)
@@ -294,6 +352,7 @@ pub fn run(config: Config) -> Result<()> {
             let ctx = AdminContext {
                 metrics: admin_metrics,
                 control,
+                token: AdminToken::new(&admin_token),
             };
             crate::admin::serve(listener, ctx).await;
         })
@@ -311,11 +370,22 @@ pub fn run(config: Config) -> Result<()> {
             stop: stop.clone(),
             admin: if index == 0 { admin_ends.take() } else { None },
             clock,
+            keys: KeyWatch::new(key_updates.clone()),
         };
+        let stop = stop.clone();
         let handle = LocalExecutorBuilder::new(Placement::Fixed(index % cpus))
             .name(&format!("imgate-shard-{index}"))
             .io_memory(io_memory)
-            .spawn(move || async move { shard_main(setup).await })
+            .spawn(move || async move {
+                let result = shard_main(setup).await;
+                if let Err(e) = &result {
+                    // Not a zombie: the other shards stop too (GoAway, flush, sync), and
+                    // the process exits non-zero for its supervisor to restart it.
+                    tracing::error!(shard = index, error = %format!("{e:#}"), "shard failed; stopping the gateway");
+                    stop.store(true, Ordering::SeqCst);
+                }
+                result
+            })
             .map_err(|e| anyhow::anyhow!("starting shard {index}: {e}"))?;
         handles.push(handle);
     }
@@ -324,8 +394,6 @@ pub fn run(config: Config) -> Result<()> {
         match h.join() {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
-                tracing::error!(shard = i, error = %format!("{e:#}"), "shard failed");
-                stop.store(true, Ordering::SeqCst);
                 failed.get_or_insert(e);
             }
             Err(e) => {
@@ -336,11 +404,134 @@ pub fn run(config: Config) -> Result<()> {
     }
     // The admin executor serves until the process exits; it holds nothing durable.
     drop(admin);
+    key_reloader.stop();
     match failed {
         Some(e) => Err(e),
         None => {
             tracing::info!("gateway stopped cleanly");
             Ok(())
+        }
+    }
+}
+
+/// Verification key sets reloaded on SIGHUP, on their way from the reload thread to the
+/// shards. The thread publishes each good set under the next generation; every shard
+/// compares that generation with the one it applied last on each tick (one atomic load)
+/// and takes a copy of the set when it moved on. A shard that misses several reloads
+/// takes only the newest.
+#[derive(Default)]
+struct KeyUpdates {
+    /// The generation of `latest`; it only grows. Read without the lock on every tick.
+    generation: AtomicU64,
+    /// The newest reloaded set and its generation; `None` until the first good reload.
+    latest: Mutex<(u64, Option<TokenVerifier>)>,
+}
+
+impl KeyUpdates {
+    fn publish(&self, verifier: TokenVerifier) {
+        // No code panics while holding this lock (it only moves and clones a verifier),
+        // so a poisoned lock still holds a consistent pair.
+        let mut latest = self.latest.lock().unwrap_or_else(PoisonError::into_inner);
+        let generation = latest.0 + 1;
+        *latest = (generation, Some(verifier));
+        self.generation.store(generation, Ordering::Release);
+    }
+}
+
+/// One shard's side of [`KeyUpdates`]: the generation it applied last.
+struct KeyWatch {
+    updates: Arc<KeyUpdates>,
+    applied: u64,
+}
+
+impl KeyWatch {
+    fn new(updates: Arc<KeyUpdates>) -> KeyWatch {
+        KeyWatch {
+            updates,
+            applied: 0,
+        }
+    }
+
+    /// The newest reloaded key set, if one was published since the last call.
+    fn take_new(&mut self) -> Option<TokenVerifier> {
+        if self.updates.generation.load(Ordering::Acquire) == self.applied {
+            return None;
+        }
+        let latest = self
+            .updates
+            .latest
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        self.applied = latest.0;
+        latest.1.clone()
+    }
+
+    /// Hands `shard` the newest reloaded key set, if there is one it has not had. Called
+    /// from the shard's tick, which pumps the engine's output afterwards.
+    fn apply(&mut self, shard: &mut Shard, now: Instant, index: usize) {
+        if let Some(verifier) = self.take_new() {
+            shard.handle_keys(now, verifier);
+            tracing::debug!(shard = index, generation = self.applied, "keys applied");
+        }
+    }
+}
+
+/// The thread that reloads the verification keys on SIGHUP.
+struct KeyReloader {
+    signals: signal_hook::iterator::Handle,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl KeyReloader {
+    /// Stops listening for SIGHUP and waits for the thread to end.
+    fn stop(self) {
+        self.signals.close();
+        if self.thread.join().is_err() {
+            tracing::error!("the key reload thread panicked");
+        }
+    }
+}
+
+/// Installs the SIGHUP handler (replacing SIGHUP's default, which ends the process) and
+/// starts the thread that, on each SIGHUP, reads the key setting and the key files again
+/// ([`Config::reload_verifier`]) and publishes the new set to the shards. A set that
+/// cannot be read or used is logged and not published: the shards keep the keys they have.
+fn spawn_key_reloader(config: Config, updates: Arc<KeyUpdates>) -> Result<KeyReloader> {
+    let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGHUP])
+        .context("installing the SIGHUP handler")?;
+    let handle = signals.handle();
+    let thread = std::thread::Builder::new()
+        .name("imgate-keys".to_owned())
+        .spawn(move || {
+            // Ends when `KeyReloader::stop` closes the handle. Signals that arrive while a
+            // reload runs are coalesced into one more reload.
+            for _ in signals.forever() {
+                reload_keys(&config, &updates);
+            }
+        })
+        .context("starting the key reload thread")?;
+    Ok(KeyReloader {
+        signals: handle,
+        thread,
+    })
+}
+
+/// One reload: reads the key setting and files again and publishes the new set to the
+/// shards, or logs why not and publishes nothing. Returns whether it published.
+fn reload_keys(config: &Config, updates: &KeyUpdates) -> bool {
+    match config.reload_verifier() {
+        Ok(verifier) => {
+            let key_ids: Vec<String> = verifier.key_ids().map(str::to_owned).collect();
+            updates.publish(verifier);
+            tracing::info!(?key_ids, "SIGHUP: token verification keys reloaded");
+            true
+        }
+        Err(e) => {
+            tracing::error!(
+                error = %format!("{e:#}"),
+                "SIGHUP: token verification keys not reloaded; the previous keys stay in use"
+            );
+            false
         }
     }
 }
@@ -356,6 +547,7 @@ async fn shard_main(setup: ShardSetup) -> Result<()> {
         stop,
         admin,
         clock,
+        mut keys,
     } = setup;
     let dir = config.data_dir.join(format!("shard-{index}"));
     let hash_seed = hash_seed().context("drawing the hash seed")?;
@@ -439,16 +631,26 @@ async fn shard_main(setup: ShardSetup) -> Result<()> {
     }
     let listener = TcpListener::bind(config.listen)
         .map_err(|e| anyhow::anyhow!("binding {} on shard {index}: {e}", config.listen))?;
-    let acceptor = glommio::spawn_local(accept_loop(state.clone(), listener));
+    let acceptor = glommio::spawn_local(accept_loop(
+        state.clone(),
+        listener,
+        config.limits.connections_max,
+    ));
 
     // The tick task's work, inline: timers, metrics, and shutdown.
     let draining_since = loop {
         glommio::timer::sleep(TICK).await;
         let mut st = state.borrow_mut();
         let now = st.clock.now();
+        keys.apply(&mut st.shard, now, index);
         st.shard.handle_timeout(now);
         st.pump();
-        metrics.shard(index).publish(st.shard.stats());
+        let m = metrics.shard(index);
+        m.publish(st.shard.stats());
+        // The proof of life /healthz checks: a shard that stops turning goes silent.
+        m.record_turn();
+        #[cfg(feature = "fault-injection")]
+        crate::fault::on_turn(index)?;
         if stop.load(Ordering::SeqCst) {
             st.shard.handle_drain(now);
             st.pump();
@@ -478,8 +680,10 @@ async fn shard_main(setup: ShardSetup) -> Result<()> {
     Ok(())
 }
 
-async fn accept_loop(state: Shared, listener: TcpListener) {
+async fn accept_loop(state: Shared, listener: TcpListener, connections_max: usize) {
+    let sockets = Rc::new(Sockets::default());
     loop {
+        room_to_accept(&state, &sockets, connections_max).await;
         let stream = match listener.accept().await {
             Ok(s) => s,
             Err(e) => {
@@ -498,13 +702,17 @@ async fn accept_loop(state: Shared, listener: TcpListener) {
         };
         match opened {
             Ok(id) => {
+                sockets.opened();
                 let io = Rc::new(ConnIo {
                     id,
                     stream: RefCell::new(stream),
                     outq: RefCell::new(VecDeque::new()),
                     wake_writer: Notify::default(),
+                    wake_reader: Notify::default(),
                     closing: Cell::new(false),
+                    linger_until: Cell::new(None),
                     closed: Cell::new(false),
+                    sockets: sockets.clone(),
                 });
                 {
                     let mut st = state.borrow_mut();
@@ -512,6 +720,9 @@ async fn accept_loop(state: Shared, listener: TcpListener) {
                     if st.conns.len() <= i {
                         st.conns.resize_with(i + 1, || None);
                     }
+                    // A closing connection may still sit in this slot (the engine reuses
+                    // a slot as soon as it forgets a connection); its tasks keep it alive
+                    // until its socket is closed.
                     st.conns[i] = Some(io.clone());
                     st.pump();
                 }
@@ -521,7 +732,13 @@ async fn accept_loop(state: Shared, listener: TcpListener) {
             Err(refusal) => {
                 glommio::spawn_local(async move {
                     let mut stream = stream;
-                    let _ = write_all(&mut stream, &refusal).await;
+                    // Bounded like any closing connection: the refusal fits in a fresh
+                    // socket's buffer, but a peer must not hold the descriptor regardless.
+                    let linger = async {
+                        glommio::timer::sleep(CLOSE_LINGER).await;
+                        Err::<(), _>(std::io::Error::from(std::io::ErrorKind::TimedOut))
+                    };
+                    let _ = write_all(&mut stream, &refusal).or(linger).await;
                     let _ = poll_fn(|cx| Pin::new(&mut stream).poll_close(cx)).await;
                 })
                 .detach();
@@ -530,8 +747,43 @@ async fn accept_loop(state: Shared, listener: TcpListener) {
     }
 }
 
+/// Waits while the shard's open sockets are at `connections_max` only because some of
+/// them are closing (the engine no longer counts them). Those are gone within
+/// [`CLOSE_LINGER`], so the wait is short; meanwhile new clients wait in the listen
+/// backlog, which holds no descriptor of ours. When the engine itself is at the limit this
+/// does not wait: the engine refuses the newcomer with `TooManyConnections`.
+async fn room_to_accept(state: &Shared, sockets: &Sockets, connections_max: usize) {
+    let started = std::time::Instant::now();
+    loop {
+        let known = state.borrow().shard.stats().connections;
+        let open = sockets.open.get();
+        if open < connections_max || open as u64 <= known {
+            return;
+        }
+        if started.elapsed() > CLOSE_LINGER * 2 {
+            // Every closing socket is released within CLOSE_LINGER; if one is not, a bug
+            // holds it, and accepting on is better than refusing service for it.
+            tracing::warn!(
+                open,
+                known,
+                "closing connections outlived their linger; accepting anyway"
+            );
+            return;
+        }
+        sockets
+            .released
+            .wait()
+            .or(glommio::timer::sleep(TICK))
+            .await;
+    }
+}
+
 /// Reads into the shard's scratch buffer and hands the bytes to the engine. The receive
 /// buffer exists only while a frame is incomplete.
+///
+/// Once the engine has closed the connection (`closing`) nothing more is read: the engine
+/// would not take the bytes (they would pile up here) and the peer gets nothing for them.
+/// The reader ends; the writer flushes what it can and closes the socket.
 async fn reader(state: Shared, io: Rc<ConnIo>) {
     let mut rx = BytesMut::new();
     loop {
@@ -546,8 +798,13 @@ async fn reader(state: Shared, io: Rc<ConnIo>) {
                 other => other,
             }
         })
+        .or(async {
+            // The writer shut the socket down; do not wait for the peer to notice.
+            io.wake_reader.wait().await;
+            Err(std::io::ErrorKind::ConnectionAborted.into())
+        })
         .await;
-        if io.closed.get() {
+        if io.closed.get() || io.closing.get() {
             return;
         }
         match read {
@@ -556,6 +813,10 @@ async fn reader(state: Shared, io: Rc<ConnIo>) {
                 let now = st.clock.now();
                 st.shard.handle_bytes(now, io.id, &mut rx);
                 st.pump();
+                if io.closing.get() {
+                    // These bytes closed it (or something else did meanwhile).
+                    return;
+                }
                 if rx.is_empty() {
                     // Frames keep their slices alive; the connection needs no buffer now.
                     rx = BytesMut::new();
@@ -576,9 +837,22 @@ async fn reader(state: Shared, io: Rc<ConnIo>) {
     }
 }
 
+/// How one write of a connection's queued chunks ended.
+enum Flush {
+    /// Everything was written.
+    Written,
+    /// The socket failed.
+    Failed,
+    /// Given up: the peer is gone, or a closing connection's linger ran out.
+    CutShort,
+}
+
 /// Writes the connection's queued chunks with vectored, non-blocking `sendmsg` calls:
 /// headers and the shared payload buffers go to the kernel as they are, never copied
 /// into a staging buffer. When the socket is full it waits for writability.
+///
+/// A closing connection gets [`CLOSE_LINGER`] to flush; then, flushed or not, its socket
+/// is shut down and released, whatever the peer does.
 async fn writer(state: Shared, io: Rc<ConnIo>) {
     loop {
         while io.outq.borrow().is_empty() && !io.closing.get() && !io.closed.get() {
@@ -588,42 +862,107 @@ async fn writer(state: Shared, io: Rc<ConnIo>) {
             return;
         }
         let mut chunks: VecDeque<Bytes> = io.outq.borrow_mut().drain(..).collect();
-        let mut written = 0usize;
-        let failed = write_chunks(&io, &mut chunks, &mut written).await.is_err();
-        {
-            let mut st = state.borrow_mut();
-            let now = st.clock.now();
-            st.shard.handle_written(now, io.id, written);
-            st.pump();
+        let flush = async {
+            match write_chunks(&state, &io, &mut chunks).await {
+                Ok(()) => Flush::Written,
+                Err(_) => Flush::Failed,
+            }
         }
-        if failed || (io.closing.get() && io.outq.borrow().is_empty()) {
-            // Shut both directions: the reader, parked on a peer that may never send
-            // again, wakes with EOF and ends too.
-            let fd = io.stream.borrow().as_raw_fd();
+        .or(cut_short(&io))
+        .await;
+        let done = match flush {
+            Flush::Written => io.closing.get() && io.outq.borrow().is_empty(),
+            Flush::Failed | Flush::CutShort => true,
+        };
+        if !done {
+            continue;
+        }
+        // The engine still counts the connection only if a write failed while it was open.
+        let engine_knows = !io.closing.get() && !io.closed.get();
+        let fd = io.stream.borrow().as_raw_fd();
+        if matches!(flush, Flush::Written) {
+            // A closing connection flushed: its last frame is in the kernel, not yet at the
+            // peer. Closing a socket with unread input (nothing is read once closing)
+            // resets the connection, and a reset drops what the peer has not acknowledged.
+            // So: FIN after the data, and wait within the linger for the acknowledgement.
             // SAFETY: shutdown(2) on a descriptor this connection owns; it stays open
             // until the stream is dropped.
-            unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
-            io.closed.set(true);
-            if failed && !io.closing.get() {
-                let mut st = state.borrow_mut();
-                let now = st.clock.now();
-                st.shard.handle_closed(now, io.id);
-                st.pump();
-            }
-            let mut st = state.borrow_mut();
-            release(&mut st, io.id);
+            unsafe { libc::shutdown(fd, libc::SHUT_WR) };
+            let acked = async {
+                acknowledged(fd).await;
+                Flush::Written
+            };
+            acked.or(cut_short(&io)).await;
+        }
+        // Shut both directions: the kernel drops what is unsent, and the reader, parked on
+        // a peer that may never send again, is woken and ends too. The descriptor closes
+        // when the last task lets go of `io`.
+        // SAFETY: shutdown(2) on a descriptor this connection owns; it stays open
+        // until the stream is dropped.
+        unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+        io.closed.set(true);
+        io.wake_reader.notify();
+        let mut st = state.borrow_mut();
+        if engine_knows {
+            let now = st.clock.now();
+            st.shard.handle_closed(now, io.id);
+            st.pump();
+        }
+        release(&mut st, io.id);
+        return;
+    }
+}
+
+/// Ends when the peer has acknowledged every byte written to `fd` (or the socket cannot
+/// say).
+async fn acknowledged(fd: std::os::fd::RawFd) {
+    loop {
+        let mut unacked: libc::c_int = 0;
+        // SAFETY: SIOCOUTQ (TIOCOUTQ's value on a socket, see tcp(7)) writes one int, the
+        // bytes sent but not yet acknowledged, through the pointer; `fd` is open.
+        let r = unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut unacked) };
+        if r < 0 || unacked <= 0 {
             return;
         }
+        glommio::timer::sleep(ACK_POLL).await;
+    }
+}
+
+/// Ends when the writer must stop waiting for the socket: the reader found the peer gone,
+/// or the connection is closing and its linger (counted from when the writer first saw it
+/// closing) has run out.
+///
+/// It looks at the connection every [`TICK`] instead of waiting on `wake_writer`: it runs
+/// beside every write that has to wait, and being woken by each frame queued meanwhile
+/// would retry the blocked send once per frame. The linger starts at most a tick late.
+async fn cut_short(io: &ConnIo) -> Flush {
+    loop {
+        if io.closed.get() {
+            return Flush::CutShort;
+        }
+        if io.closing.get() {
+            let now = std::time::Instant::now();
+            let until = io.linger_until.get().unwrap_or(now + CLOSE_LINGER);
+            io.linger_until.set(Some(until));
+            glommio::timer::sleep(until.saturating_duration_since(now)).await;
+            return Flush::CutShort;
+        }
+        glommio::timer::sleep(TICK).await;
     }
 }
 
 /// Chunks handed to one `sendmsg` at most (the kernel's IOV_MAX is 1024).
 const IOV_BATCH: usize = 64;
 
+/// Writes `chunks` to the connection's socket until all are written or it fails.
+///
+/// Each write that makes progress is reported to the engine at once: a slow reader's
+/// progress keeps its connection (the engine closes one whose writes stall for the grace
+/// period), and the room it made lets the next page of history go out.
 async fn write_chunks(
+    state: &Shared,
     io: &ConnIo,
     chunks: &mut VecDeque<Bytes>,
-    written: &mut usize,
 ) -> std::io::Result<()> {
     let fd = io.stream.borrow().as_raw_fd();
     while !chunks.is_empty() {
@@ -639,8 +978,11 @@ async fn write_chunks(
         if n == 0 {
             return Err(std::io::ErrorKind::WriteZero.into());
         }
-        *written += n;
         advance(chunks, n);
+        let mut st = state.borrow_mut();
+        let now = st.clock.now();
+        st.shard.handle_written(now, io.id, n);
+        st.pump();
     }
     Ok(())
 }
@@ -943,6 +1285,11 @@ impl Control for AdminControl {
     fn is_draining(&self) -> bool {
         self.stop.load(Ordering::SeqCst)
     }
+
+    #[cfg(feature = "fault-injection")]
+    fn inject(&self, shard: usize, fault: crate::fault::Fault) {
+        crate::fault::request(shard, fault);
+    }
 }
 
 /// Raises the soft open-file limit to the hard limit; returns the connections it allows.
@@ -1019,4 +1366,91 @@ fn hash_seed() -> std::io::Result<u128> {
     let mut seed = [0u8; 16];
     std::fs::File::open("/dev/urandom")?.read_exact(&mut seed)?;
     Ok(u128::from_le_bytes(seed))
+}
+
+#[cfg(test)]
+mod key_reload_tests {
+    use super::*;
+    use imgate_core::auth::{KeyConfig, VerificationKey};
+
+    /// A verifier whose one key has id `kid`.
+    fn verifier(kid: &str) -> TokenVerifier {
+        TokenVerifier::with_key_set(
+            &[VerificationKey {
+                kid: Some(kid.to_owned()),
+                key: KeyConfig::Hs256 {
+                    secret: b"a-secret-of-at-least-32-bytes-long!!".to_vec(),
+                },
+            }],
+            Duration::from_secs(30),
+            4096,
+        )
+        .unwrap()
+    }
+
+    fn ids(v: Option<TokenVerifier>) -> Option<Vec<String>> {
+        v.map(|v| v.key_ids().map(str::to_owned).collect())
+    }
+
+    #[test]
+    fn every_shard_takes_each_reloaded_key_set_once() {
+        let updates = Arc::new(KeyUpdates::default());
+        let mut shards = [
+            KeyWatch::new(updates.clone()),
+            KeyWatch::new(updates.clone()),
+        ];
+        for watch in &mut shards {
+            assert!(watch.take_new().is_none(), "nothing was reloaded yet");
+        }
+        updates.publish(verifier("a"));
+        for watch in &mut shards {
+            assert_eq!(ids(watch.take_new()), Some(vec!["a".to_owned()]));
+            assert!(watch.take_new().is_none(), "taken once");
+        }
+    }
+
+    #[test]
+    fn a_shard_that_missed_reloads_takes_only_the_newest() {
+        let updates = Arc::new(KeyUpdates::default());
+        let mut early = KeyWatch::new(updates.clone());
+        updates.publish(verifier("a"));
+        assert_eq!(ids(early.take_new()), Some(vec!["a".to_owned()]));
+        let mut late = KeyWatch::new(updates.clone());
+        updates.publish(verifier("b"));
+        updates.publish(verifier("c"));
+        assert_eq!(ids(late.take_new()), Some(vec!["c".to_owned()]));
+        assert_eq!(ids(early.take_new()), Some(vec!["c".to_owned()]));
+        assert!(late.take_new().is_none() && early.take_new().is_none());
+    }
+
+    #[test]
+    fn a_key_set_that_fails_to_load_is_not_published() {
+        let dir = std::env::temp_dir().join(format!("imgate-reload-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let secret = dir.join("a.secret");
+        std::fs::write(&secret, "a-secret-of-at-least-32-bytes-long!!").unwrap();
+        let file = dir.join("gw.toml");
+        let write = |kid: &str, path: &std::path::Path| {
+            let text = format!("[[keys]]\nkid = {kid:?}\nhs256_secret_file = {path:?}\n");
+            std::fs::write(&file, text).unwrap();
+        };
+        write("a", &secret);
+        let config = Config::load(Some(&file), crate::config::Overrides::default()).unwrap();
+        let updates = Arc::new(KeyUpdates::default());
+        let mut shard = KeyWatch::new(updates.clone());
+
+        write("b", &dir.join("missing.secret"));
+        assert!(!reload_keys(&config, &updates), "a missing key file");
+        std::fs::write(&file, "[[keys]\n").unwrap();
+        assert!(
+            !reload_keys(&config, &updates),
+            "a config that does not parse"
+        );
+        assert!(shard.take_new().is_none(), "nothing was published");
+
+        write("b", &secret);
+        assert!(reload_keys(&config, &updates));
+        assert_eq!(ids(shard.take_new()), Some(vec!["b".to_owned()]));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

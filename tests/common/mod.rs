@@ -31,6 +31,35 @@ pub fn loadgen_bin() -> PathBuf {
     debug_bin(&BUILT, "imgate-loadgen", "loadgen")
 }
 
+/// The gateway binary built with the `fault-injection` feature (admin routes that make a
+/// shard panic or stall), built on first use into its own target dir (`target/fault`) so
+/// that it never replaces the normal binary other tests run.
+pub fn fault_gateway_bin() -> PathBuf {
+    static BUILT: std::sync::Once = std::sync::Once::new();
+    let target = target_dir().join("fault");
+    BUILT.call_once(|| {
+        let status = Command::new(env!("CARGO"))
+            .args([
+                "build",
+                "--quiet",
+                "-p",
+                "imgate-gateway",
+                "--bin",
+                "gateway",
+            ])
+            .args(["--features", "fault-injection", "--target-dir"])
+            .arg(&target)
+            .current_dir(Path::new(env!("CARGO_MANIFEST_DIR")))
+            .status()
+            .expect("cargo build runs");
+        assert!(
+            status.success(),
+            "building the fault-injection gateway failed"
+        );
+    });
+    target.join("debug").join("gateway")
+}
+
 /// Builds `bin` of `package` (debug) once per test process and returns its path.
 fn debug_bin(built: &std::sync::Once, package: &str, bin: &str) -> PathBuf {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -42,10 +71,14 @@ fn debug_bin(built: &std::sync::Once, package: &str, bin: &str) -> PathBuf {
             .expect("cargo build runs");
         assert!(status.success(), "building {bin} failed");
     });
-    let target = std::env::var_os("CARGO_TARGET_DIR")
+    target_dir().join("debug").join(bin)
+}
+
+/// The workspace's target dir.
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| root.join("target"));
-    target.join("debug").join(bin)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target"))
 }
 
 fn free_port() -> SocketAddr {
@@ -61,11 +94,18 @@ pub struct Gateway {
     pub data_dir: PathBuf,
     pub shards: usize,
     extra: Vec<String>,
+    /// The binary `spawn` runs.
+    bin: PathBuf,
 }
 
 impl Gateway {
     /// Starts a gateway with `shards` shards in a fresh data dir.
     pub fn start(shards: usize, extra: &[&str]) -> Gateway {
+        Gateway::start_bin(gateway_bin(), shards, extra)
+    }
+
+    /// [`Gateway::start`] with another gateway binary (see [`fault_gateway_bin`]).
+    pub fn start_bin(bin: PathBuf, shards: usize, extra: &[&str]) -> Gateway {
         let data_dir = std::env::temp_dir().join(format!(
             "imgate-e2e-{}-{}",
             std::process::id(),
@@ -79,6 +119,7 @@ impl Gateway {
             data_dir,
             shards,
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            bin,
         };
         g.spawn();
         g
@@ -86,7 +127,7 @@ impl Gateway {
 
     /// Starts the process again on the same ports and data dir.
     pub fn spawn(&mut self) {
-        let child = Command::new(gateway_bin())
+        let child = Command::new(&self.bin)
             .arg("run")
             .arg("--listen")
             .arg(self.listen.to_string())
@@ -164,12 +205,35 @@ impl Gateway {
         }
     }
 
-    /// One HTTP request to the admin server: (status, body), or None if it is not up.
+    /// One HTTP request to the admin server with the admin token of this data dir (none
+    /// before the gateway wrote it): (status, body), or None if it is not up.
     pub fn http(&self, method: &str, path: &str, body: &str) -> Option<(u16, String)> {
+        let token = std::fs::read_to_string(self.data_dir.join("admin-token")).ok();
+        self.http_as(token.as_deref().map(str::trim), method, path, body)
+    }
+
+    /// The admin token the gateway generated in its data dir.
+    pub fn admin_token(&self) -> String {
+        let token =
+            std::fs::read_to_string(self.data_dir.join("admin-token")).expect("admin token exists");
+        token.trim().to_owned()
+    }
+
+    /// [`Gateway::http`] with this bearer token, or without an `Authorization` header.
+    pub fn http_as(
+        &self,
+        token: Option<&str>,
+        method: &str,
+        path: &str,
+        body: &str,
+    ) -> Option<(u16, String)> {
         let mut s = TcpStream::connect(self.admin).ok()?;
         s.set_read_timeout(Some(WAIT)).ok()?;
+        let authorization = token
+            .map(|t| format!("Authorization: Bearer {t}\r\n"))
+            .unwrap_or_default();
         let req = format!(
-            "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            "{method} {path} HTTP/1.1\r\nHost: x\r\n{authorization}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
             body.len()
         );
         s.write_all(req.as_bytes()).ok()?;
@@ -315,6 +379,48 @@ impl Client {
         }
         out
     }
+
+    /// The next frame if one comes within `limit`, without panicking on silence. The
+    /// stream's read timeout is `WAIT` again afterwards.
+    pub fn next_within(&mut self, limit: Duration) -> Next {
+        let deadline = std::time::Instant::now() + limit;
+        let next = loop {
+            if let Some(f) = self
+                .decoder
+                .decode(&mut self.rx)
+                .expect("gateway frames decode")
+            {
+                break Next::Frame(f.meta, f.payload);
+            }
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                break Next::Silent;
+            }
+            self.stream.set_read_timeout(Some(left)).expect("timeout");
+            let mut buf = [0u8; 16 * 1024];
+            match self.stream.read(&mut buf) {
+                Ok(0) => break Next::Closed,
+                Ok(n) => self.rx.extend_from_slice(&buf[..n]),
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::WouldBlock
+                        || e.kind() == std::io::ErrorKind::TimedOut => {}
+                Err(_) => break Next::Closed,
+            }
+        };
+        self.stream.set_read_timeout(Some(WAIT)).expect("timeout");
+        next
+    }
+}
+
+/// What [`Client::next_within`] saw.
+#[derive(Debug)]
+pub enum Next {
+    /// A frame.
+    Frame(Meta, Bytes),
+    /// EOF or a reset.
+    Closed,
+    /// Nothing within the time limit.
+    Silent,
 }
 
 pub fn msg_id(n: u64, who: u64) -> ClientMsgId {
@@ -322,4 +428,21 @@ pub fn msg_id(n: u64, who: u64) -> ClientMsgId {
     id[..8].copy_from_slice(&n.to_le_bytes());
     id[8..].copy_from_slice(&who.to_le_bytes());
     ClientMsgId(id)
+}
+
+/// The samples of the per-shard metric `name`, in shard order.
+pub fn per_shard(g: &Gateway, name: &str) -> Vec<u64> {
+    let (code, body) = g.http("GET", "/metrics", "").expect("metrics answer");
+    assert_eq!(code, 200, "{body}");
+    let prefix = format!("{name}{{shard=\"");
+    let mut samples: Vec<(usize, u64)> = body
+        .lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix(&prefix)?;
+            let (shard, value) = rest.split_once("\"} ")?;
+            Some((shard.parse().ok()?, value.parse::<f64>().ok()? as u64))
+        })
+        .collect();
+    samples.sort_unstable();
+    samples.into_iter().map(|(_, v)| v).collect()
 }
