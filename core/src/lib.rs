@@ -13,6 +13,7 @@ pub mod hash;
 pub mod limits;
 pub mod log;
 pub mod mesh;
+pub mod segment_index;
 pub mod shard;
 pub mod time;
 pub mod timer;

@@ -199,8 +199,9 @@ struct State {
     /// Log reads the engine asked for: (fetch, conv, from, to).
     fetch_queue: VecDeque<(u64, ConvId, Seq, Seq)>,
     wake_fetch: Rc<Notify>,
-    /// Answers the engine's `Load`s from the log's read index (memory, no I/O).
-    reader: LogReader,
+    /// Conversations the engine asked to load, for the load task.
+    load_queue: VecDeque<ConvId>,
+    wake_load: Rc<Notify>,
     scratch: Vec<u8>,
 }
 
@@ -232,9 +233,8 @@ impl State {
                     self.wake_fetch.notify();
                 }
                 Effect::Load { conv } => {
-                    let last = self.reader.last_durable_seq(conv);
-                    let now = self.clock.now();
-                    self.shard.handle_loaded(now, conv, Ok(last));
+                    self.load_queue.push_back(conv);
+                    self.wake_load.notify();
                 }
             }
         }
@@ -596,7 +596,8 @@ async fn shard_main(setup: ShardSetup) -> Result<()> {
         wake_admin: Rc::new(Notify::default()),
         fetch_queue: VecDeque::new(),
         wake_fetch: Rc::new(Notify::default()),
-        reader: log.reader(),
+        load_queue: VecDeque::new(),
+        wake_load: Rc::new(Notify::default()),
         scratch: vec![0; READ_SCRATCH_BYTES],
     }));
 
@@ -613,6 +614,7 @@ async fn shard_main(setup: ShardSetup) -> Result<()> {
         glommio::spawn_local(mesh_receiver(state.clone(), receivers.clone(), peer)).detach();
     }
     glommio::spawn_local(fetch_task(state.clone(), log.reader())).detach();
+    glommio::spawn_local(load_task(state.clone(), log.reader())).detach();
     let log_idle = Rc::new(Cell::new(true));
     let closing_log = Rc::new(Cell::new(false));
     let log_task = glommio::spawn_local(log_task(
@@ -1136,6 +1138,27 @@ async fn fetch_task(state: Shared, reader: LogReader) {
         let mut st = state.borrow_mut();
         let now = st.clock.now();
         st.shard.handle_fetched(now, fetch, result);
+        st.pump();
+    }
+}
+
+/// Answers the engine's `Load`s, one at a time, from the log's read index: memory for a
+/// conversation written to lately, else a block of a sealed segment's index file.
+async fn load_task(state: Shared, reader: LogReader) {
+    let wake = state.borrow().wake_load.clone();
+    loop {
+        let next = state.borrow_mut().load_queue.pop_front();
+        let Some(conv) = next else {
+            wake.wait().await;
+            continue;
+        };
+        let result = reader.last_durable_seq(conv).await.map_err(|e| {
+            // The engine fails what waits for the conversation; the next touch retries.
+            tracing::error!(%conv, error = %e, "loading a conversation's head from the log");
+        });
+        let mut st = state.borrow_mut();
+        let now = st.clock.now();
+        st.shard.handle_loaded(now, conv, result);
         st.pump();
     }
 }

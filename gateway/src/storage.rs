@@ -34,35 +34,42 @@
 //! # The read index
 //!
 //! Sync and Pull ask for a conversation's messages by seq; those older than the engine's
-//! hot tier come from here. The index maps each conversation to the location of each of
-//! its message records: seqs of a conversation are consecutive from 1 in log order (the
-//! engine hands them out so, and recovery here and in core reject a gap), so a
-//! `Vec<Location>` indexed by `seq - 1` is enough, where a [`Location`] packs the segment
-//! index (24 bits) and the byte offset of the frame in it (40 bits) into 8 bytes.
+//! hot tier come from here, and so does the last seq of a conversation the engine loads
+//! back after evicting it. Seqs of a conversation are consecutive from 1 in log order (the
+//! engine hands them out so, and recovery here and in core reject a gap), which both
+//! halves of the index rely on:
 //!
-//! - It is built at recovery from the scan, and on every [`SegmentLog::write`] by walking
-//!   the batch's frames with core's [`decode_record`] (which also checks each frame's CRC
-//!   just before it goes to disk).
+//! - The open segment's entries are in memory: per conversation with messages in it, the
+//!   first seq and a `Vec<Location>` (seq `first + i` at `i`), where a [`Location`] packs
+//!   the segment index (24 bits) and the byte offset of the frame in it (40 bits) into 8
+//!   bytes. Built at recovery from the scan of the last segment, and on every
+//!   [`SegmentLog::write`] by walking the batch's frames with core's [`decode_record`]
+//!   (which also checks each frame's CRC just before it goes to disk).
+//! - A sealed segment's entries are in its index file, `<index:020>.idx`, written and
+//!   fdatasync'd when the segment is sealed (core's [`segment_index`]: entries sorted by
+//!   conversation and seq, in 4 KiB blocks, with a CRC). Memory keeps a summary: a bloom
+//!   filter of the segment's conversations (about 10 bits each) and the first key of each
+//!   block (24 bytes per 128 entries). A lookup reads one or two blocks of each sealed
+//!   segment whose filter may hold the conversation, through the readers' file cache.
+//!   Recovery checks each sealed segment's index file against the segment's scan and
+//!   writes it anew if it is missing or differs (a crash between sealing and indexing).
 //! - An entry is served only once durable: entries of a write are pending until the next
 //!   successful `sync`, and `reset_to_durable` removes them again (the seqs they named are
-//!   handed out anew by the engine). Durable entries are never removed.
+//!   handed out anew by the engine). Durable entries are never removed. A segment is
+//!   sealed only with every entry durable.
 //! - [`SegmentLog::reader`] hands out a [`LogReader`] that shares the index with the log
 //!   (`Rc<RefCell<..>>`, one shard, one thread; no borrow is held across an await), so
-//!   reads run on the shard's executor while the log task writes. A read copies the
-//!   locations it needs out of the index, then reads the segment files through its own
-//!   read-only handles (O_DIRECT if the log writes with it, so that no page cache stands
-//!   between it and the writer's direct writes), at most [`READER_OPEN_SEGMENTS_MAX`].
+//!   reads run on the shard's executor while the log task writes. A read takes the open
+//!   segment's locations and the sealed summaries together, then reads the index blocks
+//!   and the segment files through its own read-only handles (O_DIRECT if the log writes
+//!   with it, so that no page cache stands between it and the writer's direct writes), at
+//!   most [`READER_OPEN_SEGMENTS_MAX`] files open.
 //!
-//! Memory: 8 bytes per durable message, plus up to as much again of `Vec` growth slack
-//! for conversations written since the last recovery (recovery shrinks every `Vec` to
-//! fit), plus per conversation a hash map slot (16 bytes of key, 32 of value, 1 of control,
-//! at a load between 7/16 and 7/8) and the `Vec`'s heap allocation: about 60-130 bytes.
-//! Measured after recovery (examples/log_bench.rs): 202,200 messages in 1,011
-//! conversations take 1.71 MB, 8.4 bytes per message, or 8 per message and 87 per
-//! conversation. [`LogReader::index_stats`] reports the total. It grows with the whole
-//! log, without a bound: 100 million messages on a shard take about 800 MB. The cold tier
-//! is to bound it, by dropping the entries of the segments it ships away (and serving
-//! those from its own index).
+//! Memory: the open segment's index (8 bytes per message plus ~60-130 bytes per
+//! conversation, for at most `segment_bytes` of records: bounded by the segment size),
+//! plus per sealed segment about 1.25 bytes per conversation in it and 0.2 bytes per
+//! message. Before the index files, the whole index stayed in memory and grew by ~120
+//! bytes for every conversation ever written. [`LogReader::index_stats`] reports the total.
 //!
 //! # Direct I/O and the partial last block
 //!
@@ -113,6 +120,7 @@ use imgate_core::log::{
     decode_record, scan, CorruptReason, Decoded, Record, ScanEnd, StoredMessage,
 };
 use imgate_core::proto::{ConvId, Seq};
+use imgate_core::segment_index::{self, IndexEntry, SegmentSummary};
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::fmt;
@@ -150,6 +158,9 @@ const RECOVERY_READ_BYTES: usize = 1024 * 1024;
 
 /// Suffix of segment file names.
 const SEGMENT_SUFFIX: &str = ".seg";
+
+/// The suffix of a sealed segment's index file, named like its segment.
+const INDEX_SUFFIX: &str = ".idx";
 
 /// Digits of the zero-padded index in a segment file name: every u64 fits in 20.
 const SEGMENT_INDEX_DIGITS: usize = 20;
@@ -371,6 +382,14 @@ fn align_up(v: u64, align: u64) -> u64 {
 fn segment_name(index: u64) -> String {
     format!(
         "{index:0width$}{SEGMENT_SUFFIX}",
+        width = SEGMENT_INDEX_DIGITS
+    )
+}
+
+/// The file name of sealed segment `index`'s index file.
+fn index_name(index: u64) -> String {
+    format!(
+        "{index:0width$}{INDEX_SUFFIX}",
         width = SEGMENT_INDEX_DIGITS
     )
 }
@@ -849,10 +868,26 @@ impl SegmentLog {
             });
         }
         self.segment.seal().await?;
+        // The sealed segment's entries go to its index file, made durable before the
+        // next segment exists (its creation syncs the directory, with the index file's
+        // entry in it). A crash before that leaves a sealed segment without a valid
+        // index file, which recovery rebuilds from the segment.
+        let mut entries = self.read.index.borrow().entries();
+        let file = segment_index::encode(&mut entries);
+        write_index_file(&self.dir, self.segment.index, &file).await?;
+        let summary = SegmentSummary::of_sorted(&entries);
+        drop(entries);
         let next = create_segment(&self.dir, index, self.mode).await?;
         let sealed_len = self.segment.written;
         let old = std::mem::replace(&mut self.segment, next);
         self.sealed_bytes += sealed_len;
+        // Readers look at both under one borrow of each, with no await between: the
+        // open segment's entries move to the sealed list at once.
+        *self.read.index.borrow_mut() = Index::default();
+        self.read
+            .sealed
+            .borrow_mut()
+            .push((old.index, Rc::new(summary)));
         // The old segment is sealed and durable; a failed close loses nothing.
         if let Err(err) = old.file.close().await {
             tracing::warn!(path = %old.path.display(), error = %os_error(err), "closing a sealed segment failed");
@@ -897,18 +932,21 @@ impl fmt::Debug for Location {
     }
 }
 
-/// The read index's entry for one conversation.
-#[derive(Debug, Default)]
+/// The read index's entry for one conversation in the open segment.
+#[derive(Debug)]
 struct ConvIndex {
-    /// The location of seq `i + 1` at `i`: a conversation's seqs are consecutive from 1
-    /// in log order.
+    /// The seq at `locations[0]`: a conversation's seqs are consecutive in log order, so
+    /// seq `first + i` is at `i`.
+    first: Seq,
     locations: Vec<Location>,
     /// How many of `locations` are durable; only those are served. The rest were written
     /// since the last sync and are removed again by `reset_to_durable`.
     durable: usize,
 }
 
-/// The read index: for every conversation, where each of its messages is in the log.
+/// The read index of the open segment: for every conversation with messages in it, where
+/// each of them is. Sealed segments have theirs in a file ([`segment_index`]), with only
+/// a summary in memory ([`ReadState::sealed`]).
 #[derive(Default)]
 struct Index {
     convs: HashMap<ConvId, ConvIndex>,
@@ -918,16 +956,21 @@ struct Index {
 
 impl Index {
     /// Adds message `seq` of `conv` at `location`, pending until [`Index::commit`]. If
-    /// `seq` does not follow the conversation's last entry, changes nothing and returns
-    /// the last seq.
+    /// `seq` does not follow the conversation's last entry in this segment, changes
+    /// nothing and returns that last seq. (The first entry of a conversation here may
+    /// have any seq: those before it are in sealed segments.)
     fn push(&mut self, conv: ConvId, seq: Seq, location: Location) -> Result<(), Seq> {
-        let entry = self.convs.entry(conv).or_default();
-        let last = entry.locations.len() as u64;
-        if seq.0 != last + 1 {
+        let entry = self.convs.entry(conv).or_insert_with(|| ConvIndex {
+            first: seq,
+            locations: Vec::new(),
+            durable: 0,
+        });
+        let next = entry.first.0 + entry.locations.len() as u64;
+        if seq.0 != next {
             if entry.locations.is_empty() {
                 self.convs.remove(&conv);
             }
-            return Err(Seq(last));
+            return Err(Seq(next - 1));
         }
         if entry.durable == entry.locations.len() {
             self.pending.push(conv);
@@ -964,27 +1007,59 @@ impl Index {
         }
     }
 
-    /// The durable locations of `conv` for seqs `from..=to` (`from` at least 1), at most
-    /// `limit` of them, in seq order.
-    fn durable_locations(&self, conv: ConvId, from: Seq, to: Seq, limit: usize) -> Vec<Location> {
-        assert!(from.0 >= 1, "seq 0 is never indexed");
+    /// The durable locations of `conv` in this segment for seqs `from..=to`, at most
+    /// `limit` of them, in seq order, with the seq of the first; empty if `from` is not
+    /// here (before this segment's first or past its last durable).
+    fn durable_locations(
+        &self,
+        conv: ConvId,
+        from: Seq,
+        to: Seq,
+        limit: usize,
+    ) -> Vec<(Seq, Location)> {
         let Some(entry) = self.convs.get(&conv) else {
             return Vec::new();
         };
+        let from = from.max(entry.first);
         let durable = &entry.locations[..entry.durable];
-        // Seq s is at s - 1; the casts saturate, as no index holds usize::MAX entries.
-        let start = usize::try_from(from.0 - 1).unwrap_or(usize::MAX);
-        let end = usize::try_from(to.0).unwrap_or(usize::MAX);
+        // The casts saturate, as no index holds usize::MAX entries.
+        let start = usize::try_from(from.0 - entry.first.0).unwrap_or(usize::MAX);
+        let end = usize::try_from(to.0.saturating_add(1).saturating_sub(entry.first.0))
+            .unwrap_or(usize::MAX);
         let end = end.min(durable.len()).min(start.saturating_add(limit));
-        durable.get(start..end).unwrap_or_default().to_vec()
+        durable
+            .get(start..end)
+            .unwrap_or_default()
+            .iter()
+            .enumerate()
+            .map(|(i, &location)| (Seq(from.0 + i as u64), location))
+            .collect()
     }
 
-    /// The last durable seq of `conv`: seqs are indexed from 1 without a hole, so it is
-    /// the count of durable entries.
-    fn last_durable(&self, conv: ConvId) -> Seq {
-        self.convs
-            .get(&conv)
-            .map_or(Seq::ZERO, |entry| Seq(entry.durable as u64))
+    /// The last durable seq of `conv` in this segment, if it has one here.
+    fn last_durable(&self, conv: ConvId) -> Option<Seq> {
+        let entry = self.convs.get(&conv)?;
+        (entry.durable > 0).then(|| Seq(entry.first.0 + entry.durable as u64 - 1))
+    }
+
+    /// Every entry, for the segment's index file; the segment is sealed, so all are
+    /// durable.
+    fn entries(&self) -> Vec<IndexEntry> {
+        assert!(
+            self.pending.is_empty(),
+            "indexing a segment with pending entries"
+        );
+        let mut entries = Vec::with_capacity(self.convs.values().map(|c| c.durable).sum());
+        for (&conv, index) in &self.convs {
+            for (i, location) in index.locations.iter().enumerate() {
+                entries.push(IndexEntry {
+                    conv,
+                    seq: Seq(index.first.0 + i as u64),
+                    offset: location.offset(),
+                });
+            }
+        }
+        entries
     }
 
     fn stats(&self) -> IndexStats {
@@ -1001,6 +1076,7 @@ impl Index {
             heap_bytes: self.convs.capacity() * slot_bytes
                 + locations_bytes
                 + self.pending.capacity() * std::mem::size_of::<ConvId>(),
+            sealed_segments: 0,
         }
     }
 }
@@ -1017,13 +1093,16 @@ impl fmt::Debug for Index {
 /// The size of a log's read index.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct IndexStats {
-    /// Conversations with at least one message in the log (durable or pending).
+    /// Conversations with at least one message in the open segment (durable or pending).
     pub conversations: usize,
-    /// Durable messages indexed: what readers can be served.
+    /// Durable messages indexed, in every segment: what readers can be served.
     pub messages: u64,
-    /// Heap bytes the index holds (hash table, location vectors with their slack, the
-    /// pending list); allocator overhead not included.
+    /// Heap bytes the index holds: the open segment's (hash table, location vectors with
+    /// their slack, the pending list) and the sealed segments' summaries; allocator
+    /// overhead not included.
     pub heap_bytes: usize,
+    /// Sealed segments, each indexed by its own file.
+    pub sealed_segments: usize,
 }
 
 /// A segment file opened for reading by [`LogReader`].
@@ -1116,10 +1195,23 @@ impl FileBytes {
 struct ReadState {
     dir: PathBuf,
     mode: IoMode,
+    /// The open segment's index.
     index: RefCell<Index>,
-    /// Segments the readers hold open, the most recently used last; at most
-    /// [`READER_OPEN_SEGMENTS_MAX`].
-    files: RefCell<Vec<(u64, Rc<ReadFile>)>>,
+    /// Every sealed segment's index summary, oldest first; their entries are in their
+    /// index files.
+    sealed: RefCell<Vec<(u64, Rc<SegmentSummary>)>>,
+    /// Files the readers hold open (segments and index files), the most recently used
+    /// last; at most [`READER_OPEN_SEGMENTS_MAX`].
+    files: RefCell<Vec<(FileKey, Rc<ReadFile>)>>,
+}
+
+/// A file a [`LogReader`] reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum FileKey {
+    /// Segment `n`.
+    Segment(u64),
+    /// The index file of sealed segment `n`.
+    Index(u64),
 }
 
 /// Reads durable messages of a log by conversation and seq, through the log's read index,
@@ -1150,12 +1242,7 @@ impl LogReader {
         limit: usize,
     ) -> Result<Vec<StoredMessage>, StorageError> {
         let first = from.max(Seq(1));
-        // The borrow ends here, before any await.
-        let locations = self
-            .state
-            .index
-            .borrow()
-            .durable_locations(conv, first, to, limit);
+        let locations = self.locations(conv, first, to, limit).await?;
         let runs = plan_runs(&locations);
         let mut messages = Vec::with_capacity(locations.len());
         let mut next = 0;
@@ -1175,7 +1262,7 @@ impl LogReader {
             let window = &runs[next..end];
             let mut files = Vec::with_capacity(window.len());
             for run in window {
-                files.push(self.file(run.segment).await?);
+                files.push(self.file(FileKey::Segment(run.segment)).await?);
             }
             let reads = join_all(
                 window
@@ -1186,8 +1273,9 @@ impl LogReader {
             )
             .await;
             for ((run, file), bytes) in window.iter().zip(&files).zip(reads) {
-                let bytes =
-                    bytes.map_err(|err| io_error("read", &self.segment_path(run.segment), err))?;
+                let bytes = bytes.map_err(|err| {
+                    io_error("read", &self.path(FileKey::Segment(run.segment)), err)
+                })?;
                 for i in run.entries.clone() {
                     let location = locations[i];
                     let seq = Seq(first.0 + i as u64);
@@ -1207,16 +1295,145 @@ impl LogReader {
         Ok(messages)
     }
 
-    /// The last durable seq of `conv` (0 if it has none), from the index alone: how the
-    /// runtime answers the engine's `Load` of a conversation that left its memory.
-    pub fn last_durable_seq(&self, conv: ConvId) -> Seq {
-        self.state.index.borrow().last_durable(conv)
+    /// The last durable seq of `conv` (0 if it has none): how the runtime answers the
+    /// engine's `Load` of a conversation that left its memory. From memory if the
+    /// conversation has a message in the open segment; otherwise one block of the index
+    /// file of each sealed segment whose summary may hold it, newest first (for a
+    /// conversation the log never saw, about one segment in a hundred).
+    pub async fn last_durable_seq(&self, conv: ConvId) -> Result<Seq, StorageError> {
+        if let Some(seq) = self.state.index.borrow().last_durable(conv) {
+            return Ok(seq);
+        }
+        let candidates = self.candidates(conv);
+        for (segment, summary) in candidates.iter().rev() {
+            // Entries are sorted, so the last of `conv` is in the block where a seq past
+            // every real one would go.
+            let Some(block) = summary.block_for(conv, Seq(u64::MAX)) else {
+                continue;
+            };
+            let bytes = self.read_index_block(*segment, block).await?;
+            let last = segment_index::block_entries(bytes.as_slice())
+                .filter(|e| e.conv == conv)
+                .map(|e| e.seq)
+                .last();
+            if let Some(seq) = last {
+                return Ok(seq);
+            }
+        }
+        Ok(Seq::ZERO)
     }
 
-    /// The size of the index. Walks every conversation: for metrics and benches, not for
-    /// every request.
+    /// The durable locations of `conv`'s messages `first..=to`, at most `limit`: seqs
+    /// consecutive from `first` (`first` at least 1), fewer where the log has no more.
+    async fn locations(
+        &self,
+        conv: ConvId,
+        first: Seq,
+        to: Seq,
+        limit: usize,
+    ) -> Result<Vec<Location>, StorageError> {
+        assert!(first.0 >= 1, "seq 0 is never indexed");
+        // Both taken now, together: a rotation while the sealed files are read moves the
+        // open segment's entries into a new sealed segment, and they would be missed.
+        let candidates = self.candidates(conv);
+        let open = self
+            .state
+            .index
+            .borrow()
+            .durable_locations(conv, first, to, limit);
+        let mut out = Vec::new();
+        let mut next = first;
+        for (segment, summary) in &candidates {
+            if out.len() == limit || next > to {
+                return Ok(out);
+            }
+            let (mut find, mut step) =
+                segment_index::Find::start(summary, conv, next, to, limit - out.len());
+            let entries = loop {
+                match step {
+                    segment_index::Step::Done(entries) => break entries,
+                    segment_index::Step::Read(block) => {
+                        let bytes = self.read_index_block(*segment, block).await?;
+                        step = find.feed(summary, bytes.as_slice());
+                    }
+                }
+            };
+            for entry in entries {
+                if entry.seq != next {
+                    // Seqs are consecutive in log order, so this is a damaged index file.
+                    return Err(self.damaged_index(*segment, conv, next));
+                }
+                out.push(Location::new(*segment, entry.offset));
+                next = Seq(next.0 + 1);
+            }
+        }
+        for (seq, location) in open {
+            if out.len() == limit {
+                break;
+            }
+            if seq != next {
+                // `open` starts at `first` or at the open segment's first seq of `conv`,
+                // which follows the last one sealed.
+                return Err(self.damaged_index(location.segment(), conv, next));
+            }
+            out.push(location);
+            next = Seq(next.0 + 1);
+        }
+        Ok(out)
+    }
+
+    /// The sealed segments whose summaries may hold `conv`, oldest first.
+    fn candidates(&self, conv: ConvId) -> Vec<(u64, Rc<SegmentSummary>)> {
+        self.state
+            .sealed
+            .borrow()
+            .iter()
+            .filter(|(_, summary)| summary.may_contain(conv))
+            .cloned()
+            .collect()
+    }
+
+    /// One block of sealed segment `segment`'s index file.
+    async fn read_index_block(
+        &self,
+        segment: u64,
+        block: segment_index::BlockRef,
+    ) -> Result<FileBytes, StorageError> {
+        let file = self.file(FileKey::Index(segment)).await?;
+        let bytes = file
+            .read(block.pos, block.len)
+            .await
+            .map_err(|err| io_error("read", &self.path(FileKey::Index(segment)), err))?;
+        if bytes.as_slice().len() != block.len {
+            return Err(StorageError::Corrupt {
+                path: self.path(FileKey::Index(segment)),
+                offset: block.pos,
+                reason: Damage::Torn,
+            });
+        }
+        Ok(bytes)
+    }
+
+    fn damaged_index(&self, segment: u64, conv: ConvId, seq: Seq) -> StorageError {
+        let path = self.path(FileKey::Index(segment));
+        tracing::error!(path = %path.display(), %conv, %seq, "an index file skips a seq");
+        StorageError::Corrupt {
+            path,
+            offset: 0,
+            reason: Damage::Misplaced { conv, seq },
+        }
+    }
+
+    /// The size of the index. Walks every conversation of the open segment: for metrics
+    /// and benches, not for every request.
     pub fn index_stats(&self) -> IndexStats {
-        self.state.index.borrow().stats()
+        let mut stats = self.state.index.borrow().stats();
+        for (_, summary) in self.state.sealed.borrow().iter() {
+            stats.messages += summary.entries();
+            stats.heap_bytes += summary.heap_bytes();
+            stats.sealed_segments += 1;
+        }
+        stats
     }
 
     /// Reads the frame at `location` alone, starting with `len` bytes and growing to its
@@ -1229,10 +1446,13 @@ impl LogReader {
         mut len: usize,
     ) -> Result<Decoded, StorageError> {
         loop {
-            let bytes = file
-                .read(location.offset(), len)
-                .await
-                .map_err(|err| io_error("read", &self.segment_path(location.segment()), err))?;
+            let bytes = file.read(location.offset(), len).await.map_err(|err| {
+                io_error(
+                    "read",
+                    &self.path(FileKey::Segment(location.segment())),
+                    err,
+                )
+            })?;
             match decode_record(bytes.as_slice()) {
                 // The frame is longer than what was asked for: ask for all of it. `len`
                 // only grows, and never past a whole frame, so this loop ends.
@@ -1260,7 +1480,7 @@ impl LogReader {
             Decoded::Incomplete { .. } => Damage::Torn,
             Decoded::Corrupt(reason) => Damage::Frame(reason),
         };
-        let path = self.segment_path(location.segment());
+        let path = self.path(FileKey::Segment(location.segment()));
         tracing::error!(
             path = %path.display(), offset = location.offset(), %conv, %seq, %reason,
             "an indexed message cannot be read from the log"
@@ -1272,52 +1492,55 @@ impl LogReader {
         })
     }
 
-    /// An open handle on `segment`, from the cache or newly opened (then cached, the
+    /// An open handle on `key`'s file, from the cache or newly opened (then cached, the
     /// least recently used one closed if the cache is full).
-    async fn file(&self, segment: u64) -> Result<Rc<ReadFile>, StorageError> {
-        if let Some(file) = self.cached_file(segment) {
+    async fn file(&self, key: FileKey) -> Result<Rc<ReadFile>, StorageError> {
+        if let Some(file) = self.cached_file(key) {
             return Ok(file);
         }
-        let path = self.segment_path(segment);
+        let path = self.path(key);
         let opened = ReadFile::open(&path, self.state.mode)
             .await
             .map_err(|err| io_error("open", &path, err))?;
-        // Another read may have opened the same segment meanwhile: keep one handle.
-        let (file, spare) = match self.cached_file(segment) {
-            Some(file) => (file, Some((segment, Rc::new(opened)))),
+        // Another read may have opened the same file meanwhile: keep one handle.
+        let (file, spare) = match self.cached_file(key) {
+            Some(file) => (file, Some((key, Rc::new(opened)))),
             None => {
                 let file = Rc::new(opened);
                 let mut files = self.state.files.borrow_mut();
-                files.push((segment, file.clone()));
+                files.push((key, file.clone()));
                 let evicted = (files.len() > READER_OPEN_SEGMENTS_MAX).then(|| files.remove(0));
                 (file, evicted)
             }
         };
-        if let Some((spare_segment, spare)) = spare {
+        if let Some((spare_key, spare)) = spare {
             // A handle still used by a read in flight is closed by glommio when that read
             // drops it.
             if let Ok(spare) = Rc::try_unwrap(spare) {
                 if let Err(err) = spare.close().await {
-                    let path = self.segment_path(spare_segment);
-                    tracing::warn!(path = %path.display(), error = %os_error(err), "closing a segment opened for reading failed");
+                    let path = self.path(spare_key);
+                    tracing::warn!(path = %path.display(), error = %os_error(err), "closing a file opened for reading failed");
                 }
             }
         }
         Ok(file)
     }
 
-    /// The cached handle on `segment`, made the most recently used.
-    fn cached_file(&self, segment: u64) -> Option<Rc<ReadFile>> {
+    /// The cached handle on `key`'s file, made the most recently used.
+    fn cached_file(&self, key: FileKey) -> Option<Rc<ReadFile>> {
         let mut files = self.state.files.borrow_mut();
-        let at = files.iter().position(|(s, _)| *s == segment)?;
+        let at = files.iter().position(|(k, _)| *k == key)?;
         let entry = files.remove(at);
         let file = entry.1.clone();
         files.push(entry);
         Some(file)
     }
 
-    fn segment_path(&self, segment: u64) -> PathBuf {
-        self.state.dir.join(segment_name(segment))
+    fn path(&self, key: FileKey) -> PathBuf {
+        match key {
+            FileKey::Segment(n) => self.state.dir.join(segment_name(n)),
+            FileKey::Index(n) => self.state.dir.join(index_name(n)),
+        }
     }
 }
 
@@ -1402,6 +1625,51 @@ async fn create_segment(dir: &Path, index: u64, mode: IoMode) -> Result<OpenSegm
         .map_err(|err| io_error("create", &path, err))?;
     sync_dir(dir).await?;
     Ok(OpenSegment::new(index, path, file, 0, &[]))
+}
+
+/// Writes sealed segment `index`'s index file anew and fdatasyncs it. The directory entry
+/// is the caller's to sync.
+async fn write_index_file(dir: &Path, index: u64, bytes: &[u8]) -> Result<(), StorageError> {
+    let path = dir.join(index_name(index));
+    let file = SegmentFile::open(&path, IoMode::Buffered, true)
+        .await
+        .map_err(|err| io_error("create", &path, err))?;
+    if !bytes.is_empty() {
+        file.write_padded(bytes, 0)
+            .await
+            .map_err(|err| io_error("write", &path, err))?;
+    }
+    file.fdatasync()
+        .await
+        .map_err(|err| io_error("fdatasync", &path, err))?;
+    file.close()
+        .await
+        .map_err(|err| io_error("close", &path, err))
+}
+
+/// The summary of sealed segment `index` whose message records are `entries`: from its
+/// index file if that holds exactly these entries, else from a new index file written
+/// now. Returns whether it wrote one (the caller syncs the directory).
+async fn recover_index_file(
+    dir: &Path,
+    index: u64,
+    mut entries: Vec<IndexEntry>,
+) -> Result<(SegmentSummary, bool), StorageError> {
+    let expected = segment_index::encode(&mut entries);
+    let path = dir.join(index_name(index));
+    let found = match std::fs::metadata(&path) {
+        Ok(meta) if meta.len() == expected.len() as u64 => Some(read_whole(&path).await?),
+        Ok(_) => None,
+        Err(err) if err.kind() == io::ErrorKind::NotFound => None,
+        Err(err) => return Err(std_error("stat", &path, err)),
+    };
+    let summary = SegmentSummary::of_sorted(&entries);
+    if found.as_deref() == Some(&expected[..]) {
+        return Ok((summary, false));
+    }
+    tracing::info!(path = %path.display(), entries = entries.len(), "writing a sealed segment's index file");
+    write_index_file(dir, index, &expected).await?;
+    Ok((summary, true))
 }
 
 /// fsyncs a directory, so that the entries created in it survive a crash.
@@ -1526,7 +1794,24 @@ fn list_segments(dir: &Path) -> Result<Vec<u64>, StorageError> {
     Ok(indexes)
 }
 
-/// Adds a recovered message, at `offset` in segment `segment`, to the read index.
+/// Checks that `message` follows its conversation's last message in the log so far.
+fn check_follows(
+    last_seqs: &mut HashMap<ConvId, Seq>,
+    message: &StoredMessage,
+) -> Result<(), StorageError> {
+    let last = last_seqs.entry(message.conv).or_insert(Seq::ZERO);
+    if message.seq.0 != last.0 + 1 {
+        return Err(StorageError::SeqGap {
+            conv: message.conv,
+            last: *last,
+            found: message.seq,
+        });
+    }
+    *last = message.seq;
+    Ok(())
+}
+
+/// Adds a recovered message of the open segment, at `offset` in it, to the read index.
 fn index_recovered(
     index: &mut Index,
     segment: u64,
@@ -1603,6 +1888,10 @@ pub(crate) async fn open_with_mode(
 
     let mut records = Vec::new();
     let mut read_index = Index::default();
+    let mut sealed = Vec::new();
+    let mut wrote_index_files = false;
+    // Each conversation's last seq so far: seqs must follow on across segments too.
+    let mut last_seqs: HashMap<ConvId, Seq> = HashMap::new();
     let mut sealed_bytes = 0;
     let mut recovered = None;
     // The last segment's bytes, kept until its partial last block is staged again.
@@ -1631,12 +1920,31 @@ pub(crate) async fn open_with_mode(
             last_bytes = bytes;
         }
         records.reserve(found.records.len());
+        let mut entries = Vec::new();
         for (offset, record) in found.records {
             if let Record::Message(message) = &record {
-                index_recovered(&mut read_index, index, offset, message)?;
+                check_follows(&mut last_seqs, message)?;
+                if is_last {
+                    index_recovered(&mut read_index, index, offset, message)?;
+                } else {
+                    entries.push(IndexEntry {
+                        conv: message.conv,
+                        seq: message.seq,
+                        offset,
+                    });
+                }
             }
             records.push(record);
         }
+        if !is_last {
+            let (summary, wrote) = recover_index_file(&dir, index, entries).await?;
+            wrote_index_files |= wrote;
+            sealed.push((index, Rc::new(summary)));
+        }
+    }
+    drop(last_seqs);
+    if wrote_index_files {
+        sync_dir(&dir).await?;
     }
     read_index.commit();
     read_index.pending.shrink_to_fit();
@@ -1700,6 +2008,7 @@ pub(crate) async fn open_with_mode(
         dir: dir.clone(),
         mode,
         index: RefCell::new(read_index),
+        sealed: RefCell::new(sealed),
         files: RefCell::new(Vec::new()),
     });
     let log = SegmentLog {
@@ -2282,9 +2591,21 @@ mod tests {
         records
     }
 
-    /// The location the index holds for `seq` of `conv`, durable or not.
+    /// The location the open segment's index holds for `seq` of `conv`, durable or not.
     fn location(log: &SegmentLog, conv: ConvId, seq: u64) -> Location {
-        log.read.index.borrow().convs[&conv].locations[seq as usize - 1]
+        let index = log.read.index.borrow();
+        let entry = &index.convs[&conv];
+        entry.locations[(seq - entry.first.0) as usize]
+    }
+
+    /// Where durable message `seq` of `conv` is, in whichever segment.
+    async fn located(reader: &LogReader, conv: ConvId, seq: u64) -> Location {
+        let found = reader
+            .locations(conv, Seq(seq), Seq(seq), 1)
+            .await
+            .expect("locations");
+        assert_eq!(found.len(), 1, "message {seq} of {conv} is not indexed");
+        found[0]
     }
 
     async fn read(
@@ -2370,12 +2691,12 @@ mod tests {
                     segments > READER_OPEN_SEGMENTS_MAX as u64,
                     "only {segments} segments"
                 );
+                let reader = log.reader();
                 // The range 30..=60 of A crosses segments.
                 assert!(
-                    location(&log, conv_a(), 30).segment() + 1
-                        < location(&log, conv_a(), 60).segment()
+                    located(&reader, conv_a(), 30).await.segment() + 1
+                        < located(&reader, conv_a(), 60).await.segment()
                 );
-                let reader = log.reader();
                 assert_reads_of_the_interleaved_log(&reader, count).await;
                 // Reading every segment kept only the newest handles open.
                 assert_eq!(reader.state.files.borrow().len(), READER_OPEN_SEGMENTS_MAX);
@@ -2388,8 +2709,11 @@ mod tests {
                 }
                 // A frame read alone, from no more than its header's length, grows the
                 // read to the whole frame.
-                let big = location(&log, conv_b(), 50);
-                let file = reader.file(big.segment()).await.expect("open");
+                let big = located(&reader, conv_b(), 50).await;
+                let file = reader
+                    .file(FileKey::Segment(big.segment()))
+                    .await
+                    .expect("open");
                 let decoded = reader
                     .read_frame(&file, big, RECORD_BODY_OFFSET)
                     .await
@@ -2414,11 +2738,15 @@ mod tests {
                 assert_reads_of_the_interleaved_log(&reader, count).await;
                 let stats = reader.index_stats();
                 assert_eq!(stats.conversations, 2);
+                assert_eq!(stats.sealed_segments as u64, log.segment.index - 1);
                 // Recovery shrinks the vectors to fit: 8 bytes a message.
-                let locations = log.read.index.borrow().convs[&conv_a()]
-                    .locations
-                    .capacity();
-                assert_eq!(locations, count as usize);
+                let index = log.read.index.borrow();
+                let open = &index.convs[&conv_a()].locations;
+                assert_eq!(open.capacity(), open.len());
+                // Every sealed segment has its index file.
+                for n in 1..log.segment.index {
+                    assert!(dir.0.join(index_name(n)).is_file(), "no index file for {n}");
+                }
             });
         }
     }
@@ -2444,14 +2772,12 @@ mod tests {
                     log.write(&frames(&records)).await.expect("write");
                 }
                 log.sync().await.expect("sync");
-                let locations = log.read.index.borrow().durable_locations(
-                    conv_a(),
-                    Seq(1),
-                    Seq(count),
-                    usize::MAX,
-                );
-                assert_eq!(plan_runs(&locations).len() as u64, count);
                 let reader = log.reader();
+                let locations = reader
+                    .locations(conv_a(), Seq(1), Seq(count), usize::MAX)
+                    .await
+                    .expect("locations");
+                assert_eq!(plan_runs(&locations).len() as u64, count);
                 assert_eq!(
                     read(&reader, conv_a(), 1, count, usize::MAX).await,
                     stored_range(conv_a(), 1..=count)
@@ -2795,6 +3121,142 @@ mod tests {
                 }]
             );
         });
+    }
+
+    /// One message of each of `count` conversations (groups 1..=count), `per` a batch.
+    async fn one_message_each(log: &mut SegmentLog, count: u64, per: usize) {
+        let records: Vec<Record> = (1..=count)
+            .map(|g| Record::Message(stored(ConvId::group(g), 1)))
+            .collect();
+        for batch in records.chunks(per) {
+            log.write(&frames(batch)).await.expect("write");
+            log.sync().await.expect("sync");
+        }
+    }
+
+    /// What issue 10 found: the index grew by ~120 bytes for every conversation ever
+    /// written. Now only the open segment's conversations cost that; a sealed segment's
+    /// cost a bloom filter's ~10 bits and its file's block keys.
+    #[test]
+    fn the_index_in_memory_stays_small_however_many_conversations_were_written() {
+        let dir = TempDir::new("index-memory");
+        let count = 20_000;
+        run(async {
+            let (mut log, _) = open_mode(&dir, 64 * 1024, IoMode::Buffered).await;
+            one_message_each(&mut log, count, 100).await;
+            let reader = log.reader();
+            let stats = reader.index_stats();
+            assert_eq!(stats.messages, count);
+            assert!(stats.sealed_segments > 20, "{stats:?}");
+            // The open segment holds at most 64 KiB of records, a few hundred messages.
+            assert!(stats.conversations < 1_000, "{stats:?}");
+            let per_conversation = stats.heap_bytes as f64 / count as f64;
+            assert!(
+                per_conversation < 12.0,
+                "{per_conversation} bytes each: {stats:?}"
+            );
+            // Every conversation is still found: its head and its message.
+            for g in [1, 777, count / 2, count - 1, count] {
+                let conv = ConvId::group(g);
+                assert_eq!(reader.last_durable_seq(conv).await.expect("load"), Seq(1));
+                assert_eq!(read(&reader, conv, 1, 1, 1).await, vec![stored(conv, 1)]);
+            }
+            for g in [count + 1, count + 2, u64::MAX] {
+                let conv = ConvId::group(g);
+                assert_eq!(
+                    reader.last_durable_seq(conv).await.expect("load"),
+                    Seq::ZERO
+                );
+                assert!(read(&reader, conv, 1, 10, 10).await.is_empty());
+            }
+        });
+    }
+
+    #[test]
+    fn the_last_durable_seq_is_found_in_the_open_segment_or_the_newest_sealed_one() {
+        for mode in MODES {
+            let dir = TempDir::new("last-durable");
+            let count = 150;
+            run(async {
+                let (mut log, _) = open_mode(&dir, 8 * 1024, mode).await;
+                let records = interleaved(1..count + 1);
+                for batch in records.chunks(7) {
+                    log.write(&frames(batch)).await.expect("write");
+                    log.sync().await.expect("sync");
+                }
+                // A conversation written once, early: only in a sealed segment.
+                let early = ConvId::group(77);
+                let reader = log.reader();
+                assert_eq!(
+                    reader.last_durable_seq(early).await.expect("load"),
+                    Seq::ZERO
+                );
+                // Unsynced: not durable, not reported.
+                log.write(&frames(&[Record::Message(stored(conv_a(), count + 1))]))
+                    .await
+                    .expect("write");
+                for conv in [conv_a(), conv_b()] {
+                    assert_eq!(
+                        reader.last_durable_seq(conv).await.expect("load"),
+                        Seq(count)
+                    );
+                }
+                log.sync().await.expect("sync");
+                assert_eq!(
+                    reader.last_durable_seq(conv_a()).await.expect("load"),
+                    Seq(count + 1)
+                );
+                log.close().await.expect("close");
+            });
+            run(async {
+                let (log, _) = open_mode(&dir, 8 * 1024, mode).await;
+                let reader = log.reader();
+                assert_eq!(
+                    reader.last_durable_seq(conv_a()).await.expect("load"),
+                    Seq(count + 1)
+                );
+                assert_eq!(
+                    reader.last_durable_seq(conv_b()).await.expect("load"),
+                    Seq(count)
+                );
+            });
+        }
+    }
+
+    #[test]
+    fn a_missing_or_damaged_index_file_is_rebuilt_at_recovery() {
+        let dir = TempDir::new("index-rebuilt");
+        let count = 150;
+        let segment_bytes = 8 * 1024;
+        let sealed = run(async {
+            let (mut log, _) = open_mode(&dir, segment_bytes, IoMode::Buffered).await;
+            for batch in interleaved(1..count + 1).chunks(7) {
+                log.write(&frames(batch)).await.expect("write");
+                log.sync().await.expect("sync");
+            }
+            let sealed = log.segment.index - 1;
+            assert!(sealed >= 3);
+            log.close().await.expect("close");
+            sealed
+        });
+        let files: Vec<Vec<u8>> = (1..=sealed)
+            .map(|n| std::fs::read(dir.0.join(index_name(n))).expect("index file"))
+            .collect();
+        // A crash between sealing and indexing; a flipped bit; a file cut short.
+        std::fs::remove_file(dir.0.join(index_name(1))).expect("remove");
+        let mut flipped = files[1].clone();
+        let last = flipped.len() - 1;
+        flipped[last] ^= 0x10;
+        std::fs::write(dir.0.join(index_name(2)), &flipped).expect("write");
+        std::fs::write(dir.0.join(index_name(3)), &files[2][..files[2].len() / 2]).expect("write");
+        run(async {
+            let (log, _) = open_mode(&dir, segment_bytes, IoMode::Buffered).await;
+            assert_reads_of_the_interleaved_log(&log.reader(), count).await;
+        });
+        for n in 1..=sealed {
+            let now = std::fs::read(dir.0.join(index_name(n))).expect("index file");
+            assert_eq!(now, files[n as usize - 1], "index file {n} was not rebuilt");
+        }
     }
 
     #[test]
