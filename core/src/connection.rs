@@ -231,7 +231,8 @@ pub struct Connection {
     pub stalled_since: Option<Instant>,
     /// The tick of this connection's live timer-wheel entry.
     pub timer_tick: Option<u64>,
-    /// Push-stream cursors by conversation.
+    /// Push-stream cursors by conversation; at most `Limits::cursors_per_conn_max`
+    /// (see [`Connection::cursor`]).
     pub convs: Map<ConvId, ConvCursor>,
     /// Sends awaiting their Ack or Nack.
     pub inflight_sends: usize,
@@ -303,6 +304,33 @@ impl Connection {
     pub fn push(&mut self, encoder: &mut Encoder, meta: &Meta, payload: Bytes) {
         self.outbox.push(encoder, meta, payload);
         self.dirty = true;
+    }
+
+    /// The cursor of `conv`, new (all zero) if it had none. With `max` cursors already,
+    /// one is dropped first: one the device has acknowledged in full if there is one,
+    /// else one not catching up, else any. A client that keeps touching new conversations
+    /// (its own Sends echo, Syncs name cursors) would otherwise grow the map without end.
+    ///
+    /// A dropped cursor costs repeats, never a loss: the next push of its conversation
+    /// finds no cursor and catches the connection up from seq 1, as for a conversation it
+    /// never saw (the device shows each (conv, seq) once). Starting the new cursor at that
+    /// push instead would be cheaper, but would leave any gap behind it to the device's
+    /// engine to notice; the simulator runs with 2 cursors a connection to keep this path
+    /// busy.
+    pub fn cursor(&mut self, conv: ConvId, max: usize) -> &mut ConvCursor {
+        if !self.convs.contains_key(&conv) && self.convs.len() >= max.max(1) {
+            let victim = self
+                .convs
+                .iter()
+                .find(|(_, c)| c.acked >= c.sent && !c.catching_up)
+                .or_else(|| self.convs.iter().find(|(_, c)| !c.catching_up))
+                .or_else(|| self.convs.iter().next())
+                .map(|(&k, _)| k);
+            if let Some(victim) = victim {
+                self.convs.remove(&victim);
+            }
+        }
+        self.convs.entry(conv).or_default()
     }
 }
 

@@ -99,6 +99,10 @@ pub struct Limits {
     pub sync_batch_per_conv: u32,
     /// Cursors in one Sync. 4096 conversations per device.
     pub sync_cursors_max: usize,
+    /// Push cursors one connection keeps (one per conversation pushed to it or named in
+    /// its Sync); past this, settled ones are dropped. At least `sync_cursors_max`.
+    /// 8192: under 1 MiB a connection.
+    pub cursors_per_conn_max: usize,
     /// Time from connect to a valid Auth. 10 s: a slow mobile TLS handshake and login fit.
     pub auth_timeout: Duration,
     /// The interval at which a client must send something (Ping when idle). A peer is
@@ -151,6 +155,7 @@ impl Default for Limits {
             devices_per_user_max: 16,
             token_renew_margin: Duration::from_secs(60),
             sync_cursors_max: 4096,
+            cursors_per_conn_max: 8192,
             auth_timeout: Duration::from_secs(10),
             heartbeat_interval: Duration::from_secs(30),
             token_leeway: Duration::from_secs(30),
@@ -189,6 +194,9 @@ impl Limits {
         }
         if self.sync_batch_per_conv == 0 {
             return Err("sync_batch_per_conv must be positive".into());
+        }
+        if self.cursors_per_conn_max == 0 {
+            return Err("cursors_per_conn_max must be positive".into());
         }
         if (self.auth_frame_bytes_max as usize) < self.token_bytes_max + frame_overhead
             || self.auth_frame_bytes_max > self.frame_bytes_max

@@ -335,6 +335,12 @@ impl Shard {
         self.id
     }
 
+    /// The push cursors connection `id` holds (`None` if it is not open): for tests and
+    /// diagnostics of the `cursors_per_conn_max` bound.
+    pub fn connection_cursors(&self, id: ConnId) -> Option<usize> {
+        self.conn(id).map(|c| c.convs.len())
+    }
+
     /// Counters for metrics.
     pub fn stats(&self) -> &ShardStats {
         &self.stats
@@ -1251,6 +1257,7 @@ impl Shard {
             return;
         }
         let limit = self.limits.sync_batch_per_conv;
+        let cursors_max = self.limits.cursors_per_conn_max;
         let purpose = ReplayPurpose::Sync { req: sync.req };
         let Some(c) = self.conn_mut(id) else {
             return;
@@ -1266,7 +1273,7 @@ impl Shard {
                 });
                 continue;
             }
-            let state = c.convs.entry(cursor.conv).or_default();
+            let state = c.cursor(cursor.conv, cursors_max);
             state.sent = state.sent.max(cursor.seq);
             state.catching_up = true;
             c.replays.push_back(ReplayAsk {
@@ -2308,10 +2315,11 @@ impl Shard {
                 self.end_page(id, ask, true);
             }
             (ReplayPurpose::Sync { .. } | ReplayPurpose::CatchUp, Ok(batch)) => {
+                let cursors_max = self.limits.cursors_per_conn_max;
                 let Some(c) = self.conn_mut(id) else {
                     return;
                 };
-                let cursor = c.convs.entry(conv).or_default();
+                let cursor = c.cursor(conv, cursors_max);
                 let mut refused = None;
                 if ask.available_from.is_none() && cursor.sent > batch.latest {
                     // The device claims seqs that do not exist: resume from the latest
@@ -2442,6 +2450,7 @@ impl Shard {
             self.queue_notify(id, conv, last.seq);
             return;
         }
+        let cursors_max = self.limits.cursors_per_conn_max;
         let Some(c) = self.conn_mut(id) else {
             return;
         };
@@ -2451,7 +2460,7 @@ impl Shard {
             }
             return;
         }
-        let cursor: &mut ConvCursor = c.convs.entry(conv).or_default();
+        let cursor: &mut ConvCursor = c.cursor(conv, cursors_max);
         let mut to_send = Vec::new();
         let mut request = None;
         for m in msgs {

@@ -531,3 +531,39 @@ fn a_send_to_a_conversation_the_sender_is_not_in_creates_no_state() {
     }
     assert_eq!(w.nodes[0].shard.stats().conversations, 0);
 }
+
+// ---- a connection's push cursors are bounded too -------------------------------------
+
+/// Found measuring finding 4 again: a connection keeps a push cursor for every
+/// conversation pushed to it, its own Sends' echoes included, so one client writing to new
+/// conversations grew its connection by ~64 bytes a conversation without end.
+#[test]
+fn a_connection_keeps_a_bounded_number_of_push_cursors() {
+    let limits = Limits {
+        cursors_per_conn_max: 8,
+        sync_cursors_max: 8,
+        ..Limits::default()
+    };
+    let mut w = World::new(1, limits);
+    let alice = w.login(0, 1, 1);
+    for peer in 2..=101u64 {
+        let conv = ConvId::direct(UserId(1), UserId(peer));
+        w.send(alice, peer as u32, conv, b"hi");
+    }
+    assert_eq!(acks(&w.take(alice)).len(), 100);
+    let id = w.conns[alice].id;
+    assert_eq!(w.nodes[0].shard.connection_cursors(id), Some(8));
+    // A conversation whose cursor was dropped is caught up from seq 1 at its next push:
+    // a repeat, which the device shows once, and nothing missed.
+    let conv = ConvId::direct(UserId(1), UserId(2));
+    w.send(alice, 500, conv, b"again");
+    let frames = w.take(alice);
+    assert_eq!(acks(&frames), vec![(500, Seq(2))]);
+    let pushed: Vec<u64> = delivers(&frames)
+        .iter()
+        .filter(|(c, _, _)| *c == conv)
+        .map(|(_, s, _)| s.0)
+        .collect();
+    assert_eq!(pushed, vec![1, 2]);
+    assert!(w.nodes[0].shard.connection_cursors(id) <= Some(8));
+}

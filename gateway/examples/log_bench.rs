@@ -74,6 +74,7 @@ async fn bench(dir: PathBuf, mode: IoMode, count: u64) -> anyhow::Result<()> {
     let config = LogConfig {
         dir: dir.clone(),
         segment_bytes: storage::SEGMENT_BYTES_DEFAULT,
+        segment_messages: storage::SEGMENT_MESSAGES_DEFAULT,
     };
     let (mut log, _) = storage::open_with_mode(config.clone(), mode).await?;
     let records: Vec<Record> = (1..=count).map(message).collect();
@@ -193,6 +194,7 @@ async fn read_bench(dir: PathBuf, mode: IoMode) -> anyhow::Result<()> {
     let config = LogConfig {
         dir: dir.clone(),
         segment_bytes: storage::SEGMENT_BYTES_DEFAULT,
+        segment_messages: storage::SEGMENT_MESSAGES_DEFAULT,
     };
     // Conversation 0 in a burst, 1..=10 interleaved, 11..=1010 interleaved.
     let groups: [(&str, std::ops::Range<u64>); 3] = [

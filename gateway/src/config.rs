@@ -49,6 +49,8 @@ pub struct Config {
     pub shards: usize,
     /// Segment file size before rotation.
     pub segment_bytes: u64,
+    /// Messages in a segment before rotation (bounds the open segment's index).
+    pub segment_messages: usize,
     /// How tokens are verified.
     pub auth: AuthConfig,
     /// Engine bounds.
@@ -107,6 +109,7 @@ pub struct FileConfig {
     data_dir: Option<PathBuf>,
     shards: Option<usize>,
     segment_bytes: Option<u64>,
+    segment_messages: Option<usize>,
     shutdown_timeout_secs: Option<u64>,
     hs256_secret_file: Option<PathBuf>,
     ed25519_public_key_file: Option<PathBuf>,
@@ -128,6 +131,7 @@ pub struct FileConfig {
     hot_bytes_per_shard: Option<usize>,
     hot_messages_per_shard: Option<usize>,
     dedupe_window_entries: Option<usize>,
+    cursors_per_conn_max: Option<usize>,
 }
 
 /// Command-line overrides (None: not given).
@@ -151,6 +155,7 @@ impl Default for Config {
             admin_token_file: None,
             shards: 0,
             segment_bytes: crate::storage::SEGMENT_BYTES_DEFAULT,
+            segment_messages: crate::storage::SEGMENT_MESSAGES_DEFAULT,
             auth: AuthConfig::DevSecret,
             limits: Limits::default(),
             shutdown_timeout: Duration::from_secs(10),
@@ -196,6 +201,7 @@ impl Config {
         self.data_dir = f.data_dir.unwrap_or(self.data_dir.clone());
         self.shards = f.shards.unwrap_or(self.shards);
         self.segment_bytes = f.segment_bytes.unwrap_or(self.segment_bytes);
+        self.segment_messages = f.segment_messages.unwrap_or(self.segment_messages);
         if let Some(s) = f.shutdown_timeout_secs {
             self.shutdown_timeout = Duration::from_secs(s);
         }
@@ -223,6 +229,7 @@ impl Config {
         l.hot_bytes_per_shard = f.hot_bytes_per_shard.unwrap_or(l.hot_bytes_per_shard);
         l.hot_messages_per_shard = f.hot_messages_per_shard.unwrap_or(l.hot_messages_per_shard);
         l.dedupe_window_entries = f.dedupe_window_entries.unwrap_or(l.dedupe_window_entries);
+        l.cursors_per_conn_max = f.cursors_per_conn_max.unwrap_or(l.cursors_per_conn_max);
         Ok(())
     }
 

@@ -554,6 +554,7 @@ async fn shard_main(setup: ShardSetup) -> Result<()> {
     let (log, recovery) = storage::open(LogConfig {
         dir: dir.clone(),
         segment_bytes: config.segment_bytes,
+        segment_messages: config.segment_messages,
     })
     .await
     .with_context(|| format!("opening the log in {}", dir.display()))?;

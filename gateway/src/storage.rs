@@ -134,6 +134,13 @@ use std::rc::Rc;
 /// cold tier, which ships sealed segments, handle one at a time in modest memory.
 pub const SEGMENT_BYTES_DEFAULT: u64 = 64 * 1024 * 1024;
 
+/// Default number of messages at which a segment is sealed even if it is not full: 65,536.
+/// The open segment's index is in memory, at up to ~130 bytes a message when each message
+/// is in a conversation of its own (a hash map entry and a vector per conversation), so
+/// this bounds it to ~8.5 MB a shard; sealed segments keep theirs in a file. At typical
+/// message sizes (100-500 bytes) this seals a segment every 6-32 MB.
+pub const SEGMENT_MESSAGES_DEFAULT: usize = 65_536;
+
 /// Most bytes staged in memory before they are written out: 128 KiB. A `write` larger
 /// than this goes to the file in steps of this size, each one O_DIRECT write. The bound
 /// keeps a shard's log memory at about twice this (the stage, and the aligned copy that
@@ -226,6 +233,8 @@ pub struct LogConfig {
     pub dir: PathBuf,
     /// Size at which a segment is sealed (see [`SEGMENT_BYTES_DEFAULT`]); at least 1.
     pub segment_bytes: u64,
+    /// Messages at which a segment is sealed (see [`SEGMENT_MESSAGES_DEFAULT`]); at least 1.
+    pub segment_messages: usize,
 }
 
 /// What [`open`] found on disk.
@@ -683,6 +692,7 @@ impl OpenSegment {
 pub struct SegmentLog {
     dir: PathBuf,
     segment_bytes: u64,
+    segment_messages: usize,
     mode: IoMode,
     segment: OpenSegment,
     /// Bytes in the sealed segments before `segment`.
@@ -725,10 +735,9 @@ impl SegmentLog {
         // Sealing makes the whole segment durable, so a segment with unsynced bytes is
         // not sealed: `reset_to_durable` must be able to remove them (module docs).
         let is_synced = self.segment.durable == self.segment.written;
-        if self.segment.written > 0
-            && is_synced
-            && self.segment.written.saturating_add(len) > self.segment_bytes
-        {
+        let is_full = self.segment.written.saturating_add(len) > self.segment_bytes
+            || self.read.index.borrow().messages >= self.segment_messages;
+        if self.segment.written > 0 && is_synced && is_full {
             self.rotate().await?;
         }
         // Indexed before the bytes are staged: if staging fails or is dropped halfway,
@@ -952,6 +961,8 @@ struct Index {
     convs: HashMap<ConvId, ConvIndex>,
     /// The conversations that have entries past their durable count, each once.
     pending: Vec<ConvId>,
+    /// Entries, durable or not.
+    messages: usize,
 }
 
 impl Index {
@@ -976,6 +987,7 @@ impl Index {
             self.pending.push(conv);
         }
         entry.locations.push(location);
+        self.messages += 1;
         Ok(())
     }
 
@@ -1000,6 +1012,7 @@ impl Index {
                 .convs
                 .get_mut(&conv)
                 .expect("pending conversation indexed");
+            self.messages -= entry.locations.len() - entry.durable;
             entry.locations.truncate(entry.durable);
             if entry.locations.is_empty() {
                 self.convs.remove(&conv);
@@ -1865,6 +1878,11 @@ pub(crate) async fn open_with_mode(
             reason: "segment_bytes must be at least 1",
         });
     }
+    if config.segment_messages == 0 {
+        return Err(StorageError::InvalidConfig {
+            reason: "segment_messages must be at least 1",
+        });
+    }
     if config.segment_bytes > SEGMENT_BYTES_MAX {
         return Err(StorageError::InvalidConfig {
             reason: "segment_bytes must be at most 512 GiB (the read index's reach)",
@@ -2014,6 +2032,7 @@ pub(crate) async fn open_with_mode(
     let log = SegmentLog {
         dir,
         segment_bytes: config.segment_bytes,
+        segment_messages: config.segment_messages,
         mode,
         sealed_bytes,
         needs_reset: false,
@@ -2099,6 +2118,7 @@ mod tests {
         LogConfig {
             dir: dir.0.clone(),
             segment_bytes,
+            segment_messages: SEGMENT_MESSAGES_DEFAULT,
         }
     }
 
@@ -3169,6 +3189,29 @@ mod tests {
                 );
                 assert!(read(&reader, conv, 1, 10, 10).await.is_empty());
             }
+        });
+    }
+
+    #[test]
+    fn a_segment_is_sealed_at_its_message_bound_too() {
+        let dir = TempDir::new("segment-messages");
+        run(async {
+            let config = LogConfig {
+                segment_messages: 10,
+                ..config(&dir, SEGMENT_BYTES_DEFAULT)
+            };
+            let (mut log, _) = open_with_mode(config, IoMode::Buffered)
+                .await
+                .expect("open");
+            for batch in messages(1..36).chunks(1) {
+                log.write(&frames(batch)).await.expect("write");
+                log.sync().await.expect("sync");
+            }
+            assert_eq!(log.segment.index, 4);
+            let stats = log.reader().index_stats();
+            assert_eq!((stats.sealed_segments, stats.messages), (3, 35));
+            assert_eq!(log.read.index.borrow().messages, 5);
+            assert_eq!(read(&log.reader(), conv_a(), 1, 35, 100).await.len(), 35);
         });
     }
 

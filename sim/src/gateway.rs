@@ -44,6 +44,8 @@ pub fn limits(rates: &Rates) -> Limits {
         // A handful of conversations in memory: the sim's direct conversations leave
         // memory and come back from the log all the time.
         conversations_max: 1,
+        // A device's connection forgets push cursors all the time too.
+        cursors_per_conn_max: 2,
         ..Limits::default()
     };
     if let Some((soft, hard, grace_ms)) = rates.outbound {
