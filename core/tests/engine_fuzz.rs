@@ -3,61 +3,23 @@
 //! foreign and invalid conversation ids, priorities, signal kinds, repeated Auth, frames
 //! after close, gateway-only frames, payloads around the limits, several connections and
 //! users, stalled readers, time jumps, syncs and crashes. After every step: no panic, and
+//! the invariants listed in `fuzz_driver` (I1, I2, I3, I5 and the bounds, I6) hold.
 //!
-//! - I1/I5: every Ack and every Deliver names a message durable in its owner's log, and a
-//!   Deliver carries that message's client_msg_id (no seq names two messages);
-//! - I2: a (sender, client_msg_id) is acked with one (conv, seq) only;
-//! - I3: each conversation's stored seqs are 1, 2, 3, ... without a gap or a repeat;
-//! - I6: every shard's state is within its bounds (conversations, hot tier, dedupe) and
-//!   what it holds for a reader that stopped reading stays within the hard budget.
+//! This file holds the proptest strategies. The ops, the limits and the checks are the
+//! driver in `fuzz_driver/`, shared with the cargo-fuzz target in `fuzz/`, which reads the
+//! same value space from libFuzzer's bytes instead.
 //!
 //! CI runs `PROPTEST_CASES` (default 64) cases; the closing note of issue 10 has a local run
-//! of a million. Failing cases are saved in `proptest-regressions/`.
+//! of a million. Failing cases are saved in `engine_fuzz.proptest-regressions`.
 
+mod fuzz_driver;
 mod harness;
 
-use bytes::Bytes;
-use harness::*;
-use imgate_core::log::{scan, Record};
-use imgate_core::mesh::Command;
+use fuzz_driver::{run, Op, SHARDS, USERS};
 use imgate_core::proto::meta::{self, Meta, Priority, SignalKind};
 use imgate_core::proto::{ClientMsgId, ConvId, DeviceId, Seq, UserId};
-use imgate_core::Limits;
 use proptest::prelude::*;
-use std::collections::{BTreeMap, BTreeSet};
-use std::time::Duration;
-
-const SHARDS: u16 = 2;
-const USERS: u64 = 4;
-
-/// Small bounds, so that the fuzz reaches them: a few conversations in memory, a short
-/// dedupe window... every bound still consistent (`Limits::validate`).
-fn limits() -> Limits {
-    Limits {
-        payload_bytes_max: 2_000,
-        outbound_soft_bytes: 3_000,
-        outbound_hard_bytes: 12_000,
-        replay_page_bytes: 1_000,
-        replay_resume_bytes: 1_500,
-        hot_messages_per_conv: 4,
-        hot_messages_per_shard: 12,
-        hot_bytes_per_shard: 8_000,
-        conversations_max: 3,
-        dedupe_window_entries: 4_096,
-        pull_limit_max: 7,
-        sync_batch_per_conv: 5,
-        sync_cursors_max: 6,
-        pulls_queued_max: 3,
-        inflight_sends_max: 8,
-        frames_per_sec: 50,
-        frames_burst: 40,
-        devices_per_user_max: 2,
-        pending_signals_max: 2,
-        loads_inflight_max: 2,
-        load_waiters_max: 3,
-        ..Limits::default()
-    }
-}
+use std::collections::BTreeSet;
 
 fn seq() -> impl Strategy<Value = Seq> {
     prop_oneof![
@@ -132,28 +94,6 @@ fn frame() -> impl Strategy<Value = (Meta, usize)> {
     ]
 }
 
-#[derive(Clone, Debug)]
-enum Op {
-    /// A connection opens on a shard and authenticates as (user, device).
-    Login { shard: u16, user: u64, device: u32 },
-    /// A frame on a connection (it may be closed by now: then nothing is written).
-    Frame {
-        conn: usize,
-        frame: Meta,
-        len: usize,
-    },
-    /// The client hangs up.
-    HangUp { conn: usize },
-    /// The client stops reading, or starts again.
-    Reading { conn: usize, on: bool },
-    /// Appends become durable.
-    Sync,
-    /// Time passes.
-    Advance { ms: u64 },
-    /// Power loss on every shard.
-    Crash,
-}
-
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         3 => (0..SHARDS, 1..=USERS, 1..=3u32)
@@ -168,156 +108,6 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
-/// What the clients were told, checked against the logs after every step.
-#[derive(Default)]
-struct Seen {
-    /// (sender, client_msg_id) -> the (conv, seq) it was acked with.
-    acked: BTreeMap<(u64, ClientMsgId), (ConvId, Seq)>,
-    /// Frames already checked, per connection.
-    checked: Vec<usize>,
-    /// Who each connection logged in as.
-    users: Vec<u64>,
-}
-
-fn durable(w: &World) -> BTreeMap<(ConvId, Seq), ClientMsgId> {
-    let mut out = BTreeMap::new();
-    for node in &w.nodes {
-        let len = node.log.durable_len() as usize;
-        for (_, r) in scan(&node.log.bytes()[..len]).records {
-            if let Record::Message(m) = r {
-                out.insert((m.conv, m.seq), m.client_msg_id);
-            }
-        }
-    }
-    out
-}
-
-/// `settled`: every append was just made durable, so nothing holds a conversation in
-/// memory but being a group.
-fn check(
-    w: &World,
-    seen: &mut Seen,
-    all: &[Vec<(Meta, Bytes)>],
-    settled: bool,
-) -> Result<(), TestCaseError> {
-    let stored = durable(w);
-    // I3: consecutive seqs from 1 per conversation.
-    let mut last: BTreeMap<ConvId, Seq> = BTreeMap::new();
-    for &(conv, seq) in stored.keys() {
-        let prev = last.insert(conv, seq).unwrap_or(Seq::ZERO);
-        prop_assert_eq!(seq, prev.next(), "I3: {} after {} in {}", seq, prev, conv);
-    }
-    for (i, frames) in all.iter().enumerate() {
-        let user = seen.users[i];
-        for (m, _) in &frames[seen.checked[i]..] {
-            match m {
-                Meta::Ack(a) => {
-                    prop_assert_eq!(
-                        stored.get(&(a.conv, a.seq)),
-                        Some(&a.client_msg_id),
-                        "I1: ack of a message not durable"
-                    );
-                    let first = *seen
-                        .acked
-                        .entry((user, a.client_msg_id))
-                        .or_insert((a.conv, a.seq));
-                    prop_assert_eq!(first, (a.conv, a.seq), "I2: two answers for one id");
-                }
-                Meta::Deliver(d) => {
-                    prop_assert_eq!(
-                        stored.get(&(d.conv, d.seq)),
-                        Some(&d.client_msg_id),
-                        "I5: deliver of a message not durable, or of another message"
-                    );
-                }
-                _ => {}
-            }
-        }
-        seen.checked[i] = frames.len();
-    }
-    // I6: the shards' state within bounds.
-    let l = limits();
-    for node in &w.nodes {
-        let s = node.shard.stats();
-        // Groups never leave memory (two here); conversations with appends in flight wait.
-        if settled {
-            prop_assert!(s.conversations <= (l.conversations_max + 2) as u64, "{s:?}");
-        }
-        prop_assert!(s.hot_messages <= l.hot_messages_per_shard as u64, "{s:?}");
-        prop_assert!(s.hot_bytes <= l.hot_bytes_per_shard as u64, "{s:?}");
-        prop_assert!(s.dedupe_entries <= l.dedupe_window_entries as u64, "{s:?}");
-    }
-    for i in 0..w.conns.len() {
-        prop_assert!(
-            w.held_bytes(i) <= l.outbound_hard_bytes + l.frame_bytes_max as usize,
-            "connection {} holds {} bytes",
-            i,
-            w.held_bytes(i)
-        );
-    }
-    Ok(())
-}
-
-fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
-    let mut w = World::new(SHARDS, limits());
-    for g in 1..=2u64 {
-        w.command(Command::CreateGroup {
-            group: ConvId::group(g),
-            members: (1..=USERS)
-                .filter(|u| u % g == 0 || g == 1)
-                .map(UserId)
-                .collect(),
-        })
-        .map_err(|e| TestCaseError::fail(format!("{e}")))?;
-    }
-    let mut seen = Seen::default();
-    let mut frames: Vec<Vec<(Meta, Bytes)>> = Vec::new();
-    for op in ops {
-        let settled = matches!(op, Op::Sync);
-        match op {
-            Op::Login {
-                shard,
-                user,
-                device,
-            } => {
-                let c = w.open(shard);
-                let token = w.token(user, device);
-                w.frame(c, Meta::Auth(meta::Auth { token }), &[]);
-                seen.users.push(user);
-                seen.checked.push(0);
-                frames.push(Vec::new());
-            }
-            Op::Frame { conn, frame, len } => {
-                if conn < w.conns.len() && !w.conns[conn].closed {
-                    w.frame(conn, frame, &vec![0x5a; len]);
-                }
-            }
-            Op::HangUp { conn } => {
-                if conn < w.conns.len() {
-                    w.hang_up(conn);
-                }
-            }
-            Op::Reading { conn, on } => {
-                if conn < w.conns.len() && !w.conns[conn].closed {
-                    if on {
-                        w.resume_reading(conn);
-                    } else {
-                        w.conns[conn].reading = false;
-                    }
-                }
-            }
-            Op::Sync => w.sync(),
-            Op::Advance { ms } => w.advance(Duration::from_millis(ms)),
-            Op::Crash => w.crash_all(),
-        }
-        for (i, f) in frames.iter_mut().enumerate() {
-            f.extend(w.take(i));
-        }
-        check(&w, &mut seen, &frames, settled)?;
-    }
-    Ok(())
-}
-
 proptest! {
     #![proptest_config(ProptestConfig {
         cases: std::env::var("PROPTEST_CASES").ok().and_then(|c| c.parse().ok()).unwrap_or(64),
@@ -328,7 +118,7 @@ proptest! {
     fn hostile_frames_never_panic_break_an_invariant_or_a_bound(
         ops in proptest::collection::vec(op(), 1..80)
     ) {
-        run(ops)?;
+        run(ops).map_err(TestCaseError::fail)?;
     }
 }
 
