@@ -66,7 +66,8 @@
 //!   most [`READER_OPEN_SEGMENTS_MAX`] files open.
 //!
 //! Memory: the open segment's index (8 bytes per message plus ~60-130 bytes per
-//! conversation, for at most `segment_bytes` of records: bounded by the segment size),
+//! conversation, for at most [`LogConfig::segment_messages`] messages, after which the
+//! segment is sealed),
 //! plus per sealed segment about 1.25 bytes per conversation in it and 0.2 bytes per
 //! message. Before the index files, the whole index stayed in memory and grew by ~120
 //! bytes for every conversation ever written. [`LogReader::index_stats`] reports the total.
