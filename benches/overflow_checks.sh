@@ -57,7 +57,7 @@ chat() {
     --admin-token-file "$work/data/admin-token" \
     --secret-file "$work/data/dev-secret.hex" --gateway-pid "$gw_pid" \
     -c "$CONNS" -d "$DURATION" chat --rate "$RATE" 2>/dev/null |
-    grep -E "^(messages|send->|correctness|gateway) "
+    grep -E "^(messages|send->ack|send->deliver|correctness|gateway) "
   kill -TERM "$gw_pid"
   wait "$gw_pid" || true
   gw_pid=""
