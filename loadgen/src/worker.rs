@@ -95,8 +95,15 @@ struct State {
     counters: Counters,
     errors: BTreeMap<String, u64>,
     ledger: Ledger,
+    /// Send-to-ack latency of the messages sent in the load window (`in_window`), so
+    /// that its count is the window's `sent` once all are acked.
     ack_hist: Histogram<u64>,
     deliver_hist: Histogram<u64>,
+    /// Between `go` and `stop`, as the window's counters see it: set in the same step
+    /// that takes `at_go`, cleared in the one that takes `at_stop`. A connection task
+    /// may still act on the phase it read before (a send after `stop`), so this, not
+    /// the phase, says whether a send is in the window.
+    in_window: bool,
     /// Sum of every client's outbox: messages not yet acked or finally refused (with, in
     /// `Convs`, conversations waiting to be written again).
     outboxes: usize,
@@ -183,6 +190,7 @@ async fn drive(spec: WorkerSpec) -> Result<Report> {
             ledger: Ledger::default(),
             ack_hist: hist(),
             deliver_hist: hist(),
+            in_window: false,
             outboxes: 0,
             verify_planned: 0,
             verify_open: 0,
@@ -237,10 +245,12 @@ async fn drive(spec: WorkerSpec) -> Result<Report> {
                 match cmd.trim() {
                     "go" if go_time.is_none() => {
                         at_go = counters;
+                        shared.state.borrow_mut().in_window = true;
                         go_time = Some(Instant::now());
                         phase_tx.send_replace(Phase::Running);
                     }
                     "stop" => {
+                        shared.state.borrow_mut().in_window = false;
                         phase_tx.send_replace(Phase::Draining);
                         break (counters, Instant::now());
                     }
@@ -361,6 +371,8 @@ struct Sent {
     intended: u64,
     /// The sender's number for it.
     number: u32,
+    /// Sent in the load window (see `State::in_window`).
+    in_window: bool,
     conv: ConvId,
     payload: Bytes,
 }
@@ -687,14 +699,16 @@ impl Conn {
             {
                 Ok(id) => {
                     self.next_number += 1;
+                    let mut st = shared.state.borrow_mut();
                     let sent = Sent {
                         intended,
                         number,
+                        in_window: st.in_window,
                         conv,
                         payload,
                     };
                     self.pending.insert(id, sent);
-                    shared.state.borrow_mut().counters.sent += 1;
+                    st.counters.sent += 1;
                 }
                 Err(ClientError::OutboxFull { .. }) if self.convs.is_some() => {
                     // Backpressure from a slow gateway: this conversation waits its turn.
@@ -780,11 +794,13 @@ impl Conn {
                 }
                 ClientEvent::Acked { client_msg_id, .. } => {
                     if let Some(sent) = self.pending.remove(&client_msg_id) {
-                        let lat = shared
-                            .nanos_since_epoch(Instant::now())
-                            .saturating_sub(sent.intended);
-                        st.ack_hist
-                            .saturating_record((lat / 1000).clamp(1, LATENCY_MAX_US));
+                        if sent.in_window {
+                            let lat = shared
+                                .nanos_since_epoch(Instant::now())
+                                .saturating_sub(sent.intended);
+                            st.ack_hist
+                                .saturating_record((lat / 1000).clamp(1, LATENCY_MAX_US));
+                        }
                         st.ledger.acked(self.index, sent.number);
                         st.counters.acked += 1;
                         st.owed += u64::from(self.peers);
