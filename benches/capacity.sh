@@ -14,6 +14,7 @@
 # reordered a message.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source benches/lib.sh
 
 if [ -n "${QUICK:-}" ]; then
   : "${IDLE_CONNS:=2000}" "${CHAT_CONNS:=200}" "${CHAT_RATES:=1000 4000}" "${DURATION:=3}"
@@ -36,21 +37,10 @@ cleanup() {
 }
 trap cleanup EXIT
 
-start_gateway() {
+# A gateway on a fresh data dir.
+fresh_gateway() {
   rm -rf "$work/data"
-  RUST_LOG=warn "$GATEWAY" run --listen "$LISTEN" --admin "127.0.0.1:$ADMIN_PORT" \
-    --data-dir "$work/data" >>"$work/gateway.log" 2>&1 &
-  gw_pid=$!
-  # Up when both ports accept (the admin server starts before the shards' listeners).
-  for _ in $(seq 100); do
-    if (exec 3<>"/dev/tcp/127.0.0.1/$ADMIN_PORT") 2>/dev/null &&
-      (exec 3<>"/dev/tcp/${LISTEN%:*}/${LISTEN#*:}") 2>/dev/null; then
-      return
-    fi
-    sleep 0.1
-  done
-  echo "the gateway did not come up; see $work/gateway.log" >&2
-  exit 1
+  start_gateway "$GATEWAY" "$LISTEN" "$ADMIN_PORT" "$work/data" "$work/gateway.log"
 }
 
 stop_gateway() {
@@ -64,7 +54,7 @@ failed=0
 run() {
   local name=$1
   shift
-  start_gateway
+  fresh_gateway
   echo "== $name: loadgen $*" >&2
   local code=0
   "$LOADGEN" --gateway "$LISTEN" --admin "127.0.0.1:$ADMIN_PORT" \

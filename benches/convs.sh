@@ -39,23 +39,8 @@ cleanup() {
 }
 trap cleanup EXIT
 
-RUST_LOG=warn "$GATEWAY" run --listen "$LISTEN" --admin "127.0.0.1:$ADMIN_PORT" \
-  --data-dir "$work/data" --shards 2 >>"$work/gateway.log" 2>&1 &
-gw_pid=$!
-# Up when both ports accept (the admin server starts before the shards' listeners).
-up=""
-for _ in $(seq 100); do
-  if (exec 3<>"/dev/tcp/127.0.0.1/$ADMIN_PORT") 2>/dev/null &&
-    (exec 3<>"/dev/tcp/${LISTEN%:*}/${LISTEN#*:}") 2>/dev/null; then
-    up=1
-    break
-  fi
-  sleep 0.1
-done
-if [ -z "$up" ]; then
-  echo "the gateway did not come up; see $work/gateway.log" >&2
-  exit 1
-fi
+source benches/lib.sh
+start_gateway "$GATEWAY" "$LISTEN" "$ADMIN_PORT" "$work/data" "$work/gateway.log" --shards 2
 
 bound=()
 : "${RSS_MAX_MIB:=512}"

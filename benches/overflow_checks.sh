@@ -11,6 +11,7 @@
 # ROUNDS (2), CODEC (1: also run the codec bench both ways; 0: skip).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source benches/lib.sh
 : "${RATE:=5000}" "${CONNS:=1000}" "${DURATION:=20}" "${ROUNDS:=2}" "${CODEC:=1}"
 
 if [ "$CODEC" = 1 ]; then
@@ -39,19 +40,7 @@ trap cleanup EXIT
 chat() {
   local name=$1 gateway=$2
   rm -rf "$work/data"
-  RUST_LOG=warn "$gateway" run --listen "$LISTEN" --admin "127.0.0.1:$ADMIN_PORT" \
-    --data-dir "$work/data" >>"$work/gateway.log" 2>&1 &
-  gw_pid=$!
-  local up=""
-  for _ in $(seq 100); do
-    if (exec 3<>"/dev/tcp/127.0.0.1/$ADMIN_PORT") 2>/dev/null &&
-      (exec 3<>"/dev/tcp/${LISTEN%:*}/${LISTEN#*:}") 2>/dev/null; then
-      up=1
-      break
-    fi
-    sleep 0.1
-  done
-  [ -n "$up" ] || { echo "the gateway did not come up; see $work/gateway.log" >&2; exit 1; }
+  start_gateway "$gateway" "$LISTEN" "$ADMIN_PORT" "$work/data" "$work/gateway.log"
   echo "== chat $name: $CONNS connections, $RATE msg/s, ${DURATION}s"
   "$LOADGEN" --gateway "$LISTEN" --admin "127.0.0.1:$ADMIN_PORT" \
     --admin-token-file "$work/data/admin-token" \

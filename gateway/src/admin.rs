@@ -38,7 +38,7 @@
 //! (text, or JSON on the group routes) and a close, never a panic.
 
 use crate::metrics::Metrics;
-use futures_lite::future::poll_fn;
+use crate::notify::Notify;
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::{TcpListener, TcpStream};
 use glommio::timer::Timer;
@@ -52,7 +52,6 @@ use std::net::Shutdown;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
 /// Largest request head (request line and headers) accepted: 8 KiB, the common default of
@@ -206,35 +205,6 @@ struct Server {
     timeouts: Timeouts,
 }
 
-/// A flag one task waits on and others raise. Single-threaded (one executor).
-#[derive(Default)]
-struct Signal {
-    raised: Cell<bool>,
-    waker: RefCell<Option<Waker>>,
-}
-
-impl Signal {
-    fn raise(&self) {
-        self.raised.set(true);
-        if let Some(w) = self.waker.borrow_mut().take() {
-            w.wake();
-        }
-    }
-
-    /// Resolves once the flag is raised, and lowers it. One waiter at a time.
-    async fn wait(&self) {
-        poll_fn(|cx| {
-            if self.raised.replace(false) {
-                Poll::Ready(())
-            } else {
-                *self.waker.borrow_mut() = Some(cx.waker().clone());
-                Poll::Pending
-            }
-        })
-        .await
-    }
-}
-
 /// The connection slots, and the policy that keeps `/healthz` and `/metrics` answerable
 /// when every slot is taken: a new connection evicts the connection that has waited longest
 /// on a client without a valid token (reading its head, or lingering after its answer).
@@ -253,7 +223,7 @@ struct Slots {
     held: RefCell<BTreeMap<u64, Held>>,
     next_id: Cell<u64>,
     /// Raised when a slot is freed or becomes evictable; the accept loop waits on it.
-    changed: Signal,
+    changed: Notify,
 }
 
 /// One taken slot.
@@ -263,7 +233,7 @@ struct Held {
     /// did, which is never evicted.
     evictable_since: Option<Instant>,
     /// Raised to evict the connection.
-    evict: Rc<Signal>,
+    evict: Rc<Notify>,
     /// Eviction was asked; the slot is freed when the connection's task ends.
     evicted: bool,
 }
@@ -287,7 +257,7 @@ impl Slots {
                         .min_by_key(|h| h.evictable_since);
                     if let Some(victim) = victim {
                         victim.evicted = true;
-                        victim.evict.raise();
+                        victim.evict.notify();
                     }
                 }
             }
@@ -300,7 +270,7 @@ impl Slots {
     fn take(self: &Rc<Slots>) -> Slot {
         let id = self.next_id.get();
         self.next_id.set(id + 1);
-        let evict = Rc::new(Signal::default());
+        let evict = Rc::new(Notify::default());
         let mut held = self.held.borrow_mut();
         assert!(held.len() < CONNECTIONS_MAX, "a slot taken without room");
         held.insert(
@@ -323,7 +293,7 @@ impl Slots {
 struct Slot {
     slots: Rc<Slots>,
     id: u64,
-    evict: Rc<Signal>,
+    evict: Rc<Notify>,
 }
 
 impl Slot {
@@ -342,7 +312,7 @@ impl Slot {
             held.evictable_since = evictable.then(Instant::now);
         }
         if evictable {
-            self.slots.changed.raise();
+            self.slots.changed.notify();
         }
     }
 }
@@ -350,7 +320,7 @@ impl Slot {
 impl Drop for Slot {
     fn drop(&mut self) {
         self.slots.held.borrow_mut().remove(&self.id);
-        self.slots.changed.raise();
+        self.slots.changed.notify();
     }
 }
 

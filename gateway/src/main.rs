@@ -6,6 +6,7 @@ mod config;
 #[cfg(feature = "fault-injection")]
 mod fault;
 mod metrics;
+mod notify;
 mod runtime;
 mod storage;
 

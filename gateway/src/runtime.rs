@@ -15,6 +15,7 @@
 use crate::admin::{AdminContext, AdminToken, Control};
 use crate::config::Config;
 use crate::metrics::Metrics;
+use crate::notify::Notify;
 use crate::storage::{self, LogConfig, LogReader, SegmentLog};
 use anyhow::{bail, Context as _, Result};
 use bytes::{Bytes, BytesMut};
@@ -80,34 +81,6 @@ impl Clock {
 
     fn now(&self) -> Instant {
         Instant::from_millis(self.start_unix_ms + self.start.elapsed().as_millis() as u64)
-    }
-}
-
-/// A one-waiter wake-up flag for tasks on one executor.
-#[derive(Default)]
-struct Notify {
-    set: Cell<bool>,
-    waker: RefCell<Option<Waker>>,
-}
-
-impl Notify {
-    fn notify(&self) {
-        self.set.set(true);
-        if let Some(w) = self.waker.borrow_mut().take() {
-            w.wake();
-        }
-    }
-
-    async fn wait(&self) {
-        poll_fn(|cx| {
-            if self.set.replace(false) {
-                Poll::Ready(())
-            } else {
-                *self.waker.borrow_mut() = Some(cx.waker().clone());
-                Poll::Pending
-            }
-        })
-        .await
     }
 }
 
