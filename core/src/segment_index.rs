@@ -337,7 +337,7 @@ pub enum Step<T> {
 /// A lookup of `conv`'s entries in `from..=to`, at most `limit`: call [`Find::start`],
 /// then feed each block read with [`Find::feed`] until [`Step::Done`].
 ///
-/// This is the sans-I/O form of [`find`], for a driver whose reads are async. It reads at
+/// Drivers feed it the blocks they read (its tests drive it through `find`). It reads at
 /// most the blocks from `block_for(conv, from)` to the one holding (conv, to), in order.
 #[derive(Clone, Debug)]
 pub struct Find {
@@ -430,7 +430,9 @@ impl Find {
 /// `limit`, by reading blocks through `read` (which returns the bytes of a [`BlockRef`], or
 /// an error the caller chose): starts at `block_for(conv, from)` and follows `next_block`
 /// while entries are <= (conv, to). Returns `Ok(empty)` without calling `read` if
-/// `!may_contain(conv)`.
+/// `!may_contain(conv)`. The form a driver whose reads return at once uses; an async
+/// one drives [`Find`] itself.
+#[cfg(test)]
 pub fn find<E>(
     summary: &SegmentSummary,
     conv: ConvId,
@@ -449,28 +451,36 @@ pub fn find<E>(
 }
 
 /// The last seq of `conv` in the segment (`None` if it has no message of it): reads the
-/// block of `block_for(conv, Seq(u64::MAX))` only, and nothing when `!may_contain(conv)`.
-///
-/// One block is enough: that block holds the last entry at or before (conv, `u64::MAX`),
-/// which is `conv`'s last entry if it has any. An async driver does the same with
-/// [`SegmentSummary::may_contain`], [`SegmentSummary::block_for`] and the greatest seq of
-/// `conv` among the [`block_entries`] of the block it reads.
+/// block [`last_block`] names, and nothing if it names none. The form a driver whose reads
+/// return at once uses; an async one calls [`last_block`] and [`last_seq_in`] itself.
+#[cfg(test)]
 pub fn last_of<E>(
     summary: &SegmentSummary,
     conv: ConvId,
     mut read: impl FnMut(BlockRef) -> Result<Vec<u8>, E>,
 ) -> Result<Option<Seq>, E> {
-    if !summary.may_contain(conv) {
-        return Ok(None);
+    match last_block(summary, conv) {
+        Some(block) => Ok(last_seq_in(&read(block)?, conv)),
+        None => Ok(None),
     }
-    let Some(block) = summary.block_for(conv, Seq(u64::MAX)) else {
-        return Ok(None);
-    };
-    let bytes = read(block)?;
-    Ok(block_entries(&bytes)
+}
+
+/// The one block that holds `conv`'s last entry if the segment has any, or `None` if
+/// the summary rules `conv` out. One block is enough: it is the block of the last entry
+/// at or before (conv, `u64::MAX`), which is `conv`'s last entry if it has one.
+pub fn last_block(summary: &SegmentSummary, conv: ConvId) -> Option<BlockRef> {
+    if !summary.may_contain(conv) {
+        return None;
+    }
+    summary.block_for(conv, Seq(u64::MAX))
+}
+
+/// The greatest seq of `conv` among the entries of `block` (read from [`last_block`]).
+pub fn last_seq_in(block: &[u8], conv: ConvId) -> Option<Seq> {
+    block_entries(block)
         .filter(|entry| entry.conv == conv)
         .map(|entry| entry.seq)
-        .max())
+        .max()
 }
 
 /// The summary of `count` entries sorted strictly by (conv, seq). `entries` is walked

@@ -1320,17 +1320,11 @@ impl LogReader {
         }
         let candidates = self.candidates(conv);
         for (segment, summary) in candidates.iter().rev() {
-            // Entries are sorted, so the last of `conv` is in the block where a seq past
-            // every real one would go.
-            let Some(block) = summary.block_for(conv, Seq(u64::MAX)) else {
+            let Some(block) = segment_index::last_block(summary, conv) else {
                 continue;
             };
             let bytes = self.read_index_block(*segment, block).await?;
-            let last = segment_index::block_entries(bytes.as_slice())
-                .filter(|e| e.conv == conv)
-                .map(|e| e.seq)
-                .last();
-            if let Some(seq) = last {
+            if let Some(seq) = segment_index::last_seq_in(bytes.as_slice(), conv) {
                 return Ok(seq);
             }
         }
