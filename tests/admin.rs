@@ -11,28 +11,9 @@ use imgate_core::proto::meta::Meta;
 use imgate_core::proto::{ConvId, UserId};
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::time::Duration;
 
 /// The gateway's admin connection slots (`admin::CONNECTIONS_MAX`).
 const ADMIN_CONNECTIONS_MAX: usize = 64;
-
-/// How often a poll re-reads what it waits for.
-const POLL: Duration = Duration::from_millis(20);
-
-/// Polls `probe` until it returns `Some`, for at most `WAIT`; panics naming `what` after.
-fn eventually<T>(what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
-    let deadline = std::time::Instant::now() + WAIT;
-    loop {
-        if let Some(v) = probe() {
-            return v;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{what}: not within {WAIT:?}"
-        );
-        std::thread::sleep(POLL);
-    }
-}
 
 /// The sum over shards of a per-shard sample `name{shard="i"} v`, or of the one sample
 /// `name v`; `None` if absent.

@@ -18,8 +18,6 @@ const OUTBOUND_HARD_BYTES: usize = 1024 * 1024;
 /// Descriptors the gateway may hold beyond what a test accounts for: an admin connection
 /// of the test's last /metrics request still being closed, and the like.
 const FD_SLACK: usize = 3;
-/// How often a condition is polled while waiting for it.
-const POLL: Duration = Duration::from_millis(20);
 
 fn is_ack(m: &Meta) -> bool {
     matches!(m, Meta::Ack(_) | Meta::Nack(_))
@@ -40,15 +38,6 @@ fn deliver_seqs(frames: &[(Meta, Bytes)], conv: ConvId) -> Vec<u64> {
             _ => None,
         })
         .collect()
-}
-
-/// Polls `cond` until it holds; panics naming `what` after `limit`.
-fn wait_for(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !cond() {
-        assert!(Instant::now() < deadline, "{what}: not within {limit:?}");
-        std::thread::sleep(POLL);
-    }
 }
 
 /// Descriptors the gateway process holds now (entries of /proc/<pid>/fd).

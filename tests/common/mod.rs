@@ -148,8 +148,7 @@ impl Gateway {
 
     /// Waits until every shard accepts and the admin server answers.
     fn wait_ready(&mut self) {
-        let deadline = std::time::Instant::now() + WAIT;
-        loop {
+        eventually("the gateway ready", || {
             if let Some(status) = self
                 .child
                 .as_mut()
@@ -157,21 +156,13 @@ impl Gateway {
             {
                 panic!("gateway exited during start: {status}");
             }
-            if self
+            // The admin server starts first; a client connection proves the shards.
+            let up = self
                 .http("GET", "/healthz", "")
                 .is_some_and(|(code, _)| code == 200)
-            {
-                // The admin server starts first; a client connection proves the shards.
-                if TcpStream::connect(self.listen).is_ok() {
-                    return;
-                }
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "gateway not ready in time"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+                && TcpStream::connect(self.listen).is_ok();
+            up.then_some(())
+        })
     }
 
     /// kill -9.
@@ -192,17 +183,9 @@ impl Gateway {
             .status()
             .expect("kill runs");
         assert!(ok.success());
-        let deadline = std::time::Instant::now() + WAIT * 2;
-        loop {
-            if let Some(status) = c.try_wait().expect("wait") {
-                return status;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "no exit after SIGTERM"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        eventually_within(WAIT * 2, "an exit after SIGTERM", || {
+            c.try_wait().expect("wait")
+        })
     }
 
     /// One HTTP request to the admin server with the admin token of this data dir (none
@@ -445,4 +428,37 @@ pub fn per_shard(g: &Gateway, name: &str) -> Vec<u64> {
         .collect();
     samples.sort_unstable();
     samples.into_iter().map(|(_, v)| v).collect()
+}
+
+/// How often a poll re-reads what it waits for.
+const POLL: Duration = Duration::from_millis(20);
+
+/// Polls `probe` until it returns `Some`, for at most `limit`; panics naming `what` after.
+/// For states a test can observe but not be told of (metrics, descriptors, exits).
+pub fn eventually_within<T>(
+    limit: Duration,
+    what: &str,
+    mut probe: impl FnMut() -> Option<T>,
+) -> T {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        if let Some(v) = probe() {
+            return v;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: not within {limit:?}"
+        );
+        std::thread::sleep(POLL);
+    }
+}
+
+/// [`eventually_within`] [`WAIT`].
+pub fn eventually<T>(what: &str, probe: impl FnMut() -> Option<T>) -> T {
+    eventually_within(WAIT, what, probe)
+}
+
+/// Polls `cond` until it holds, for at most `limit`; panics naming `what` after.
+pub fn wait_for(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    eventually_within(limit, what, || cond().then_some(()))
 }
