@@ -188,6 +188,10 @@ impl Config {
             .limits
             .validate()
             .map_err(|e| anyhow::anyhow!("invalid limits: {e}"))?;
+        // The log checks these too, but only once a shard opens it; say so before start.
+        if config.segment_bytes == 0 || config.segment_messages == 0 {
+            bail!("invalid log settings: segment_bytes and segment_messages must be at least 1");
+        }
         Ok(config)
     }
 
@@ -495,6 +499,28 @@ mod tests {
         assert_eq!(c.shards, 2);
         assert_eq!(c.limits.heartbeat_interval, Duration::from_secs(5));
         assert_eq!(c.limits.connections_max, 10);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn zero_segment_bounds_and_limits_are_refused_at_load() {
+        let dir = temp_dir("zero-bounds");
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("gw.toml");
+        for line in [
+            "segment_bytes = 0",
+            "segment_messages = 0",
+            "cursors_per_conn_max = 0",
+        ] {
+            std::fs::write(&file, format!("{line}\n")).unwrap();
+            assert!(
+                Config::load(Some(&file), Overrides::default()).is_err(),
+                "{line} was taken"
+            );
+        }
+        std::fs::write(&file, "segment_messages = 1\ncursors_per_conn_max = 1\n").unwrap();
+        let c = Config::load(Some(&file), Overrides::default()).unwrap();
+        assert_eq!((c.segment_messages, c.limits.cursors_per_conn_max), (1, 1));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
