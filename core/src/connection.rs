@@ -110,6 +110,10 @@ pub struct ReplayAsk {
     pub last: Seq,
     /// Seqs below this were no longer held, from the first page.
     pub available_from: Option<Seq>,
+    /// A catch-up whose last page could not be read (`StorageFailed`) or not now
+    /// (`RateLimited`) is asked for again at this time, not before; the asks behind it go
+    /// first meanwhile.
+    pub retry_at: Option<Instant>,
 }
 
 /// A token bucket over the frames and bytes a connection sends (I6: one client cannot
@@ -246,6 +250,10 @@ pub struct Connection {
     pub replays: VecDeque<ReplayAsk>,
     /// A page of the front ask of `replays` was asked for and is not answered yet.
     pub replay_inflight: bool,
+    /// When the first of the asks in `replays` that wait to be retried (see
+    /// [`ReplayAsk::retry_at`]) may go, while none of them may yet and nothing else is
+    /// asked for: the connection's timer fires then.
+    pub replay_retry_at: Option<Instant>,
     /// Frame and byte rates.
     pub rate: RateLimit,
     /// When the session's token expires (with leeway): it is closed then.
@@ -278,6 +286,7 @@ impl Connection {
             signals: Vec::new(),
             replays: VecDeque::new(),
             replay_inflight: false,
+            replay_retry_at: None,
             rate: RateLimit::new(limits, now),
             session_ends: None,
             renew_at: None,

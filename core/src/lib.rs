@@ -12,6 +12,7 @@ pub mod dedupe;
 pub mod hash;
 pub mod limits;
 pub mod log;
+pub mod log_engine;
 pub mod mesh;
 pub mod segment_index;
 pub mod shard;

@@ -115,8 +115,10 @@ pub struct Limits {
     pub pending_signals_max: usize,
     /// Largest payload of an ephemeral signal. 1 KiB: typing and presence carry little.
     pub signal_bytes_max: usize,
-    /// Log reads (Sync or Pull of history older than the hot tier) in flight per shard;
-    /// beyond, such history is reported unavailable for now. 1024.
+    /// Log reads (Sync, Pull or catch-up of history older than the hot tier) in flight per
+    /// shard; beyond, replays wait for a read in a FIFO queue at the owner (bounded by the
+    /// gateway's connections, each of which has at most one replay page in flight). 1024:
+    /// the reads a disk serves at once with room; more only lengthen its queue.
     pub fetches_inflight_max: usize,
     /// Connections one shard holds; beyond, new ones get `TooManyConnections`. 100,000:
     /// above what one core serves well; the process-wide file limit usually binds first.
@@ -240,6 +242,10 @@ impl Limits {
         }
         if self.devices_per_user_max == 0 || self.pulls_queued_max == 0 {
             return Err("devices_per_user_max and pulls_queued_max must be positive".into());
+        }
+        if self.fetches_inflight_max == 0 {
+            // History older than the hot tier would wait for a read forever.
+            return Err("fetches_inflight_max must be positive".into());
         }
         Ok(())
     }

@@ -86,6 +86,52 @@ pub enum Record {
         /// The users who left.
         members: Vec<UserId>,
     },
+    /// Part of a checkpoint: the state recovery rebuilds that the records after it do not
+    /// carry, as of every record before it in the log: the owner's groups (members, last
+    /// seq) and its dedupe window, so that recovery can start here instead of at the log's
+    /// beginning and still answer every retry in the window (I2).
+    ///
+    /// A checkpoint is a run of one or more consecutive `Checkpoint` records (see
+    /// [`checkpoint_records`]) numbered by `part` from 0: groups in ascending id order
+    /// across the run, then the window's entries oldest first, each record's body within
+    /// [`RECORD_BODY_MAX`] (one group always fits in one), and only the final record with
+    /// `last: true`. A run that does not go on part after part to its `last` was cut by a
+    /// crash and means nothing; a record of part 0 always starts a new run.
+    Checkpoint {
+        /// This record's place in its checkpoint, from 0.
+        part: u32,
+        /// The groups of this part, in ascending id order.
+        groups: Vec<GroupHead>,
+        /// Entries of the dedupe window in this part, oldest first.
+        dedupe: Vec<DedupeEntry>,
+        /// Whether this record ends the checkpoint.
+        last: bool,
+    },
+}
+
+/// One group as a checkpoint records it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupHead {
+    /// The group (a [`ConvId`] of kind group).
+    pub group: ConvId,
+    /// Its members, sorted and without repeats.
+    pub members: Vec<UserId>,
+    /// The last seq of the group in the log before the checkpoint (`Seq::ZERO` if none).
+    pub last_seq: Seq,
+}
+
+/// One entry of the dedupe window as a checkpoint records it: message `seq` of `conv` was
+/// sent by `sender` as `client_msg_id`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DedupeEntry {
+    /// The sender.
+    pub sender: UserId,
+    /// The sender's id for the message.
+    pub client_msg_id: ClientMsgId,
+    /// Its conversation.
+    pub conv: ConvId,
+    /// Its seq there.
+    pub seq: Seq,
 }
 
 /// Bytes of a frame header: `body_len` and `crc32c(body)`, each a little-endian u32.
@@ -96,18 +142,23 @@ pub const RECORD_HEADER_LEN: usize = 8;
 /// The largest records are group records. In postcard their worst case is 1 variant byte,
 /// 11 for the group's [`ConvId`] (`hi` is 0, 1 byte; `lo` a u64 varint of at most 10), 3
 /// for the member count (a varint; any count that fits is under 2^21), and 10 per member
-/// (a u64 varint). So `Limits::default().group_members_max` = 100,000 members take at most
-/// 1,000,015 bytes, and 1 MiB (1,048,576) covers that with 48,561 bytes to spare; a
-/// message record (payloads are at most 64 KiB) it covers 16 times over. The bound exists
-/// so that the scan rejects a garbage length at once, before reading a body, and so that
-/// a driver reading a segment in chunks knows the largest frame it must buffer.
+/// (a u64 varint). A checkpoint record holding a single group adds 5 for its part, 1 for
+/// the group count, 10 for its `last_seq`, 1 for the (empty) window entries and 1 for
+/// `last`: 33 bytes besides the members at worst. So `Limits::default().group_members_max`
+/// = 100,000 members take at most 1,000,033 bytes, and 1 MiB (1,048,576) covers that with
+/// 48,543 bytes to spare; a message record
+/// (payloads are at most 64 KiB) it covers 16 times over. A checkpoint of many groups is
+/// split over several records ([`checkpoint_records`]). The bound exists so that the scan
+/// rejects a garbage length at once, before reading a body, and so that a driver reading a
+/// segment in chunks knows the largest frame it must buffer.
 pub const RECORD_BODY_MAX: usize = 1024 * 1024;
 
 /// Most members one group record can carry, whatever their ids:
-/// `(RECORD_BODY_MAX - 15) / 10` = 104,856 (10 bytes per member at worst, 15 for the
-/// variant, group id and count). A membership change larger than this must be split over
-/// several records, and `Limits::group_members_max` must not exceed it for
-/// `GroupCreated` to fit in one.
+/// `(RECORD_BODY_MAX - 33) / 10` = 104,854 (10 bytes per member at worst, 33 for the rest
+/// of the largest record that carries one group: a checkpoint record of that group alone).
+/// A membership change larger than this must be split over several records, and
+/// `Limits::group_members_max` must not exceed it for `GroupCreated`, and a checkpoint's
+/// record of that group, to fit in one.
 pub const GROUP_MEMBERS_PER_RECORD_MAX: usize = (RECORD_BODY_MAX - GROUP_RECORD_OVERHEAD_MAX) / 10;
 
 /// Largest payload one message record can carry: `RECORD_BODY_MAX` less the worst case of
@@ -115,10 +166,22 @@ pub const GROUP_MEMBERS_PER_RECORD_MAX: usize = (RECORD_BODY_MAX - GROUP_RECORD_
 /// not exceed it.
 pub const PAYLOAD_BYTES_PER_RECORD_MAX: usize = RECORD_BODY_MAX - MESSAGE_RECORD_OVERHEAD_MAX;
 
-/// Worst-case postcard bytes of a group record besides its members: variant (1), group id
-/// (`hi` = 0 in 1 byte, `lo` in at most 10; [`encode_record`] asserts the id is a group),
-/// member count (3).
-const GROUP_RECORD_OVERHEAD_MAX: usize = 1 + 11 + 3;
+/// Worst-case postcard bytes of a record carrying one group besides its members: the
+/// larger of a membership record, variant (1), group id (`hi` = 0 in 1 byte, `lo` in at
+/// most 10; [`encode_record`] asserts the id is a group) and member count (3), and a
+/// checkpoint record of one group and no window entries, which adds the part (5), the
+/// group count (1), `last_seq` (10), the entry count (1) and `last` (1).
+const GROUP_RECORD_OVERHEAD_MAX: usize = 1 + 5 + 1 + GROUP_HEAD_OVERHEAD_MAX + 1 + 1;
+
+/// Worst-case postcard bytes of a [`GroupHead`] besides its members: group id (11), member
+/// count (3), `last_seq` (10).
+const GROUP_HEAD_OVERHEAD_MAX: usize = 11 + 3 + 10;
+
+/// Worst-case postcard bytes of a checkpoint record besides its groups and window entries:
+/// variant (1), part (a u32 varint, 5), group count and entry count (3 each: every group
+/// and every entry takes at least 4 bytes, so fewer than 2^21 fit in a body) and `last`
+/// (1).
+const CHECKPOINT_RECORD_OVERHEAD_MAX: usize = 1 + 5 + 3 + 3 + 1;
 
 /// Worst-case postcard bytes of a message record besides its payload: variant (1), conv
 /// (two u64 varints, 20), seq (10), sender (10), sender_device (a u32 varint, 5),
@@ -145,25 +208,93 @@ impl Record {
             }
             Record::GroupCreated { group, .. }
             | Record::MembersAdded { group, .. }
-            | Record::MembersRemoved { group, .. } => {
+            | Record::MembersRemoved { group, .. } => assert_group(*group),
+            Record::Checkpoint { groups, .. } => {
+                for head in groups {
+                    assert_group(head.group);
+                }
                 assert!(
-                    matches!(group.kind(), Some(ConvKind::Group(_))),
-                    "group record for {group}, which is not a group"
+                    groups.windows(2).all(|w| w[0].group < w[1].group),
+                    "checkpoint groups out of ascending order"
                 );
             }
         }
     }
 }
 
+fn assert_group(group: ConvId) {
+    assert!(
+        matches!(group.kind(), Some(ConvKind::Group(_))),
+        "group record for {group}, which is not a group"
+    );
+}
+
+/// Splits a checkpoint of `groups` (in ascending id order, asserted) and the dedupe
+/// window's `dedupe` entries (oldest first) into the records that make it up, in order:
+/// each as full as [`RECORD_BODY_MAX`] allows, a group never split (one always fits in a
+/// record, see [`GROUP_MEMBERS_PER_RECORD_MAX`]), parts numbered from 0, only the last one
+/// with `last: true`, and one empty record for an empty checkpoint. Nothing is encoded;
+/// the caller appends them in this order with [`encode_record`].
+pub fn checkpoint_records(groups: Vec<GroupHead>, dedupe: Vec<DedupeEntry>) -> Vec<Record> {
+    assert!(
+        groups.windows(2).all(|w| w[0].group < w[1].group),
+        "checkpoint groups out of ascending order"
+    );
+    let mut records = Vec::new();
+    let mut part_groups = Vec::new();
+    let mut part_dedupe = Vec::new();
+    let mut part_len = 0;
+    let mut flush = |groups: &mut Vec<GroupHead>, dedupe: &mut Vec<DedupeEntry>, last| {
+        let part = u32::try_from(records.len()).expect("a checkpoint has fewer than 2^32 parts");
+        records.push(Record::Checkpoint {
+            part,
+            groups: std::mem::take(groups),
+            dedupe: std::mem::take(dedupe),
+            last,
+        });
+    };
+    let is_empty = |g: &Vec<GroupHead>, d: &Vec<DedupeEntry>| g.is_empty() && d.is_empty();
+    for head in groups {
+        let len = postcard_len(&head);
+        if !is_empty(&part_groups, &part_dedupe)
+            && CHECKPOINT_RECORD_OVERHEAD_MAX + part_len + len > RECORD_BODY_MAX
+        {
+            flush(&mut part_groups, &mut part_dedupe, false);
+            part_len = 0;
+        }
+        part_len += len;
+        part_groups.push(head);
+    }
+    for entry in dedupe {
+        let len = postcard_len(&entry);
+        if !is_empty(&part_groups, &part_dedupe)
+            && CHECKPOINT_RECORD_OVERHEAD_MAX + part_len + len > RECORD_BODY_MAX
+        {
+            flush(&mut part_groups, &mut part_dedupe, false);
+            part_len = 0;
+        }
+        part_len += len;
+        part_dedupe.push(entry);
+    }
+    flush(&mut part_groups, &mut part_dedupe, true);
+    records
+}
+
+/// Length of the postcard encoding of `value`.
+fn postcard_len<T: Serialize>(value: &T) -> usize {
+    // Cannot fail: as in `body_len`.
+    postcard::serialize_with_flavor::<T, postcard::ser_flavors::Size, usize>(
+        value,
+        postcard::ser_flavors::Size::default(),
+    )
+    .expect("postcard cannot fail to size a record's part")
+}
+
 /// Length of the postcard body of `record`.
 fn body_len(record: &Record) -> usize {
     // Cannot fail: postcard's serializer only fails on sequences or maps of unknown length
     // and `collect_str`, none of which `Record` uses, and the size flavor never runs out.
-    postcard::serialize_with_flavor::<Record, postcard::ser_flavors::Size, usize>(
-        record,
-        postcard::ser_flavors::Size::default(),
-    )
-    .expect("postcard cannot fail to size a Record")
+    postcard_len(record)
 }
 
 /// Bytes [`encode_record`] appends for `record`: the header and the body.
@@ -174,9 +305,10 @@ pub fn encoded_len(record: &Record) -> usize {
 /// Appends one framed record to `dst`.
 ///
 /// Panics if the record is malformed (an invalid conversation id, seq 0, user 0, a group
-/// record for a non-group) or if its body is over [`RECORD_BODY_MAX`]: the callers bound
-/// payloads and membership changes (see [`PAYLOAD_BYTES_PER_RECORD_MAX`] and
-/// [`GROUP_MEMBERS_PER_RECORD_MAX`]), so either is our bug.
+/// record for a non-group, a checkpoint's groups out of ascending order) or if its body is
+/// over [`RECORD_BODY_MAX`]: the callers bound payloads and membership changes (see
+/// [`PAYLOAD_BYTES_PER_RECORD_MAX`] and [`GROUP_MEMBERS_PER_RECORD_MAX`]) and split
+/// checkpoints ([`checkpoint_records`]), so either is our bug.
 pub fn encode_record(record: &Record, dst: &mut Vec<u8>) {
     record.assert_well_formed();
     let start = dst.len();
@@ -495,8 +627,7 @@ impl MemLog {
         self.durable_len = self.durable_len.max(len);
     }
 
-    /// The durable messages of `conv` with seq in `from..=to`, in log order: how a driver
-    /// built on this log answers the engine's `Fetch`.
+    /// Every durable message of `conv` with seq in `from..=to`, in log order.
     pub fn durable_messages(&self, conv: ConvId, from: Seq, to: Seq) -> Vec<StoredMessage> {
         scan(&self.bytes[..self.durable_len])
             .records
@@ -506,6 +637,16 @@ impl MemLog {
                 _ => None,
             })
             .collect()
+    }
+
+    /// The answer to the engine's `Fetch` from this log: up to `limit` durable messages of
+    /// `conv` with seqs in `from..=to`, in seq order. This log keeps everything (no
+    /// retention), so they start at `from` itself.
+    pub fn fetch(&self, conv: ConvId, from: Seq, to: Seq, limit: u32) -> Vec<StoredMessage> {
+        let mut msgs = self.durable_messages(conv, from, to);
+        msgs.sort_by_key(|m| m.seq);
+        msgs.truncate(limit as usize);
+        msgs
     }
 
     /// The last durable seq of `conv` (0 if it has none): how a driver built on this log
@@ -599,6 +740,34 @@ mod tests {
                 members: vec![],
             },
             message(2, b""),
+            Record::Checkpoint {
+                part: 0,
+                groups: vec![
+                    GroupHead {
+                        group: ConvId::group(77),
+                        members: vec![UserId(1), UserId(5)],
+                        last_seq: Seq(0),
+                    },
+                    GroupHead {
+                        group: ConvId::group(u64::MAX),
+                        members: vec![],
+                        last_seq: Seq::MAX,
+                    },
+                ],
+                dedupe: vec![DedupeEntry {
+                    sender: UserId(3),
+                    client_msg_id: ClientMsgId([7; 16]),
+                    conv: ConvId::direct(UserId(3), UserId(9)),
+                    seq: Seq(2),
+                }],
+                last: false,
+            },
+            Record::Checkpoint {
+                part: 1,
+                groups: vec![],
+                dedupe: vec![],
+                last: true,
+            },
         ]
     }
 
@@ -895,15 +1064,130 @@ mod tests {
         }
     }
 
+    /// The largest head of one group: every id and seq at its longest varint.
+    fn biggest_head(group: u64, members: usize) -> GroupHead {
+        GroupHead {
+            group: ConvId::group(group),
+            members: vec![UserId(u64::MAX); members],
+            last_seq: Seq(u64::MAX),
+        }
+    }
+
+    /// A checkpoint record of one group alone: the largest record that carries one group.
+    fn biggest_checkpoint(members: usize) -> Record {
+        Record::Checkpoint {
+            part: u32::MAX,
+            groups: vec![biggest_head(u64::MAX, members)],
+            dedupe: vec![],
+            last: true,
+        }
+    }
+
     #[test]
     fn the_largest_group_record_fits_the_body_bound_and_one_more_member_does_not() {
-        let fits = encoded_len(&biggest_group(GROUP_MEMBERS_PER_RECORD_MAX));
+        let fits = encoded_len(&biggest_checkpoint(GROUP_MEMBERS_PER_RECORD_MAX));
         assert!(fits <= RECORD_HEADER_LEN + RECORD_BODY_MAX, "{fits}");
-        let over = encoded_len(&biggest_group(GROUP_MEMBERS_PER_RECORD_MAX + 1));
+        let over = encoded_len(&biggest_checkpoint(GROUP_MEMBERS_PER_RECORD_MAX + 1));
         assert!(over > RECORD_HEADER_LEN + RECORD_BODY_MAX, "{over}");
+        let group = encoded_len(&biggest_group(GROUP_MEMBERS_PER_RECORD_MAX));
+        assert!(
+            group < fits,
+            "a membership record is smaller than a checkpoint's"
+        );
         let mut bytes = Vec::new();
+        encode_record(
+            &biggest_checkpoint(GROUP_MEMBERS_PER_RECORD_MAX),
+            &mut bytes,
+        );
         encode_record(&biggest_group(GROUP_MEMBERS_PER_RECORD_MAX), &mut bytes);
-        assert_eq!(scan(&bytes).records.len(), 1);
+        assert_eq!(scan(&bytes).records.len(), 2);
+    }
+
+    #[test]
+    fn a_checkpoint_of_no_groups_is_one_empty_last_record() {
+        assert_eq!(
+            checkpoint_records(Vec::new(), Vec::new()),
+            vec![Record::Checkpoint {
+                part: 0,
+                groups: vec![],
+                dedupe: vec![],
+                last: true
+            }]
+        );
+    }
+
+    #[test]
+    fn a_large_dedupe_window_is_split_over_parts_in_order() {
+        let entry = |n: u64| DedupeEntry {
+            sender: UserId(u64::MAX - n),
+            client_msg_id: ClientMsgId([n as u8; 16]),
+            conv: ConvId::direct(UserId(u64::MAX - 1), UserId(u64::MAX)),
+            seq: Seq(Seq::MAX.0 - n),
+        };
+        // Worst-case entries are 56 bytes: 50,000 of them need three records.
+        let entries: Vec<_> = (0..50_000).map(entry).collect();
+        let records = checkpoint_records(vec![biggest_head(1, 10)], entries.clone());
+        assert_eq!(records.len(), 3);
+        let (bytes, _) = encode_all(&records);
+        let back: Vec<_> = scan(&bytes).records.into_iter().map(|(_, r)| r).collect();
+        assert_eq!(back, records);
+        let mut parts = Vec::new();
+        let mut again = Vec::new();
+        for r in &back {
+            let Record::Checkpoint {
+                part, dedupe, last, ..
+            } = r
+            else {
+                panic!("{r:?}")
+            };
+            parts.push((*part, *last));
+            again.extend_from_slice(dedupe);
+        }
+        assert_eq!(parts, vec![(0, false), (1, false), (2, true)]);
+        assert_eq!(again, entries);
+    }
+
+    #[test]
+    fn a_large_checkpoint_is_split_into_full_records_only_the_last_marked_last() {
+        // Three groups of 40% of a body each: two records, the first with two groups.
+        let members = RECORD_BODY_MAX * 4 / 10 / 10;
+        let heads: Vec<_> = (1..=3).map(|g| biggest_head(g, members)).collect();
+        let records = checkpoint_records(heads.clone(), Vec::new());
+        assert_eq!(
+            records,
+            vec![
+                Record::Checkpoint {
+                    part: 0,
+                    groups: heads[..2].to_vec(),
+                    dedupe: vec![],
+                    last: false
+                },
+                Record::Checkpoint {
+                    part: 1,
+                    groups: heads[2..].to_vec(),
+                    dedupe: vec![],
+                    last: true
+                },
+            ]
+        );
+        // Each fits, and scans back in order.
+        let (bytes, _) = encode_all(&records);
+        let back: Vec<_> = scan(&bytes).records.into_iter().map(|(_, r)| r).collect();
+        assert_eq!(back, records);
+        // Groups of the largest size never share a record, and each still fits.
+        let heads: Vec<_> = (1..=2)
+            .map(|g| biggest_head(g, GROUP_MEMBERS_PER_RECORD_MAX))
+            .collect();
+        let records = checkpoint_records(heads, Vec::new());
+        assert_eq!(records.len(), 2);
+        let (bytes, _) = encode_all(&records);
+        assert_eq!(scan(&bytes).records.len(), 2);
+    }
+
+    #[test]
+    #[should_panic(expected = "ascending order")]
+    fn a_checkpoint_of_groups_out_of_order_panics() {
+        checkpoint_records(vec![biggest_head(2, 0), biggest_head(1, 0)], Vec::new());
     }
 
     #[test]
@@ -931,7 +1215,7 @@ mod tests {
     #[should_panic(expected = "outside 1..=")]
     fn encoding_a_record_over_the_body_bound_panics() {
         encode_record(
-            &biggest_group(GROUP_MEMBERS_PER_RECORD_MAX + 1),
+            &biggest_checkpoint(GROUP_MEMBERS_PER_RECORD_MAX + 1),
             &mut Vec::new(),
         );
     }

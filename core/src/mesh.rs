@@ -155,7 +155,9 @@ pub enum ShardMsg {
         limit: u32,
         purpose: ReplayPurpose,
     },
-    /// Owner -> connection shard: the answer to a Replay.
+    /// Owner -> connection shard: the answer to a Replay. `Err(NotMember)` refuses it;
+    /// `Err(StorageFailed)` (the log could not be read) and `Err(RateLimited)` (not now)
+    /// say nothing about the history, which must not be taken as gone.
     Replayed {
         to: ConnRef,
         conv: ConvId,

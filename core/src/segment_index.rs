@@ -180,8 +180,10 @@ pub struct BlockRef {
     pub len: usize,
 }
 
-/// What memory keeps of one sealed segment's index file.
-#[derive(Clone, Debug)]
+/// What memory keeps of one sealed segment's index file. Serializable, so that the log
+/// engine can keep it in a summary file next to the index file and start without reading
+/// every index file whole.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct SegmentSummary {
     /// Entries in the file.
     entries: u64,
@@ -242,6 +244,19 @@ impl SegmentSummary {
             "index entries are not sorted strictly by (conv, seq) at entry {disorder:?}"
         );
         summarize(entries.len() as u64, entries.iter().copied())
+    }
+
+    /// Whether this summary could have come from [`SegmentSummary::of_sorted`]: one fence
+    /// per block, sorted, a bloom filter that is empty exactly when there are no entries,
+    /// and the hash count this module uses. A summary read back from a file (the log
+    /// engine's summary files, CRC-checked) is checked with this before any lookup relies
+    /// on it, so that lookups never index past the fences.
+    pub fn is_consistent(&self) -> bool {
+        let blocks = self.entries.div_ceil(ENTRIES_PER_BLOCK as u64);
+        self.fences.len() as u64 == blocks
+            && self.fences.windows(2).all(|w| w[0] < w[1])
+            && self.bloom.is_empty() == (self.entries == 0)
+            && self.hashes == BLOOM_HASHES
     }
 
     /// Entries in the file.

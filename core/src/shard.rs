@@ -10,7 +10,8 @@
 //!    [`Shard::handle_written`], [`Shard::handle_closed`], [`Shard::handle_timeout`],
 //!    [`Shard::handle_durable`], [`Shard::handle_log_failed`], [`Shard::handle_shard_msg`],
 //!    [`Shard::handle_fetched`], [`Shard::handle_loaded`], [`Shard::handle_command`],
-//!    [`Shard::handle_keys`], [`Shard::handle_drain`], each with the current time;
+//!    [`Shard::handle_keys`], [`Shard::handle_drain`], [`Shard::handle_checkpoint_due`],
+//!    each with the current time;
 //! 2. drains [`Shard::poll_effect`]: appends bytes to the log (in order, each tagged with
 //!    its [`Lsn`]), carries [`ShardMsg`]s to their shards (FIFO per pair of shards),
 //!    reads history (`Fetch`) and a conversation's last durable seq (`Load`) from the
@@ -25,7 +26,17 @@
 //! sync may serve many appends (group commit). If a write or sync fails, it truncates the
 //! log back to the last durable length and calls `handle_log_failed`: every append not yet
 //! durable is then Nacked, and their seqs are handed out again (nothing was acked or
-//! delivered for them, I5).
+//! delivered for them, I5). Appends the driver has not polled yet are withdrawn then (they
+//! fail with the rest), so a driver may take the shard's effects at any time.
+//!
+//! The read contract: a `Fetch` is answered with [`Shard::handle_fetched`], `Ok` with the
+//! durable messages the log still holds (see [`Effect::Fetch`]), or `Err` if the read
+//! failed even after the driver retried it. A failed read is never taken as history gone:
+//! the client's request fails (`StorageFailed`) or its connection asks again later.
+//!
+//! Checkpoints: when the driver wants to bound the next start-up, it calls
+//! [`Shard::handle_checkpoint_due`]; the checkpoint comes out as one `Append` of its own.
+//! Recovery can then start at a checkpoint that is durable, instead of at the log's start.
 //!
 //! Before any of this, [`Shard::recover`] replays the shard's log records.
 //!
@@ -54,7 +65,9 @@ use crate::conv::Conversation;
 use crate::dedupe::{Sequenced, Window};
 use crate::hash::{Map, SeededState};
 use crate::limits::Limits;
-use crate::log::{encode_record, Record, StoredMessage};
+use crate::log::{
+    checkpoint_records, encode_record, DedupeEntry, GroupHead, Record, StoredMessage,
+};
 use crate::mesh::{
     Command, CommandError, ConnId, ConnRef, ReplayBatch, ReplayPurpose, ShardId, ShardMsg,
 };
@@ -71,6 +84,11 @@ use std::sync::Arc;
 /// Conversations looked at per input when over `conversations_max`: bounded work per
 /// input; the bound is met again within a few inputs even when some are in use.
 const EVICT_ATTEMPTS: usize = 16;
+
+/// How long a connection waits before it asks again for history whose read failed
+/// (`StorageFailed`) or was refused for now (`RateLimited`): 1 s, long enough not to hammer
+/// a failing disk, short enough that a connected device catches up soon after it heals.
+const REPLAY_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// A log append's number, increasing by one per [`Effect::Append`] since start.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -99,13 +117,20 @@ pub enum Effect {
     Append { lsn: Lsn, bytes: Vec<u8> },
     /// Carry `msg` to shard `to`.
     ToShard { to: ShardId, msg: ShardMsg },
-    /// Read the durable messages `from..=to` of `conv` from the log (they are older than
-    /// the hot tier) and answer with [`Shard::handle_fetched`] and the same `fetch`.
+    /// Read history older than the hot tier from the log and answer with
+    /// [`Shard::handle_fetched`] and the same `fetch`: `Ok` with up to `limit` durable
+    /// messages of `conv` with seqs in `from..=to` (`to` is the last seq before the hot
+    /// tier), consecutive and in seq order, starting at the first seq `>= from` that the
+    /// log still holds. Retention may have removed older segments: a first message after
+    /// `from` says that the seqs before it are gone, and `Ok` with nothing says that all
+    /// of `from..=to` is. `Err` only if the read failed even after retrying: that is
+    /// never taken as history gone.
     Fetch {
         fetch: u64,
         conv: ConvId,
         from: Seq,
         to: Seq,
+        limit: u32,
     },
     /// Find the last durable seq of the direct conversation `conv` in the log (it left
     /// memory earlier) and answer with [`Shard::handle_loaded`].
@@ -142,6 +167,15 @@ pub enum RecoveryError {
     /// A message or change for a group that was never created.
     #[error("record for group {0} that was never created")]
     UnknownGroup(ConvId),
+    /// A checkpoint in the log does not match the state the records before it build: a
+    /// group missing from it, in it but not created, or with other members or another
+    /// last seq. The log is not what this shard wrote.
+    #[error("checkpoint does not match the log before it for group {group}")]
+    CheckpointMismatch { group: ConvId },
+    /// The records start with a checkpoint that never ends (no record with `last`): the
+    /// driver must start recovery at the first record of a whole checkpoint.
+    #[error("the records start with an incomplete checkpoint")]
+    IncompleteCheckpoint,
 }
 
 /// Counters for metrics. Monotonic except `connections`.
@@ -206,14 +240,63 @@ enum Pending {
     },
 }
 
-/// A Replay whose first part must come from the log.
-#[derive(Debug)]
+/// A Replay whose first part must come from the log, waiting for a read slot or for its
+/// read. Its conversation is pinned in memory meanwhile.
+#[derive(Clone, Copy, Debug)]
 struct PendingFetch {
     to: ConnRef,
     conv: ConvId,
     from: Seq,
     limit: u32,
     purpose: ReplayPurpose,
+    /// The last seq asked of the log (the one before the hot tier when the read started);
+    /// `Seq::ZERO` while waiting for a slot.
+    last: Seq,
+}
+
+/// Gathers a run of checkpoint records (see [`Record::Checkpoint`]) during recovery.
+#[derive(Debug, Default)]
+struct CheckpointRun {
+    /// The part expected next; `None` outside a run (or after a run that broke).
+    next: Option<u32>,
+    groups: Vec<GroupHead>,
+    dedupe: Vec<DedupeEntry>,
+}
+
+/// A whole checkpoint: its groups and its dedupe window.
+type WholeCheckpoint = (Vec<GroupHead>, Vec<DedupeEntry>);
+
+impl CheckpointRun {
+    /// Takes the next checkpoint record; returns the whole checkpoint when it is `last`.
+    /// Part 0 starts a new run; a part that does not follow the one before breaks the run
+    /// (what was gathered is a run cut by a crash, which means nothing) until the next
+    /// part 0.
+    fn push(
+        &mut self,
+        part: u32,
+        groups: Vec<GroupHead>,
+        dedupe: Vec<DedupeEntry>,
+        last: bool,
+    ) -> Option<WholeCheckpoint> {
+        if part == 0 {
+            *self = CheckpointRun::default();
+        } else if self.next != Some(part) {
+            *self = CheckpointRun::default();
+            return None;
+        }
+        self.groups.extend(groups);
+        self.dedupe.extend(dedupe);
+        if last {
+            let whole = (
+                std::mem::take(&mut self.groups),
+                std::mem::take(&mut self.dedupe),
+            );
+            self.next = None;
+            return Some(whole);
+        }
+        self.next = part.checked_add(1);
+        None
+    }
 }
 
 /// The engine of one shard.
@@ -260,9 +343,16 @@ pub struct Shard {
     append_buf: Vec<u8>,
     pending: VecDeque<(Lsn, Pending)>,
 
-    /// Replays waiting for a log read, by fetch id.
+    /// Replays waiting for a log read, by fetch id: at most `fetches_inflight_max`.
     fetches: BTreeMap<u64, PendingFetch>,
+    /// Replays waiting for a read slot, oldest first. Each connection has at most one
+    /// replay page in flight, so this is bounded by the gateway's connections (see
+    /// [`Shard::fetch_queue_max`]).
+    fetch_queue: VecDeque<PendingFetch>,
     next_fetch: u64,
+    /// Recovery started at a checkpoint: a direct conversation not in memory may have
+    /// messages in the log before it, so it is loaded like one that left memory.
+    recovered_from_checkpoint: bool,
 
     effects: VecDeque<Effect>,
     local_inbox: VecDeque<ShardMsg>,
@@ -312,7 +402,9 @@ impl Shard {
             append_buf: Vec::new(),
             pending: VecDeque::new(),
             fetches: BTreeMap::new(),
+            fetch_queue: VecDeque::new(),
             next_fetch: 1,
+            recovered_from_checkpoint: false,
             effects: VecDeque::new(),
             local_inbox: VecDeque::new(),
             closing: VecDeque::new(),
@@ -366,67 +458,197 @@ impl Shard {
 
     /// Rebuilds seqs, dedupe window, membership and hot tier from this shard's log
     /// records, oldest first. Call once, before any other input.
+    ///
+    /// The records start either at the log's beginning (every conversation from seq 1) or
+    /// at the first record of a whole checkpoint ([`Record::Checkpoint`]): then the groups
+    /// start from the checkpoint (members, last seq, nothing hot), a direct conversation
+    /// may start at any seq (its earlier messages are before the checkpoint), and a direct
+    /// conversation not met is loaded from the log when touched (`Effect::Load`). The
+    /// dedupe window starts as the checkpoint recorded it (so every retry it covered is
+    /// still answered, I2) and goes on with the messages replayed after it. Every later
+    /// checkpoint's groups are checked against the state the records before it built
+    /// ([`RecoveryError::CheckpointMismatch`]); a checkpoint cut by a crash is ignored.
     pub fn recover(
         &mut self,
         records: impl IntoIterator<Item = Record>,
     ) -> Result<(), RecoveryError> {
+        let mut records = records.into_iter().peekable();
+        if matches!(records.peek(), Some(Record::Checkpoint { .. })) {
+            self.recover_checkpoint_start(&mut records)?;
+        }
+        let mut run = CheckpointRun::default();
         for record in records {
             match record {
-                Record::Message(msg) => {
-                    self.check_owned(msg.conv)?;
-                    let conv = match self.convs.get_mut(&msg.conv) {
-                        Some(c) => c,
-                        None => match msg.conv.kind() {
-                            Some(ConvKind::Direct(..)) => self
-                                .convs
-                                .entry(msg.conv)
-                                .or_insert_with(|| Conversation::new(msg.conv, Vec::new())),
-                            _ => return Err(RecoveryError::UnknownGroup(msg.conv)),
-                        },
-                    };
-                    if msg.seq != conv.last_seq.next() {
-                        return Err(RecoveryError::SeqGap {
-                            conv: msg.conv,
-                            last: conv.last_seq,
-                            found: msg.seq,
-                        });
+                Record::Checkpoint {
+                    part,
+                    groups,
+                    dedupe,
+                    last,
+                } => {
+                    if let Some((groups, _)) = run.push(part, groups, dedupe, last) {
+                        self.check_checkpoint(&groups)?;
                     }
-                    conv.last_seq = msg.seq;
-                    let id = msg.conv;
-                    self.touch(id);
-                    self.dedupe.insert(
-                        (msg.sender, msg.client_msg_id),
-                        Sequenced {
-                            conv: msg.conv,
-                            seq: msg.seq,
-                            durable: true,
-                        },
-                    );
-                    self.push_hot(msg);
                 }
-                Record::GroupCreated { group, members } => {
-                    self.check_owned(group)?;
-                    self.apply_command(&Command::CreateGroup { group, members });
-                }
-                Record::MembersAdded { group, members } => {
-                    self.check_owned(group)?;
-                    if !self.convs.contains_key(&group) {
-                        return Err(RecoveryError::UnknownGroup(group));
-                    }
-                    self.apply_command(&Command::AddMembers { group, members });
-                }
-                Record::MembersRemoved { group, members } => {
-                    self.check_owned(group)?;
-                    if !self.convs.contains_key(&group) {
-                        return Err(RecoveryError::UnknownGroup(group));
-                    }
-                    self.apply_command(&Command::RemoveMembers { group, members });
+                other => {
+                    // A run that another record interrupts was cut by a crash.
+                    run = CheckpointRun::default();
+                    self.recover_record(other)?;
                 }
             }
         }
         // Only now: a record for a conversation evicted halfway would look like a gap.
         self.evict_idle(usize::MAX);
         self.send_bindings_home();
+        Ok(())
+    }
+
+    /// Takes the checkpoint the records start with and builds the groups from it.
+    fn recover_checkpoint_start(
+        &mut self,
+        records: &mut std::iter::Peekable<impl Iterator<Item = Record>>,
+    ) -> Result<(), RecoveryError> {
+        let mut run = CheckpointRun::default();
+        while let Some(Record::Checkpoint {
+            part,
+            groups,
+            dedupe,
+            last,
+        }) = records.next_if(|r| matches!(r, Record::Checkpoint { .. }))
+        {
+            if let Some((groups, dedupe)) = run.push(part, groups, dedupe, last) {
+                return self.start_at_checkpoint(groups, dedupe);
+            }
+        }
+        Err(RecoveryError::IncompleteCheckpoint)
+    }
+
+    fn start_at_checkpoint(
+        &mut self,
+        groups: Vec<GroupHead>,
+        dedupe: Vec<DedupeEntry>,
+    ) -> Result<(), RecoveryError> {
+        self.recovered_from_checkpoint = true;
+        // The window as it was, oldest first: every entry is durable now, as the
+        // checkpoint after them is.
+        for e in dedupe {
+            self.check_owned(e.conv)?;
+            self.dedupe.insert(
+                (e.sender, e.client_msg_id),
+                Sequenced {
+                    conv: e.conv,
+                    seq: e.seq,
+                    durable: true,
+                },
+            );
+        }
+        for head in groups {
+            self.check_owned(head.group)?;
+            let group = head.group;
+            let is_group = matches!(group.kind(), Some(ConvKind::Group(_)));
+            if !is_group || self.convs.contains_key(&group) {
+                return Err(RecoveryError::CheckpointMismatch { group });
+            }
+            let mut conv = Conversation::new(group, head.members);
+            conv.last_seq = head.last_seq;
+            conv.durable_seq = head.last_seq;
+            self.convs.insert(group, conv);
+            self.touch(group);
+        }
+        Ok(())
+    }
+
+    /// A checkpoint met in the middle of the records must describe exactly the groups
+    /// the records before it built.
+    fn check_checkpoint(&self, groups: &[GroupHead]) -> Result<(), RecoveryError> {
+        let mut named = std::collections::BTreeSet::new();
+        for head in groups {
+            let group = head.group;
+            self.check_owned(group)?;
+            let same = self.convs.get(&group).is_some_and(|c| {
+                matches!(group.kind(), Some(ConvKind::Group(_)))
+                    && c.members[..] == head.members[..]
+                    && c.last_seq == head.last_seq
+            });
+            if !same || !named.insert(group) {
+                return Err(RecoveryError::CheckpointMismatch { group });
+            }
+        }
+        let missing = self
+            .convs
+            .keys()
+            .filter(|id| matches!(id.kind(), Some(ConvKind::Group(_))) && !named.contains(id))
+            .min();
+        match missing {
+            Some(&group) => Err(RecoveryError::CheckpointMismatch { group }),
+            None => Ok(()),
+        }
+    }
+
+    /// Replays one record other than a checkpoint.
+    fn recover_record(&mut self, record: Record) -> Result<(), RecoveryError> {
+        match record {
+            Record::Message(msg) => self.recover_message(msg)?,
+            Record::GroupCreated { group, members } => {
+                self.check_owned(group)?;
+                self.apply_command(&Command::CreateGroup { group, members });
+            }
+            Record::MembersAdded { group, members } => {
+                self.check_owned(group)?;
+                if !self.convs.contains_key(&group) {
+                    return Err(RecoveryError::UnknownGroup(group));
+                }
+                self.apply_command(&Command::AddMembers { group, members });
+            }
+            Record::MembersRemoved { group, members } => {
+                self.check_owned(group)?;
+                if !self.convs.contains_key(&group) {
+                    return Err(RecoveryError::UnknownGroup(group));
+                }
+                self.apply_command(&Command::RemoveMembers { group, members });
+            }
+            Record::Checkpoint { .. } => unreachable!("checkpoint records are gathered in runs"),
+        }
+        Ok(())
+    }
+
+    fn recover_message(&mut self, msg: StoredMessage) -> Result<(), RecoveryError> {
+        self.check_owned(msg.conv)?;
+        let after_checkpoint = self.recovered_from_checkpoint;
+        let conv = match self.convs.get_mut(&msg.conv) {
+            Some(c) => c,
+            None => match msg.conv.kind() {
+                // After a checkpoint, its earlier messages are before the checkpoint.
+                Some(ConvKind::Direct(..)) if after_checkpoint => {
+                    self.convs.entry(msg.conv).or_insert_with(|| {
+                        Conversation::reloaded(msg.conv, Seq(msg.seq.0.saturating_sub(1)))
+                    })
+                }
+                Some(ConvKind::Direct(..)) => self
+                    .convs
+                    .entry(msg.conv)
+                    .or_insert_with(|| Conversation::new(msg.conv, Vec::new())),
+                _ => return Err(RecoveryError::UnknownGroup(msg.conv)),
+            },
+        };
+        if msg.seq != conv.last_seq.next() {
+            return Err(RecoveryError::SeqGap {
+                conv: msg.conv,
+                last: conv.last_seq,
+                found: msg.seq,
+            });
+        }
+        conv.last_seq = msg.seq;
+        let id = msg.conv;
+        self.touch(id);
+        self.dedupe.insert(
+            (msg.sender, msg.client_msg_id),
+            Sequenced {
+                conv: msg.conv,
+                seq: msg.seq,
+                durable: true,
+            },
+        );
+        self.push_hot(msg);
         Ok(())
     }
 
@@ -655,8 +877,12 @@ impl Shard {
     /// last durable length. Every append not yet durable is failed.
     pub fn handle_log_failed(&mut self, now: Instant) {
         self.now = now;
-        // Records still being batched were never handed out; they fail with the rest.
+        // Records still being batched were never handed out; they fail with the rest. So
+        // do appends handed out but not yet taken by the driver: they must never reach
+        // the log after this, or a failed seq, handed out again, would be stored twice.
         self.append_buf.clear();
+        self.effects
+            .retain(|effect| !matches!(effect, Effect::Append { .. }));
         let failed: Vec<_> = self.pending.drain(..).collect();
         for (_, pending) in failed {
             match pending {
@@ -741,6 +967,66 @@ impl Shard {
             self.close_with(id, &goaway);
         }
         self.finish();
+    }
+
+    /// Time for a checkpoint (the driver decides when, e.g. after so many bytes of log).
+    /// Appends the checkpoint of every group this shard owns, as one [`Effect::Append`] of
+    /// its own, after everything appended before: each group's members and last seq as of
+    /// every record appended so far, durable or not (the checkpoint follows them in the
+    /// log, so when it is durable they are too). Its Lsn becomes durable or fails like
+    /// any other; a failed checkpoint is gone from the log with the rest, and nothing
+    /// waits on it.
+    pub fn handle_checkpoint_due(&mut self, now: Instant) {
+        self.now = now;
+        // Anything still batched goes out first, in its own append.
+        self.finish();
+        assert!(
+            self.append_buf.is_empty(),
+            "finish hands out every batched record"
+        );
+        let dedupe = self
+            .dedupe
+            .iter()
+            .map(|((sender, client_msg_id), seen)| DedupeEntry {
+                sender,
+                client_msg_id,
+                conv: seen.conv,
+                seq: seen.seq,
+            })
+            .collect();
+        for record in checkpoint_records(self.group_heads(), dedupe) {
+            encode_record(&record, &mut self.append_buf);
+        }
+        self.finish();
+    }
+
+    /// Every group this shard owns as the log will have it once everything appended so
+    /// far is replayed: the groups in memory, changed by the commands still on their way
+    /// to disk (they take effect in memory only once durable), in ascending id order.
+    fn group_heads(&self) -> Vec<GroupHead> {
+        let mut heads: BTreeMap<ConvId, (Vec<UserId>, Seq)> = self
+            .convs
+            .iter()
+            .filter(|(id, _)| matches!(id.kind(), Some(ConvKind::Group(_))))
+            .map(|(&id, c)| (id, (c.members.to_vec(), c.last_seq)))
+            .collect();
+        for (_, pending) in &self.pending {
+            let Pending::Command { command, .. } = pending else {
+                continue;
+            };
+            let group = command.group();
+            let current = heads.get(&group).map_or(&[][..], |(m, _)| &m[..]);
+            let members = members_after(current, command);
+            heads.entry(group).or_insert((Vec::new(), Seq::ZERO)).0 = members;
+        }
+        heads
+            .into_iter()
+            .map(|(group, (members, last_seq))| GroupHead {
+                group,
+                members,
+                last_seq,
+            })
+            .collect()
     }
 
     // ---------------------------------------------------------------------------------
@@ -932,7 +1218,10 @@ impl Shard {
         for since in [c.degraded_since, c.stalled_since].into_iter().flatten() {
             deadline = deadline.min(since + grace);
         }
-        for at in [c.renew_at, c.session_ends].into_iter().flatten() {
+        for at in [c.renew_at, c.session_ends, c.replay_retry_at]
+            .into_iter()
+            .flatten()
+        {
             deadline = deadline.min(at);
         }
         let tick = timer::tick_of(deadline);
@@ -1023,6 +1312,12 @@ impl Shard {
                     "nothing could be written to the connection for the grace period",
                 );
                 return;
+            }
+        }
+        if let Some(c) = self.conn_mut(id) {
+            if c.replay_retry_at.is_some_and(|at| now >= at) {
+                c.replay_retry_at = None;
+                self.pump_replays(id);
             }
         }
         self.arm(id);
@@ -1284,6 +1579,7 @@ impl Shard {
                 first: Seq::ZERO,
                 last: Seq::ZERO,
                 available_from: None,
+                retry_at: None,
             });
         }
         c.sync = Some(SyncProgress {
@@ -1345,6 +1641,7 @@ impl Shard {
                 first: Seq::ZERO,
                 last: Seq::ZERO,
                 available_from: None,
+                retry_at: None,
             });
         }
         self.pump_replays(id);
@@ -1353,15 +1650,38 @@ impl Shard {
     /// Asks for the next page of the connection's front [`ReplayAsk`], unless a page is
     /// in flight or the connection has not yet written out enough of what it was sent:
     /// history goes out at the pace the reader takes it (I6), whatever its size.
+    ///
+    /// A catch-up waiting to be retried lets the first ask that may go pass it; when none
+    /// may, the connection's timer is set for the first retry.
     fn pump_replays(&mut self, id: ConnId) {
-        let resume = self.limits.replay_resume_bytes;
+        let (resume, now) = (self.limits.replay_resume_bytes, self.now);
         let Some(c) = self.conn_mut(id) else {
             return;
         };
-        if c.replay_inflight || c.outbox.backlog() > resume {
+        if c.replay_inflight || c.replays.is_empty() || c.outbox.backlog() > resume {
             return;
         }
-        let (Some((user, _)), Some(ask)) = (c.identity(), c.replays.front().copied()) else {
+        let ready = |a: &ReplayAsk| a.retry_at.is_none_or(|at| now >= at);
+        match c.replays.iter().position(ready) {
+            Some(0) => {}
+            Some(i) => {
+                let ask = c.replays.remove(i).expect("a position in the queue");
+                c.replays.push_front(ask);
+            }
+            None => {
+                if c.replay_retry_at.is_none() {
+                    c.replay_retry_at = c.replays.iter().filter_map(|a| a.retry_at).min();
+                    self.arm(id);
+                }
+                return;
+            }
+        }
+        let Some(front) = c.replays.front_mut() else {
+            return;
+        };
+        front.retry_at = None;
+        let ask = *front;
+        let Some((user, _)) = c.identity() else {
             return;
         };
         let from = match ask.purpose {
@@ -1654,8 +1974,9 @@ impl Shard {
             }
             return None;
         }
-        if self.stats.conversations_evicted == 0 {
-            // Nothing ever left memory: a conversation not here is new.
+        if self.stats.conversations_evicted == 0 && !self.recovered_from_checkpoint {
+            // Nothing ever left memory and recovery read the whole log: a conversation not
+            // here is new.
             return Some(msg);
         }
         if self.loading.len() >= self.limits.loads_inflight_max {
@@ -2108,49 +2429,112 @@ impl Shard {
             (None, Some(ConvKind::Direct(a, b))) => user == a || user == b,
             (None, _) => false,
         };
-        let result = if member {
-            self.touch(conv_id);
-            let from = from.max(Seq(1));
-            let hot_from = self.convs.get(&conv_id).map_or(Seq(1), |c| c.hot_from());
-            if from < hot_from && self.fetches.len() < self.limits.fetches_inflight_max {
-                // Older than the hot tier: read it from the log, then continue from memory.
-                let fetch = self.next_fetch;
-                self.next_fetch += 1;
-                let to_seq = Seq((from.0 + u64::from(limit) - 1).min(hot_from.0 - 1));
-                if let Some(c) = self.convs.get_mut(&conv_id) {
-                    c.pinned += 1;
-                }
-                self.fetches.insert(
-                    fetch,
-                    PendingFetch {
-                        to,
-                        conv: conv_id,
-                        from,
-                        limit,
-                        purpose,
-                    },
-                );
-                self.effects.push_back(Effect::Fetch {
-                    fetch,
-                    conv: conv_id,
-                    from,
-                    to: to_seq,
-                });
-                return;
-            }
-            // Either all of it is hot (and the log holds everything older, from seq 1), or
-            // too many reads are in flight: then what is not hot is reported as unavailable
-            // rather than queued without bound.
-            let available_from = if from >= hot_from { Seq(1) } else { hot_from };
-            Ok(self.hot_batch(conv_id, from, limit, Vec::new(), available_from))
-        } else {
-            Err(ErrorCode::NotMember)
+        if !member {
+            self.answer_replay(to, conv_id, purpose, Err(ErrorCode::NotMember));
+            return;
+        }
+        self.touch(conv_id);
+        let from = from.max(Seq(1));
+        // A conversation not in memory here is new (a direct one that left memory was
+        // loaded back before this): all of it is "hot".
+        let hot_from = self.convs.get(&conv_id).map_or(Seq(1), |c| c.hot_from());
+        if from >= hot_from {
+            // All of it is hot; the log holds everything older, which was not asked for.
+            let batch = self.hot_batch(conv_id, from, limit, Vec::new(), Seq(1));
+            self.answer_replay(to, conv_id, purpose, Ok(batch));
+            return;
+        }
+        // Older than the hot tier: read it from the log, then continue from memory. The
+        // conversation stays in memory until then.
+        if let Some(c) = self.convs.get_mut(&conv_id) {
+            c.pinned += 1;
+        }
+        let pending = PendingFetch {
+            to,
+            conv: conv_id,
+            from,
+            limit,
+            purpose,
+            last: Seq::ZERO,
         };
+        if self.fetches.len() < self.limits.fetches_inflight_max {
+            self.start_fetch(pending);
+        } else if self.fetch_queue.len() < self.fetch_queue_max() {
+            // Waits its turn: history the log holds is never reported gone for want of a
+            // read slot.
+            self.fetch_queue.push_back(pending);
+        } else {
+            self.unpin(conv_id);
+            self.answer_replay(to, conv_id, purpose, Err(ErrorCode::RateLimited));
+        }
+    }
+
+    /// The bound of `fetch_queue`: one replay page per connection of the gateway, each of
+    /// which has at most one in flight. Only the page of a connection that closed with it
+    /// still queued, when its slot was reused, can go past it; such a Replay is refused
+    /// `RateLimited` (its asker, if it is still there, asks again later).
+    fn fetch_queue_max(&self) -> usize {
+        usize::from(self.shard_count).saturating_mul(self.limits.connections_max)
+    }
+
+    /// Asks the driver for the part of `pending` older than the hot tier.
+    fn start_fetch(&mut self, mut pending: PendingFetch) {
+        assert!(
+            self.fetches.len() < self.limits.fetches_inflight_max,
+            "a read starts only in a free slot"
+        );
+        let hot_from = self
+            .convs
+            .get(&pending.conv)
+            .map(|c| c.hot_from())
+            .expect("a conversation waiting for a read is pinned in memory");
+        // The hot tier only moves up, so what was older than it still is.
+        assert!(
+            pending.from < hot_from,
+            "a read is for history older than the hot tier"
+        );
+        pending.last = Seq(hot_from.0 - 1);
+        let fetch = self.next_fetch;
+        self.next_fetch += 1;
+        self.fetches.insert(fetch, pending);
+        self.effects.push_back(Effect::Fetch {
+            fetch,
+            conv: pending.conv,
+            from: pending.from,
+            to: pending.last,
+            limit: pending.limit,
+        });
+    }
+
+    /// Starts the queued reads, oldest first, while there are free slots.
+    fn start_queued_fetches(&mut self) {
+        while self.fetches.len() < self.limits.fetches_inflight_max {
+            let Some(pending) = self.fetch_queue.pop_front() else {
+                break;
+            };
+            self.start_fetch(pending);
+        }
+    }
+
+    fn unpin(&mut self, conv: ConvId) {
+        if let Some(c) = self.convs.get_mut(&conv) {
+            assert!(c.pinned > 0, "{conv} unpinned more often than pinned");
+            c.pinned -= 1;
+        }
+    }
+
+    fn answer_replay(
+        &mut self,
+        to: ConnRef,
+        conv: ConvId,
+        purpose: ReplayPurpose,
+        result: Result<ReplayBatch, ErrorCode>,
+    ) {
         self.route(
             to.shard,
             ShardMsg::Replayed {
                 to,
-                conv: conv_id,
+                conv,
                 purpose,
                 result,
             },
@@ -2202,8 +2586,10 @@ impl Shard {
         }
     }
 
-    /// The driver read the log for a [`Effect::Fetch`]: `Ok` with the messages found, in
-    /// seq order, or `Err` if the read failed (the range is then reported unavailable).
+    /// The driver read the log for an [`Effect::Fetch`]: `Ok` with the messages the log
+    /// holds (see [`Effect::Fetch`] for what they must be), or `Err` if the read failed
+    /// even after retrying. A failure is never taken as history gone: the Replay is
+    /// answered `StorageFailed` (a Pull fails, a Sync or catch-up asks again later).
     pub fn handle_fetched(
         &mut self,
         now: Instant,
@@ -2212,38 +2598,54 @@ impl Shard {
     ) {
         self.now = now;
         if let Some(p) = self.fetches.remove(&fetch) {
-            if let Some(c) = self.convs.get_mut(&p.conv) {
-                c.pinned -= 1;
-            }
-            let older = match result {
-                // Keep only a contiguous run starting at the first seq asked for.
-                Ok(msgs) => {
-                    let mut expect = p.from;
-                    msgs.into_iter()
-                        .take(p.limit as usize)
-                        .take_while(|m| {
-                            let ok = m.conv == p.conv && m.seq == expect;
-                            expect = expect.next();
-                            ok
-                        })
-                        .collect()
+            match result {
+                Ok(msgs) => self.serve_fetched(p, msgs),
+                Err(()) => {
+                    self.unpin(p.conv);
+                    self.answer_replay(p.to, p.conv, p.purpose, Err(ErrorCode::StorageFailed));
                 }
-                Err(()) => Vec::new(),
-            };
-            let hot_from = self.convs.get(&p.conv).map_or(Seq(1), |c| c.hot_from());
-            let batch = self.hot_batch(p.conv, p.from, p.limit, older, hot_from);
-            let to = p.to;
-            self.route(
-                to.shard,
-                ShardMsg::Replayed {
-                    to,
-                    conv: p.conv,
-                    purpose: p.purpose,
-                    result: Ok(batch),
-                },
-            );
+            }
+            self.start_queued_fetches();
         }
         self.finish();
+    }
+
+    /// Answers a Replay with what the log returned followed by the hot tier.
+    fn serve_fetched(&mut self, p: PendingFetch, msgs: Vec<StoredMessage>) {
+        if let Some(first) = msgs.first() {
+            assert!(
+                first.conv == p.conv && (p.from..=p.last).contains(&first.seq),
+                "the driver answered a read of {} {}..={} with {} {}",
+                p.conv,
+                p.from,
+                p.last,
+                first.conv,
+                first.seq
+            );
+        }
+        // A consecutive run from the first seq the log still holds.
+        let mut expect = msgs.first().map_or(p.from, |m| m.seq);
+        let older: Vec<_> = msgs
+            .into_iter()
+            .take(p.limit as usize)
+            .take_while(|m| {
+                let ok = m.conv == p.conv && m.seq == expect && m.seq <= p.last;
+                expect = expect.next();
+                ok
+            })
+            .collect();
+        let gone_to = p.last.next();
+        let hot_from = self.convs.get(&p.conv).map_or(gone_to, |c| c.hot_from());
+        if older.is_empty() && gone_to < hot_from {
+            // All of `from..=last` is gone, but the hot tier moved up meanwhile: the log
+            // holds what lies between. Read on from there, in the slot just freed.
+            self.start_fetch(PendingFetch { from: gone_to, ..p });
+            return;
+        }
+        self.unpin(p.conv);
+        // With nothing read, everything before the hot tier (as it was asked) is gone.
+        let batch = self.hot_batch(p.conv, p.from, p.limit, older, gone_to);
+        self.answer_replay(p.to, p.conv, p.purpose, Ok(batch));
     }
 
     fn on_replayed(
@@ -2310,7 +2712,8 @@ impl Shard {
                 self.end_page(id, ask, done);
             }
             (ReplayPurpose::Pull { req }, Err(code)) => {
-                let e = error_meta(code, "cannot pull this conversation", req);
+                // Whatever went out before stays; the request fails and may be repeated.
+                let e = error_meta(code, replay_refusal(code), req);
                 self.push(id, &e, Bytes::new());
                 self.end_page(id, ask, true);
             }
@@ -2378,24 +2781,62 @@ impl Shard {
                 self.end_page(id, ask, done);
             }
             (ReplayPurpose::Sync { .. } | ReplayPurpose::CatchUp, Err(code)) => {
-                let Some(c) = self.conn_mut(id) else {
-                    return;
-                };
-                c.convs.remove(&conv);
-                if let Some(progress) = c
-                    .sync
-                    .as_mut()
-                    .filter(|p| ReplayPurpose::Sync { req: p.req } == purpose)
-                {
-                    progress.refused.push(CursorRefusal {
-                        conv,
-                        latest_seq: Seq::ZERO,
-                        code,
-                    });
-                }
-                self.end_page(id, ask, true);
+                self.replay_refused(id, conv, ask, code);
             }
         }
+    }
+
+    /// A page of a Sync or catch-up was refused. For a reason that passes (the log could
+    /// not be read, `StorageFailed`, or not now, `RateLimited`) the push cursor stays where
+    /// it is, so nothing it did not get is skipped: a catch-up asks again after
+    /// [`REPLAY_RETRY`] (the connection's other asks go first meanwhile); a Sync reports
+    /// the cursor in SyncDone.refused with the code (its reply is not held up) and the
+    /// connection then catches that cursor up by itself, like a gap in the live stream.
+    /// Otherwise (`NotMember`) the cursor is dropped.
+    fn replay_refused(&mut self, id: ConnId, conv: ConvId, ask: ReplayAsk, code: ErrorCode) {
+        let transient = matches!(code, ErrorCode::StorageFailed | ErrorCode::RateLimited);
+        let (now, cursors_max) = (self.now, self.limits.cursors_per_conn_max);
+        let remaining = self.limits.sync_batch_per_conv;
+        let Some(c) = self.conn_mut(id) else {
+            return;
+        };
+        if transient && ask.purpose == ReplayPurpose::CatchUp {
+            // To the back, to be asked for again from the cursor once the time comes.
+            c.replays.pop_front();
+            c.replays.push_back(ReplayAsk {
+                retry_at: Some(now + REPLAY_RETRY),
+                ..ask
+            });
+            self.pump_replays(id);
+            return;
+        }
+        if let Some(progress) = c
+            .sync
+            .as_mut()
+            .filter(|p| ReplayPurpose::Sync { req: p.req } == ask.purpose)
+        {
+            progress.refused.push(CursorRefusal {
+                conv,
+                latest_seq: Seq::ZERO,
+                code,
+            });
+        }
+        if transient {
+            c.cursor(conv, cursors_max).catching_up = true;
+            c.replays.push_back(ReplayAsk {
+                conv,
+                from: Seq::ZERO,
+                remaining,
+                purpose: ReplayPurpose::CatchUp,
+                first: Seq::ZERO,
+                last: Seq::ZERO,
+                available_from: None,
+                retry_at: None,
+            });
+        } else {
+            c.convs.remove(&conv);
+        }
+        self.end_page(id, ask, true);
     }
 
     /// After a page: the front ask goes on with `ask` or, when `done`, leaves the queue
@@ -2485,6 +2926,7 @@ impl Shard {
                     first: Seq::ZERO,
                     last: Seq::ZERO,
                     available_from: None,
+                    retry_at: None,
                 });
             }
             self.pump_replays(id);
@@ -2602,32 +3044,37 @@ impl Shard {
     }
 
     fn apply_command(&mut self, command: &Command) {
+        let group = command.group();
         match command {
-            Command::CreateGroup { group, members } => {
+            Command::CreateGroup { members, .. } => {
                 self.convs
-                    .insert(*group, Conversation::new(*group, members.clone()));
-                self.touch(*group);
+                    .insert(group, Conversation::new(group, members.clone()));
+                self.touch(group);
             }
-            Command::AddMembers { group, members } => {
-                if let Some(c) = self.convs.get_mut(group) {
-                    let mut all = c.members.to_vec();
-                    all.extend(members);
-                    c.set_members(all);
-                }
-            }
-            Command::RemoveMembers { group, members } => {
-                if let Some(c) = self.convs.get_mut(group) {
-                    let all = c
-                        .members
-                        .iter()
-                        .copied()
-                        .filter(|m| !members.contains(m))
-                        .collect();
-                    c.set_members(all);
+            Command::AddMembers { .. } | Command::RemoveMembers { .. } => {
+                if let Some(c) = self.convs.get_mut(&group) {
+                    let members = members_after(&c.members, command);
+                    c.set_members(members);
                 }
             }
         }
     }
+}
+
+/// A group's members, sorted and without repeats, after `command` changed `current`.
+fn members_after(current: &[UserId], command: &Command) -> Vec<UserId> {
+    let mut members = match command {
+        Command::CreateGroup { members, .. } => members.clone(),
+        Command::AddMembers { members, .. } => current.iter().chain(members).copied().collect(),
+        Command::RemoveMembers { members, .. } => current
+            .iter()
+            .copied()
+            .filter(|m| !members.contains(m))
+            .collect(),
+    };
+    members.sort_unstable();
+    members.dedup();
+    members
 }
 
 /// The live connection `id` names, if its slot has not been reused since. A free function
@@ -2637,6 +3084,16 @@ fn live_conn(slots: &mut [Slot], id: ConnId) -> Option<&mut Connection> {
         .get_mut(id.index as usize)
         .filter(|s| s.generation == id.generation)
         .and_then(|s| s.conn.as_mut())
+}
+
+/// The message of the Error that answers a Pull its owner refused with `code`.
+fn replay_refusal(code: ErrorCode) -> &'static str {
+    match code {
+        ErrorCode::StorageFailed => "the conversation's history could not be read; retry",
+        ErrorCode::RateLimited => "the conversation's history cannot be read now; retry",
+        ErrorCode::NotMember => "not a member of this conversation",
+        _ => "cannot pull this conversation",
+    }
 }
 
 fn error_meta(code: ErrorCode, message: &str, req: u32) -> Meta {

@@ -2,8 +2,9 @@
 //! well-formed frames carrying adversarial values: extreme seqs, limits and cursors, valid,
 //! foreign and invalid conversation ids, priorities, signal kinds, repeated Auth, frames
 //! after close, gateway-only frames, payloads around the limits, several connections and
-//! users, stalled readers, time jumps, syncs and crashes. After every step: no panic, and
-//! the invariants listed in `fuzz_driver` (I1, I2, I3, I5 and the bounds, I6) hold.
+//! users, stalled readers, time jumps, syncs and crashes, checkpoints, and log reads held,
+//! answered late or failed. After every step: no panic, and the invariants listed in
+//! `fuzz_driver` (I1-I5 and the bounds, I6) hold.
 //!
 //! This file holds the proptest strategies. The ops, the limits and the checks are the
 //! driver in `fuzz_driver/`, shared with the cargo-fuzz target in `fuzz/`, which reads the
@@ -105,6 +106,9 @@ fn op() -> impl Strategy<Value = Op> {
         2 => prop_oneof![0..500u64, Just(11_000u64), Just(3_600_000u64)]
             .prop_map(|ms| Op::Advance { ms }),
         1 => Just(Op::Crash),
+        1 => (0..SHARDS).prop_map(|shard| Op::Checkpoint { shard }),
+        1 => any::<bool>().prop_map(|on| Op::HoldReads { on }),
+        2 => any::<bool>().prop_map(|ok| Op::AnswerReads { ok }),
     ]
 }
 

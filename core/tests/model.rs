@@ -1,6 +1,9 @@
 //! The engine against a reference model: random sends, retries, lost acks (a connection
-//! dropped before its ack), disconnects, reconnects with Sync, takeovers and crashes that
-//! drop every record not yet durable. After every step and at the end, I1-I5 must hold.
+//! dropped before its ack), disconnects, reconnects with Sync, takeovers, crashes that
+//! drop every record not yet durable, checkpoints (checked by every later recovery), and
+//! history read from the log (a hot tier of one message, one read at a time) with reads
+//! held, answered late or failed. After every step and at the end, I1-I5 must hold: in
+//! particular no device ever skips a seq, whatever the reads did.
 //!
 //! The model is deliberately simple: what each device has seen, what each sender was
 //! told, and what the logs hold. Failing cases are saved in `proptest-regressions/`.
@@ -16,6 +19,7 @@ use imgate_core::proto::{ClientMsgId, ConvId, Seq, UserId};
 use imgate_core::Limits;
 use proptest::prelude::*;
 use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
 
 /// Devices: (user, device). Users 1..=3; user 1 and 2 have two devices.
 const DEVICES: [(u64, u32); 5] = [(1, 1), (1, 2), (2, 1), (2, 2), (3, 1)];
@@ -49,6 +53,14 @@ enum Op {
     Connect { dev: usize, shard: u16 },
     /// Power loss on every shard.
     Crash,
+    /// A shard writes a checkpoint.
+    Checkpoint { shard: u16 },
+    /// Log reads are held from now on (`true`), or answered at once again.
+    HoldReads { on: bool },
+    /// Every held log read is answered, from the log or with a failure.
+    AnswerReads { ok: bool },
+    /// A second passes (failed catch-ups ask again).
+    Tick,
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -59,7 +71,22 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (0..DEVICES.len()).prop_map(|dev| Op::Disconnect { dev }),
         3 => (0..DEVICES.len(), 0..3u16).prop_map(|(dev, shard)| Op::Connect { dev, shard }),
         1 => Just(Op::Crash),
+        1 => (0..3u16).prop_map(|shard| Op::Checkpoint { shard }),
+        1 => any::<bool>().prop_map(|on| Op::HoldReads { on }),
+        3 => any::<bool>().prop_map(|ok| Op::AnswerReads { ok }),
+        1 => Just(Op::Tick),
     ]
+}
+
+/// One hot message per conversation and one log read at a time, so that Syncs and
+/// catch-ups read the log and wait for each other; heartbeats long enough for the ticks.
+fn limits() -> Limits {
+    Limits {
+        hot_messages_per_conv: 1,
+        fetches_inflight_max: 1,
+        heartbeat_interval: Duration::from_secs(600),
+        ..Limits::default()
+    }
 }
 
 #[derive(Default)]
@@ -86,7 +113,7 @@ struct Model {
 
 impl Model {
     fn new(shards: u16) -> Model {
-        let mut world = World::new(shards, Limits::default());
+        let mut world = World::new(shards, limits());
         world
             .command(Command::CreateGroup {
                 group: ConvId::group(77),
@@ -94,6 +121,7 @@ impl Model {
             })
             .expect("group");
         world.auto_sync = false;
+        world.hold_fetches = true;
         Model {
             world,
             devices: DEVICES.iter().map(|_| Device::default()).collect(),
@@ -183,6 +211,20 @@ impl Model {
                 }
                 self.check_logs()?;
             }
+            Op::Checkpoint { shard } => {
+                let shard = shard % self.world.nodes.len() as u16;
+                self.world.checkpoint(usize::from(shard));
+            }
+            Op::HoldReads { on } => {
+                self.world.hold_fetches = on;
+                if !on {
+                    self.world.answer_fetches(true);
+                }
+            }
+            Op::AnswerReads { ok } => {
+                self.world.answer_fetches(ok);
+            }
+            Op::Tick => self.world.advance(Duration::from_secs(1)),
         }
         self.collect()
     }
@@ -300,6 +342,7 @@ impl Model {
     /// Heal: everything durable, every device connected and synced; then every device
     /// holds every seq of its conversations.
     fn heal(&mut self) -> Result<(), TestCaseError> {
+        self.apply(&Op::HoldReads { on: false })?;
         self.world.sync();
         for dev in 0..self.devices.len() {
             self.apply(&Op::Connect {

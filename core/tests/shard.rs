@@ -4,9 +4,11 @@
 mod harness;
 
 use harness::*;
+use imgate_core::log::{scan, GroupHead, Record};
 use imgate_core::mesh::{Command, CommandError};
 use imgate_core::proto::meta::{self, Meta, Priority, SignalKind};
 use imgate_core::proto::{ClientMsgId, ConvId, ErrorCode, Seq, UserId};
+use imgate_core::shard::{Effect, Lsn, RecoveryError};
 use imgate_core::Limits;
 use std::time::Duration;
 
@@ -355,34 +357,280 @@ fn sync_reads_history_older_than_the_hot_tier_from_the_log_and_says_which_have_m
     assert_eq!(seqs(&w.take(bob)), vec![4, 5, 6, 7, 8, 9, 10]);
 }
 
-#[test]
-fn history_the_log_cannot_serve_is_reported_as_a_gap() {
-    let limits = Limits {
-        hot_messages_per_conv: 4,
-        fetches_inflight_max: 0,
-        ..Limits::default()
-    };
+/// A shard whose hot tier holds 4 messages per conversation, with `sends` messages in the
+/// direct conversation of users 1 and 2 (sent by user 1 on connection 0).
+fn with_history(limits: Limits, sends: u32) -> (World, ConvId) {
     let mut w = World::new(1, limits);
     let alice = w.login(0, 1, 1);
     let conv = ConvId::direct(UserId(1), UserId(2));
-    for req in 1..=10 {
-        w.send(alice, req, conv, b"x");
+    for req in 1..=sends {
+        w.send(alice, req, conv, format!("m{req}").as_bytes());
     }
+    w.take(alice);
+    (w, conv)
+}
+
+fn hot_4() -> Limits {
+    Limits {
+        hot_messages_per_conv: 4,
+        ..Limits::default()
+    }
+}
+
+fn pull(w: &mut World, c: usize, req: u32, conv: ConvId, from: u64) {
+    let pull = meta::Pull {
+        req,
+        conv,
+        from_seq: Seq(from),
+        limit: 100,
+    };
+    w.frame(c, Meta::Pull(pull), &[]);
+}
+
+fn pull_result(frames: &[(Meta, bytes::Bytes)]) -> meta::PullResult {
+    match frames.last() {
+        Some((Meta::PullResult(r), _)) => r.clone(),
+        other => panic!("expected a PullResult, got {other:?}"),
+    }
+}
+
+fn sync_done(frames: &[(Meta, bytes::Bytes)]) -> meta::SyncDone {
+    match frames
+        .iter()
+        .rev()
+        .find(|(m, _)| matches!(m, Meta::SyncDone(_)))
+    {
+        Some((Meta::SyncDone(d), _)) => d.clone(),
+        _ => panic!("expected a SyncDone in {frames:?}"),
+    }
+}
+
+#[test]
+fn history_removed_by_retention_is_reported_from_the_first_seq_the_log_returns() {
+    let (mut w, conv) = with_history(hot_4(), 10);
+    w.hold_fetches = true;
     let bob = w.login(0, 2, 1);
+    // Sync: seqs 7..=10 are hot; the log is asked for 2..=6 and has lost 2 and 3.
     w.sync_from(bob, 1, conv, Seq(1));
+    let held = w.held_fetches[0];
+    assert_eq!((held.from, held.to, held.limit), (Seq(2), Seq(6), 100));
+    let kept: Vec<_> = w
+        .read_log(&held)
+        .into_iter()
+        .filter(|m| m.seq >= Seq(4))
+        .collect();
+    w.answer_fetch(Ok(kept));
+    let frames = w.take(bob);
+    assert_eq!(seqs(&frames), vec![4, 5, 6, 7, 8, 9, 10]);
+    let gap = meta::Gap {
+        conv,
+        from_seq: Seq(2),
+        to_seq: Seq(3),
+    };
+    assert_eq!(sync_done(&frames).gaps, vec![gap]);
+    // Pull: a run that starts after `from` says where history starts.
+    pull(&mut w, bob, 2, conv, 1);
+    let held = w.held_fetches[0];
+    assert_eq!((held.from, held.to), (Seq(1), Seq(6)));
+    let kept: Vec<_> = w
+        .read_log(&held)
+        .into_iter()
+        .filter(|m| m.seq >= Seq(3))
+        .collect();
+    w.answer_fetch(Ok(kept));
+    let frames = w.take(bob);
+    assert_eq!(seqs(&frames), (3..=10).collect::<Vec<_>>());
+    assert_eq!(pull_result(&frames).available_from, Seq(3));
+    // Nothing left before the hot tier: history starts at the hot tier.
+    pull(&mut w, bob, 3, conv, 1);
+    w.answer_fetch(Ok(Vec::new()));
     let frames = w.take(bob);
     assert_eq!(seqs(&frames), vec![7, 8, 9, 10]);
-    match frames.last() {
-        Some((Meta::SyncDone(d), _)) => assert_eq!(
-            d.gaps,
-            vec![meta::Gap {
-                conv,
-                from_seq: Seq(2),
-                to_seq: Seq(6)
-            }]
-        ),
-        other => panic!("{other:?}"),
+    let r = pull_result(&frames);
+    assert_eq!(
+        (r.available_from, r.from_seq, r.to_seq),
+        (Seq(7), Seq(7), Seq(10))
+    );
+}
+
+#[test]
+fn a_read_that_finds_nothing_while_the_hot_tier_moved_on_reads_on_from_there() {
+    let (mut w, conv) = with_history(hot_4(), 10);
+    w.hold_fetches = true;
+    let bob = w.login(0, 2, 1);
+    w.sync_from(bob, 1, conv, Seq::ZERO);
+    assert_eq!(
+        (w.held_fetches[0].from, w.held_fetches[0].to),
+        (Seq(1), Seq(6))
+    );
+    // While the read is out, four more messages push 7..=10 out of the hot tier.
+    for req in 11..=14 {
+        w.send(0, req, conv, b"x");
     }
+    // Retention removed 1..=6; 7..=10 are in the log, not in memory.
+    w.answer_fetch(Ok(Vec::new()));
+    let held = w.held_fetches[0];
+    assert_eq!((held.from, held.to), (Seq(7), Seq(10)));
+    w.answer_fetches(true);
+    let frames = w.take(bob);
+    assert_eq!(seqs(&frames), (7..=14).collect::<Vec<_>>());
+    let gap = meta::Gap {
+        conv,
+        from_seq: Seq(1),
+        to_seq: Seq(6),
+    };
+    assert_eq!(sync_done(&frames).gaps, vec![gap]);
+}
+
+#[test]
+fn replays_beyond_the_read_slots_wait_and_all_get_their_full_history() {
+    let limits = Limits {
+        hot_messages_per_conv: 4,
+        fetches_inflight_max: 2,
+        ..Limits::default()
+    };
+    let mut w = World::new(1, limits);
+    let group = ConvId::group(1);
+    let members = (1..=8).map(UserId).collect();
+    w.command(Command::CreateGroup { group, members }).unwrap();
+    let alice = w.login(0, 1, 1);
+    for req in 1..=10 {
+        w.send(alice, req, group, b"x");
+    }
+    w.hold_fetches = true;
+    let syncing: Vec<_> = (2..=5).map(|u| w.login(0, u, 1)).collect();
+    let pulling: Vec<_> = (6..=8).map(|u| w.login(0, u, 1)).collect();
+    for &c in &syncing {
+        w.sync_from(c, 1, group, Seq::ZERO);
+    }
+    for &c in &pulling {
+        pull(&mut w, c, 1, group, 1);
+    }
+    assert_eq!(
+        w.held_fetches.len(),
+        2,
+        "two reads in flight, the others wait"
+    );
+    for &c in syncing.iter().chain(&pulling) {
+        assert!(
+            w.take(c).is_empty(),
+            "connection {c} was answered before its read"
+        );
+    }
+    assert_eq!(
+        w.answer_fetches(true),
+        7,
+        "every waiting replay got its read"
+    );
+    let all: Vec<u64> = (1..=10).collect();
+    for &c in &syncing {
+        let frames = w.take(c);
+        assert_eq!(seqs(&frames), all, "connection {c}");
+        let done = sync_done(&frames);
+        assert!(done.gaps.is_empty() && done.more.is_empty() && done.refused.is_empty());
+    }
+    for &c in &pulling {
+        let frames = w.take(c);
+        assert_eq!(seqs(&frames), all, "connection {c}");
+        assert_eq!(pull_result(&frames).available_from, Seq::ZERO);
+    }
+}
+
+#[test]
+fn a_failed_read_fails_a_pull_and_skips_nothing() {
+    let (mut w, conv) = with_history(hot_4(), 10);
+    w.hold_fetches = true;
+    let bob = w.login(0, 2, 1);
+    pull(&mut w, bob, 5, conv, 1);
+    w.answer_fetch(Err(()));
+    let frames = w.take(bob);
+    assert!(delivers(&frames).is_empty(), "{frames:?}");
+    assert!(
+        matches!(&frames[..], [(Meta::Error(e), _)] if e.code == ErrorCode::StorageFailed && e.req == 5),
+        "{frames:?}"
+    );
+    assert!(!w.conns[bob].closed, "the connection keeps serving");
+    pull(&mut w, bob, 6, conv, 1);
+    w.answer_fetches(true);
+    let frames = w.take(bob);
+    assert_eq!(seqs(&frames), (1..=10).collect::<Vec<_>>());
+    assert_eq!(pull_result(&frames).available_from, Seq::ZERO);
+}
+
+#[test]
+fn a_failed_read_refuses_a_sync_cursor_which_the_connection_then_catches_up() {
+    let (mut w, conv) = with_history(hot_4(), 10);
+    w.hold_fetches = true;
+    let bob = w.login(0, 2, 1);
+    w.sync_from(bob, 3, conv, Seq::ZERO);
+    w.answer_fetch(Err(()));
+    let frames = w.take(bob);
+    assert!(delivers(&frames).is_empty(), "{frames:?}");
+    let done = sync_done(&frames);
+    assert!(done.gaps.is_empty(), "a failed read is not a gap: {done:?}");
+    assert_eq!(
+        done.refused,
+        vec![meta::CursorRefusal {
+            conv,
+            latest_seq: Seq::ZERO,
+            code: ErrorCode::StorageFailed
+        }]
+    );
+    // The connection asks again by itself; a second failure waits for the retry time.
+    assert_eq!(w.held_fetches.len(), 1);
+    w.answer_fetch(Err(()));
+    assert!(w.held_fetches.is_empty() && w.take(bob).is_empty());
+    w.advance(Duration::from_secs(1));
+    assert_eq!(w.answer_fetches(true), 1);
+    assert_eq!(seqs(&w.take(bob)), (1..=10).collect::<Vec<_>>());
+}
+
+#[test]
+fn a_failed_catch_up_read_keeps_the_cursor_and_is_asked_again_later() {
+    let (mut w, conv) = with_history(hot_4(), 10);
+    w.hold_fetches = true;
+    // Bob connects without a Sync: the next live message shows him a gap from seq 1.
+    let bob = w.login(0, 2, 1);
+    let alice = 0;
+    w.send(alice, 11, conv, b"m11");
+    assert_eq!(w.held_fetches.len(), 1, "the gap is read from the log");
+    w.answer_fetch(Err(()));
+    w.send(alice, 12, conv, b"m12");
+    assert!(delivers(&w.take(bob)).is_empty(), "nothing past the gap");
+    assert!(
+        w.held_fetches.is_empty(),
+        "asked again only at the retry time"
+    );
+    // Meanwhile the connection's other requests are served, failures and all.
+    pull(&mut w, bob, 7, conv, 1);
+    w.answer_fetch(Err(()));
+    let frames = w.take(bob);
+    let failed = |e: &meta::Error| e.code == ErrorCode::StorageFailed && e.req == 7;
+    assert!(
+        matches!(&frames[..], [(Meta::Error(e), _)] if failed(e)),
+        "{frames:?}"
+    );
+    assert!(
+        w.held_fetches.is_empty(),
+        "asked again only at the retry time"
+    );
+    w.advance(Duration::from_millis(500));
+    assert!(
+        w.held_fetches.is_empty(),
+        "asked again before the retry time"
+    );
+    w.advance(Duration::from_millis(500));
+    assert_eq!(w.answer_fetches(true), 1);
+    let got = delivers(&w.take(bob));
+    assert_eq!(
+        got.iter().map(|(_, s, _)| s.0).collect::<Vec<_>>(),
+        (1..=12).collect::<Vec<_>>()
+    );
+    assert!(got
+        .iter()
+        .all(|(_, s, p)| &p[..] == format!("m{}", s.0).as_bytes()));
+    w.send(alice, 13, conv, b"m13");
+    assert_eq!(seqs(&w.take(bob)), vec![13]);
 }
 
 #[test]
@@ -435,6 +683,277 @@ fn pull_returns_history_and_a_pull_result() {
         }
         other => panic!("{other:?}"),
     }
+}
+
+// ---- checkpoints --------------------------------------------------------------------
+
+/// The bytes of the checkpoint a shard recovered from `records` writes first.
+fn checkpoint_after(w: &World, records: Vec<Record>) -> Vec<u8> {
+    let mut shard = w.fresh_shard(0);
+    shard.recover(records).expect("recovery");
+    shard.handle_checkpoint_due(w.now);
+    let mut appends = Vec::new();
+    while let Some(effect) = shard.poll_effect() {
+        if let Effect::Append { bytes, .. } = effect {
+            appends.push(bytes);
+        }
+    }
+    assert_eq!(appends.len(), 1, "one append for the checkpoint");
+    appends.remove(0)
+}
+
+fn first_checkpoint(records: &[Record]) -> usize {
+    records
+        .iter()
+        .position(|r| matches!(r, Record::Checkpoint { .. }))
+        .expect("a checkpoint in the log")
+}
+
+fn nacked(frames: &[(Meta, bytes::Bytes)], req: u32, code: ErrorCode) -> bool {
+    frames
+        .iter()
+        .any(|(m, _)| matches!(m, Meta::Nack(n) if n.req == req && n.code == code))
+}
+
+#[test]
+fn a_shard_recovered_from_a_checkpoint_on_continues_every_conversation() {
+    let mut w = World::new(1, Limits::default());
+    let group = ConvId::group(7);
+    let (ab, ac) = (
+        ConvId::direct(UserId(1), UserId(2)),
+        ConvId::direct(UserId(1), UserId(3)),
+    );
+    let members = vec![UserId(1), UserId(2), UserId(3)];
+    w.command(Command::CreateGroup { group, members }).unwrap();
+    let add = vec![UserId(4)];
+    w.command(Command::AddMembers {
+        group,
+        members: add,
+    })
+    .unwrap();
+    let alice = w.login(0, 1, 1);
+    for (req, conv) in [
+        (1, group),
+        (2, group),
+        (3, group),
+        (4, ab),
+        (5, ab),
+        (6, ac),
+    ] {
+        w.send(alice, req, conv, b"before");
+    }
+    w.checkpoint(0);
+    let remove = vec![UserId(3)];
+    w.command(Command::RemoveMembers {
+        group,
+        members: remove,
+    })
+    .unwrap();
+    w.send(alice, 7, group, b"after");
+    w.send(alice, 8, group, b"after");
+    let retried = w.send(alice, 9, ab, b"after");
+    assert_eq!(acks(&w.take(alice)).last(), Some(&(9, Seq(3))));
+    let records = w.records(0);
+    let at = first_checkpoint(&records);
+    // The groups come out the same as from the whole log.
+    assert_eq!(
+        checkpoint_after(&w, records[at..].to_vec()),
+        checkpoint_after(&w, records.clone())
+    );
+    let stored = w.stored().len();
+    w.restart_from(0, records[at..].to_vec()).unwrap();
+    let alice = w.login(0, 1, 1);
+    w.send(alice, 10, group, b"next");
+    w.send(alice, 11, ab, b"next");
+    // Nothing of this one after the checkpoint: it is loaded from the log.
+    w.send(alice, 12, ac, b"next");
+    w.send_with_id(alice, 13, ab, retried, b"after");
+    assert_eq!(
+        acks(&w.take(alice)),
+        vec![(10, Seq(6)), (11, Seq(4)), (12, Seq(2)), (13, Seq(3))]
+    );
+    assert_eq!(
+        w.stored().len(),
+        stored + 3,
+        "the retry was not stored again"
+    );
+    // Members: added before the checkpoint, removed after it.
+    let dave = w.login(0, 4, 1);
+    w.send(dave, 1, group, b"dave");
+    assert_eq!(acks(&w.take(dave)), vec![(1, Seq(7))]);
+    let carol = w.login(0, 3, 1);
+    w.send(carol, 1, group, b"carol");
+    assert!(nacked(&w.take(carol), 1, ErrorCode::NotMember));
+    // History from before the checkpoint is still served, from the log.
+    let bob = w.login(0, 2, 1);
+    w.sync_from(bob, 1, group, Seq::ZERO);
+    assert_eq!(seqs(&w.take(bob)), (1..=7).collect::<Vec<_>>());
+}
+
+/// A shard of one world with groups 1 and 2 and messages around two checkpoints.
+fn checkpointed_log() -> (World, Vec<Record>) {
+    let mut w = World::new(1, Limits::default());
+    for g in 1..=2 {
+        let members = vec![UserId(1), UserId(g + 1)];
+        let group = ConvId::group(g);
+        w.command(Command::CreateGroup { group, members }).unwrap();
+    }
+    let alice = w.login(0, 1, 1);
+    let ab = ConvId::direct(UserId(1), UserId(2));
+    for (req, conv) in [(1, ConvId::group(1)), (2, ab), (3, ConvId::group(2))] {
+        w.send(alice, req, conv, b"x");
+    }
+    w.checkpoint(0);
+    for (req, conv) in [(4, ConvId::group(1)), (5, ab), (6, ConvId::group(1))] {
+        w.send(alice, req, conv, b"x");
+    }
+    w.checkpoint(0);
+    w.send(alice, 7, ConvId::group(2), b"x");
+    let records = w.records(0);
+    (w, records)
+}
+
+/// `records` with the heads of the checkpoint at `at` changed by `change`.
+fn tampered(records: &[Record], at: usize, change: impl Fn(&mut Vec<GroupHead>)) -> Vec<Record> {
+    let mut records = records.to_vec();
+    let Record::Checkpoint { groups, .. } = &mut records[at] else {
+        panic!("not a checkpoint");
+    };
+    change(groups);
+    records
+}
+
+#[test]
+fn checkpoints_in_the_middle_of_the_log_are_checked_against_the_records_before_them() {
+    let (mut w, records) = checkpointed_log();
+    let second = records.len() - 2;
+    assert!(matches!(
+        records[second],
+        Record::Checkpoint { last: true, .. }
+    ));
+    // The whole log, with its checkpoints, recovers; every conversation goes on.
+    w.crash_all();
+    let alice = w.login(0, 1, 1);
+    w.send(alice, 8, ConvId::group(1), b"y");
+    w.send(alice, 9, ConvId::group(2), b"y");
+    assert_eq!(acks(&w.take(alice)), vec![(8, Seq(4)), (9, Seq(3))]);
+    let recover = |records: Vec<Record>| w.fresh_shard(0).recover(records);
+    let mismatch = |g| {
+        Err(RecoveryError::CheckpointMismatch {
+            group: ConvId::group(g),
+        })
+    };
+    let at = first_checkpoint(&records);
+    let wrong_seq = tampered(&records, at, |g| g[0].last_seq = Seq(2));
+    assert_eq!(recover(wrong_seq), mismatch(1));
+    let wrong_members = tampered(&records, second, |g| g[1].members.push(UserId(9)));
+    assert_eq!(recover(wrong_members), mismatch(2));
+    let missing = tampered(&records, at, |g| {
+        g.remove(0);
+    });
+    assert_eq!(recover(missing), mismatch(1));
+    let unknown = tampered(&records, second, |g| {
+        g.push(GroupHead {
+            group: ConvId::group(3),
+            members: vec![UserId(1)],
+            last_seq: Seq::ZERO,
+        })
+    });
+    assert_eq!(recover(unknown), mismatch(3));
+    // A tampered checkpoint that recovery starts at is taken as it is: nothing before it
+    // to check it against.
+    let start = tampered(&records, second, |g| g[0].last_seq = Seq(9));
+    assert_eq!(recover(start[second..].to_vec()), Ok(()));
+}
+
+#[test]
+fn a_checkpoint_cut_by_a_crash_is_ignored_but_recovery_cannot_start_at_one() {
+    let (w, records) = checkpointed_log();
+    let recover = |records: Vec<Record>| w.fresh_shard(0).recover(records);
+    let at = first_checkpoint(&records);
+    // The first part of a checkpoint whose other parts never reached the disk: its
+    // content does not matter.
+    let cut = Record::Checkpoint {
+        part: 0,
+        groups: vec![GroupHead {
+            group: ConvId::group(1),
+            members: vec![UserId(5)],
+            last_seq: Seq(77),
+        }],
+        dedupe: Vec::new(),
+        last: false,
+    };
+    let with_cut = |i: usize| {
+        let mut r = records.clone();
+        r.insert(i, cut.clone());
+        r
+    };
+    // Followed by other records, by a whole checkpoint, or by nothing.
+    assert_eq!(recover(with_cut(at - 1)), Ok(()));
+    assert_eq!(recover(with_cut(at)), Ok(()));
+    assert_eq!(recover(with_cut(records.len())), Ok(()));
+    // A start at a whole checkpoint after a cut one is still a start at a checkpoint.
+    assert_eq!(recover(with_cut(at)[at..].to_vec()), Ok(()));
+    // But a start at a cut checkpoint has nothing to start from.
+    let mut cut_start = vec![cut.clone()];
+    cut_start.extend(records[at + 1..].iter().cloned());
+    assert_eq!(recover(cut_start), Err(RecoveryError::IncompleteCheckpoint));
+    assert_eq!(recover(vec![cut]), Err(RecoveryError::IncompleteCheckpoint));
+}
+
+#[test]
+fn a_checkpoint_is_its_own_append_and_fails_or_becomes_durable_like_any_other() {
+    let mut w = World::new(1, Limits::default());
+    let group = ConvId::group(7);
+    let members = vec![UserId(1), UserId(2)];
+    w.command(Command::CreateGroup { group, members }).unwrap();
+    w.auto_sync = false;
+    let alice = w.login(0, 1, 1);
+    w.send(alice, 1, group, b"lost");
+    let (Lsn(message), end) = w.nodes[0].appended.expect("appended");
+    w.checkpoint(0);
+    let (Lsn(checkpoint), _) = w.nodes[0].appended.expect("appended");
+    assert_eq!(checkpoint, message + 1, "the checkpoint has its own Lsn");
+    let own: Vec<_> = scan(&w.nodes[0].log.bytes()[end as usize..]).records;
+    assert!(!own.is_empty());
+    assert!(own
+        .iter()
+        .all(|(_, r)| matches!(r, Record::Checkpoint { .. })));
+    // The sync fails: the message is Nacked, and the checkpoint is gone with it.
+    let node = &mut w.nodes[0];
+    node.log.crash();
+    node.appended = None;
+    node.shard.handle_log_failed(w.now);
+    w.run();
+    assert!(nacked(&w.take(alice), 1, ErrorCode::StorageFailed));
+    assert!(!w
+        .records(0)
+        .iter()
+        .any(|r| matches!(r, Record::Checkpoint { .. })));
+    // A command and a message on their way to disk, then a checkpoint: when it is
+    // durable, so is everything before it, and it holds both.
+    let created = ConvId::group(8);
+    let create = Command::CreateGroup {
+        group: created,
+        members: vec![UserId(1)],
+    };
+    w.nodes[0].shard.handle_command(w.now, create, 77);
+    w.run();
+    w.send(alice, 2, group, b"kept");
+    w.checkpoint(0);
+    w.sync();
+    assert_eq!(
+        acks(&w.take(alice)),
+        vec![(2, Seq(1))],
+        "seq 1 handed out again"
+    );
+    assert_eq!(w.commands.remove(&77), Some(Ok(())));
+    w.crash_all();
+    w.auto_sync = true;
+    let alice = w.login(0, 1, 1);
+    w.send(alice, 3, created, b"new group");
+    w.send(alice, 4, group, b"next");
+    assert_eq!(acks(&w.take(alice)), vec![(3, Seq(1)), (4, Seq(2))]);
 }
 
 // ---- Nacks --------------------------------------------------------------------------

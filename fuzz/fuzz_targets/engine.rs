@@ -1,13 +1,14 @@
 //! Fuzz target for the shard engines (issue 10), over the same driver as the proptest
 //! engine fuzz (`core/tests/engine_fuzz.rs`): `fuzz_driver::run` plays a sequence of ops
-//! on a world of shards and checks I1, I2, I3, I5 and the bounds (I6) after every op.
+//! on a world of shards and checks I1-I5 and the bounds (I6) after every op.
 //!
 //! Input layout: the bytes are read with `arbitrary::Unstructured` into at most
 //! [`OPS_MAX`] ops, until they run out. [`op`] maps them onto the value space of the
 //! proptest strategies, with the same weights: extreme seqs, limits and cursors, valid,
 //! foreign and invalid conversation ids, priorities, signal kinds, repeated Auth, frames
 //! after close, payloads around the limits, several connections and users, stalled
-//! readers, time jumps, syncs and crashes.
+//! readers, time jumps, syncs and crashes, checkpoints, and log reads held, answered late
+//! or failed.
 //!
 //! A panic anywhere, or a failed check (re-raised as a panic with its message), is a
 //! finding. `cargo fuzz fmt engine <input>` prints an input as its `Op` sequence.
@@ -162,6 +163,9 @@ fn op(u: &mut Unstructured) -> arbitrary::Result<Op> {
             ms: one_of![u, 1 => u.int_in_range(0..=499)?, 1 => 11_000, 1 => 3_600_000],
         },
         1 => Op::Crash,
+        1 => Op::Checkpoint { shard: u.int_in_range(0..=SHARDS - 1)? },
+        1 => Op::HoldReads { on: u.arbitrary()? },
+        2 => Op::AnswerReads { ok: u.arbitrary()? },
     ])
 }
 

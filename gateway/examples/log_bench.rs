@@ -1,13 +1,17 @@
-//! Latency of one durable append to the warm-tier log on this machine's disk: `write` of
-//! one ~4 KiB record, then `sync` (an O_DIRECT write and an fdatasync), in a loop; then the
-//! same with buffered I/O. Prints p50/p99/max, and checks that a reopen recovers every
-//! record.
+//! Latency of one durable append to a shard's log on this machine's disk, through core's
+//! log engine and the gateway's storage executor: one append of one ~4 KiB record at a
+//! time, waiting for it to be durable (an O_DIRECT write and an fdatasync), in a loop;
+//! then the same with buffered I/O. Prints p50/p99/max, and checks that a reopen recovers
+//! every record.
 //!
 //! Then the read path, in both modes: a log of 200 messages (~300 B) in each of 1,011
 //! conversations (one written in a burst, 10 interleaved with each other, 1,000
-//! interleaved with each other), reopened so that the read index is rebuilt. Prints the
-//! recovery time, the index's memory, the cost of indexing on the write path, and the
-//! latency of reading 200 messages of one conversation (and 1) from disk.
+//! interleaved with each other), closed and reopened. Prints the recovery time, the read
+//! index's memory, the cost of indexing on the write path, and the latency of fetching
+//! 200 messages of one conversation (and 1) from disk.
+//!
+//! The engine's operations run the way the runtime runs them: each in a task of its own,
+//! all those issued together in flight at once.
 //!
 //! ```text
 //! cargo run --release -p imgate-gateway --example log_bench [-- DIR [COUNT]]
@@ -23,13 +27,16 @@
 #[path = "../src/storage.rs"]
 mod storage;
 
-use anyhow::{ensure, Context};
+use anyhow::{bail, ensure, Context};
 use bytes::Bytes;
 use imgate_core::log::{decode_record, encode_record, Decoded, Record, StoredMessage};
+use imgate_core::log_engine::{LogConfig, LogEngine, LogEvent, Recovered};
 use imgate_core::proto::{ClientMsgId, ConvId, DeviceId, Seq, UserId};
+use imgate_core::shard::Lsn;
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
-use storage::{IoMode, LogConfig};
+use std::rc::Rc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use storage::{IoMode, LogExecutor};
 
 /// Payload bytes per record: with its header and fields the frame is just under 4 KiB.
 const PAYLOAD_BYTES: usize = 4096 - 80;
@@ -54,12 +61,12 @@ fn main() -> anyhow::Result<()> {
         .make()
         .map_err(|err| anyhow::anyhow!("glommio executor: {err}"))?;
     let result = executor.run(async {
-        for (mode, name) in [(IoMode::Direct, "direct"), (IoMode::Buffered, "buffered")] {
-            bench(root.join(name), mode, count).await?;
+        for mode in [IoMode::Direct, IoMode::Buffered] {
+            bench(root.join(name(mode)), mode, count).await?;
         }
         index_cost();
-        for (mode, name) in [(IoMode::Direct, "direct"), (IoMode::Buffered, "buffered")] {
-            read_bench(root.join(format!("{name}-read")), mode).await?;
+        for mode in [IoMode::Direct, IoMode::Buffered] {
+            read_bench(root.join(format!("{}-read", name(mode))), mode).await?;
         }
         anyhow::Ok(())
     });
@@ -69,53 +76,157 @@ fn main() -> anyhow::Result<()> {
     result
 }
 
+/// The engine's clock: wall time.
+fn now() -> imgate_core::Instant {
+    let ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    imgate_core::Instant::from_millis(ms)
+}
+
+/// A log engine on its files.
+struct Log {
+    engine: LogEngine,
+    files: Rc<LogExecutor>,
+    events: Vec<LogEvent>,
+}
+
+impl Log {
+    /// Opens and recovers the log in `dir`.
+    async fn open(dir: PathBuf, mode: IoMode) -> anyhow::Result<(Log, Recovered)> {
+        let files = LogExecutor::open_with_mode(dir, mode).await?;
+        let config = LogConfig {
+            align: files.align(),
+            ..LogConfig::default()
+        };
+        let mut engine = LogEngine::new(config, now());
+        let mut recovered = None;
+        for event in files.run_to_idle(&mut engine, now).await {
+            match event {
+                LogEvent::Recovered(r) => recovered = Some(r),
+                LogEvent::Stopped(e) => bail!("the log refused to open: {e}"),
+                _ => {}
+            }
+        }
+        let log = Log {
+            engine,
+            files: Rc::new(files),
+            events: Vec::new(),
+        };
+        Ok((log, recovered.context("recovery did not finish")?))
+    }
+
+    /// Performs the engine's operations until it has none left: those issued together run
+    /// at once, each in a task of its own.
+    async fn drive(&mut self) {
+        loop {
+            self.events
+                .extend(std::iter::from_fn(|| self.engine.poll_event()));
+            let ios: Vec<_> = std::iter::from_fn(|| self.engine.poll_io()).collect();
+            if ios.is_empty() {
+                return;
+            }
+            let tasks: Vec<_> = ios
+                .into_iter()
+                .map(|io| {
+                    let files = self.files.clone();
+                    glommio::spawn_local(async move {
+                        let result = files.perform(&io.op).await;
+                        (io.id, result)
+                    })
+                })
+                .collect();
+            for task in tasks {
+                let (id, result) = task.await;
+                self.engine.handle_completion(now(), id, result);
+            }
+        }
+    }
+
+    /// Appends `bytes` and waits until it is durable.
+    async fn append(&mut self, lsn: Lsn, bytes: Vec<u8>) -> anyhow::Result<()> {
+        self.engine.append(now(), lsn, bytes);
+        self.drive().await;
+        let durable = self
+            .events
+            .iter()
+            .any(|e| matches!(e, LogEvent::Durable(l) if *l >= lsn));
+        ensure!(
+            durable,
+            "append {lsn:?} did not become durable: {:?}",
+            self.events
+        );
+        self.events.clear();
+        Ok(())
+    }
+
+    async fn fetch(
+        &mut self,
+        conv: ConvId,
+        from: Seq,
+        to: Seq,
+        limit: u32,
+    ) -> anyhow::Result<Vec<StoredMessage>> {
+        self.engine.fetch(now(), 1, conv, from, to, limit);
+        self.drive().await;
+        let at = self
+            .events
+            .iter()
+            .position(|e| matches!(e, LogEvent::Fetched { .. }))
+            .context("the fetch was not answered")?;
+        match self.events.remove(at) {
+            LogEvent::Fetched { result, .. } => {
+                result.map_err(|()| anyhow::anyhow!("the fetch of {conv} failed"))
+            }
+            _ => unreachable!(),
+        }
+    }
+
+    async fn close(mut self) -> anyhow::Result<()> {
+        self.engine.close(now());
+        self.drive().await;
+        ensure!(
+            self.events.iter().any(|e| matches!(e, LogEvent::Closed)),
+            "the log did not close: {:?}",
+            self.events
+        );
+        Ok(())
+    }
+}
+
 async fn bench(dir: PathBuf, mode: IoMode, count: u64) -> anyhow::Result<()> {
     let _ = std::fs::remove_dir_all(&dir);
-    let config = LogConfig {
-        dir: dir.clone(),
-        segment_bytes: storage::SEGMENT_BYTES_DEFAULT,
-        segment_messages: storage::SEGMENT_MESSAGES_DEFAULT,
-    };
-    let (mut log, _) = storage::open_with_mode(config.clone(), mode).await?;
+    let (mut log, _) = Log::open(dir.clone(), mode).await?;
+    let direct = log.files.is_direct();
     let records: Vec<Record> = (1..=count).map(message).collect();
     let mut latencies = Vec::with_capacity(records.len());
-    let mut frame = Vec::new();
-    for record in &records {
-        frame.clear();
+    let mut frame_bytes = 0;
+    for (lsn, record) in (1..).zip(&records) {
+        let mut frame = Vec::new();
         encode_record(record, &mut frame);
+        frame_bytes = frame.len();
         let started = Instant::now();
-        log.write(&frame).await?;
-        log.sync().await?;
+        log.append(Lsn(lsn), frame).await?;
         latencies.push(started.elapsed());
     }
-    let frame_bytes = frame.len();
-    let direct = log.is_direct();
     log.close().await?;
 
-    let (_, recovery) = storage::open_with_mode(config, mode).await?;
+    let (log, recovered) = Log::open(dir, mode).await?;
     ensure!(
-        recovery.records == records,
+        recovered.records == records,
         "recovered {} records, wrote {}",
-        recovery.records.len(),
+        recovered.records.len(),
         records.len()
     );
-
-    latencies.sort_unstable();
-    let at = |q: f64| latencies[((latencies.len() - 1) as f64 * q).round() as usize];
-    let mean = latencies.iter().sum::<Duration>() / latencies.len() as u32;
-    println!(
-        "{:>8} (O_DIRECT {direct}): {count} x write({frame_bytes} B)+sync  p50 {:?}  p90 {:?}  \
-         p99 {:?}  max {:?}  mean {mean:?}; all {count} records recovered",
-        if mode == IoMode::Direct {
-            "direct"
-        } else {
-            "buffered"
-        },
-        at(0.50),
-        at(0.90),
-        at(0.99),
-        at(1.0),
+    log.close().await?;
+    report(
+        &format!(
+            "{:>8} (O_DIRECT {direct}): {count} x append({frame_bytes} B) until durable",
+            name(mode)
+        ),
+        &mut latencies,
     );
+    println!("{:>8} all {count} records recovered", "");
     Ok(())
 }
 
@@ -157,8 +268,9 @@ fn read_message(conv: ConvId, seq: u64) -> StoredMessage {
     }
 }
 
-/// What indexing adds to the write path: walking a batch's frames with core's
-/// `decode_record` (CRC and decode of every record).
+/// What indexing adds to the write path: walking an append's frames with core's
+/// `decode_record` (CRC and decode of every record), which the log engine does for every
+/// append it writes.
 fn index_cost() {
     let mut frames = Vec::new();
     let count = 100_000u64;
@@ -191,20 +303,16 @@ fn index_cost() {
 
 async fn read_bench(dir: PathBuf, mode: IoMode) -> anyhow::Result<()> {
     let _ = std::fs::remove_dir_all(&dir);
-    let config = LogConfig {
-        dir: dir.clone(),
-        segment_bytes: storage::SEGMENT_BYTES_DEFAULT,
-        segment_messages: storage::SEGMENT_MESSAGES_DEFAULT,
-    };
     // Conversation 0 in a burst, 1..=10 interleaved, 11..=1010 interleaved.
     let groups: [(&str, std::ops::Range<u64>); 3] = [
         ("burst", 0..1),
         ("10 interleaved", 1..11),
         ("1000 interleaved", 11..1011),
     ];
-    let (mut log, _) = storage::open_with_mode(config.clone(), mode).await?;
+    let (mut log, _) = Log::open(dir.clone(), mode).await?;
     let mut batch = Vec::new();
     let mut written = 0u64;
+    let mut lsn = 0;
     for (_, convs) in &groups {
         for seq in 1..=READ_MESSAGES {
             for i in convs.clone() {
@@ -215,40 +323,32 @@ async fn read_bench(dir: PathBuf, mode: IoMode) -> anyhow::Result<()> {
                 written += 1;
                 // A group commit of a few hundred messages.
                 if written.is_multiple_of(500) {
-                    log.write(&batch).await?;
-                    log.sync().await?;
-                    batch.clear();
+                    lsn += 1;
+                    log.append(Lsn(lsn), std::mem::take(&mut batch)).await?;
                 }
             }
         }
     }
-    log.write(&batch).await?;
+    lsn += 1;
+    log.append(Lsn(lsn), batch).await?;
     log.close().await?;
 
     let started = Instant::now();
-    let (log, recovery) = storage::open_with_mode(config, mode).await?;
+    let (mut log, recovered) = Log::open(dir, mode).await?;
     let recovered_in = started.elapsed();
-    let reader = log.reader();
-    let stats = reader.index_stats();
-    ensure!(
-        stats.messages == written,
-        "indexed {stats:?}, wrote {written}"
-    );
-    let per_conv =
-        (stats.heap_bytes as f64 - 8.0 * stats.messages as f64) / stats.conversations as f64;
+    let conversations = groups.iter().map(|(_, c)| c.end - c.start).sum::<u64>();
+    let heap = log.engine.index_heap_bytes();
     println!(
-        "{:>8} read: {written} messages in {} conversations, {} B in {} segments, recovered in \
-         {recovered_in:?}; index {} B = {:.2} B per message, {:.0} B per conversation beyond \
-         8 B per message",
+        "{:>8} read: {written} messages in {conversations} conversations, {} B in {} \
+         segments, recovered in {recovered_in:?} (read {} B); index {heap} B = {:.2} B per \
+         message",
         name(mode),
-        stats.conversations,
-        recovery.bytes,
-        recovery.segments,
-        stats.heap_bytes,
-        stats.heap_bytes as f64 / stats.messages as f64,
-        per_conv,
+        log.engine.bytes(),
+        recovered.segments,
+        recovered.read_bytes,
+        heap as f64 / written as f64,
     );
-    drop(recovery);
+    drop(recovered);
 
     for (group, convs) in &groups {
         for (what, from, to) in [("200", 1, READ_MESSAGES), ("1", 100, 100)] {
@@ -257,7 +357,7 @@ async fn read_bench(dir: PathBuf, mode: IoMode) -> anyhow::Result<()> {
                 let i = convs.start + round as u64 % (convs.end - convs.start);
                 let conv = read_conv(i);
                 let started = Instant::now();
-                let got = reader.read(conv, Seq(from), Seq(to), 1000).await?;
+                let got = log.fetch(conv, Seq(from), Seq(to), 1000).await?;
                 latencies.push(started.elapsed());
                 ensure!(
                     got.len() as u64 == to - from + 1
@@ -271,22 +371,24 @@ async fn read_bench(dir: PathBuf, mode: IoMode) -> anyhow::Result<()> {
             report(&format!("  read {what} of {group}"), &mut latencies);
         }
     }
-    let past_end = reader
-        .read(read_conv(0), Seq(READ_MESSAGES + 1), Seq(u64::MAX), 10)
+    let past_end = log
+        .fetch(read_conv(0), Seq(READ_MESSAGES + 1), Seq::MAX, 10)
         .await?;
     ensure!(
         past_end.is_empty(),
         "a read past the end gave {} messages",
         past_end.len()
     );
+    log.close().await?;
     Ok(())
 }
 
 fn report(what: &str, latencies: &mut [Duration]) {
     latencies.sort_unstable();
     let at = |q: f64| latencies[((latencies.len() - 1) as f64 * q).round() as usize];
+    let mean = latencies.iter().sum::<Duration>() / latencies.len() as u32;
     println!(
-        "{what:<32} p50 {:?}  p90 {:?}  p99 {:?}  max {:?}",
+        "{what:<32} p50 {:?}  p90 {:?}  p99 {:?}  max {:?}  mean {mean:?}",
         at(0.50),
         at(0.90),
         at(0.99),

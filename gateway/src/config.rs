@@ -9,9 +9,19 @@
 //! (`[[keys]]` tables, each with a `kid` and one key file; tokens must name their key).
 //! The key setting and the key files are read again on SIGHUP ([`Config::reload_verifier`]),
 //! so keys rotate without a restart; every other setting takes effect at the next start.
+//!
+//! The log settings are those of core's log engine ([`LogConfig`]): `segment_bytes` and
+//! `segment_messages` (when a segment is sealed), `checkpoint_messages` (how many durable
+//! messages the engine lets pass before it asks the shard for a checkpoint, which bounds
+//! what a start replays), and, both off by default, `retention_bytes` (keep at most this
+//! many bytes of segments per shard) and `retention_age_secs` (remove sealed segments older
+//! than this). Retention removes whole sealed segments only, and never one that recovery
+//! still needs (the one holding the last checkpoint, and every later one). All of them are
+//! checked when the configuration is loaded ([`Config::load`]).
 
 use anyhow::{bail, Context, Result};
 use imgate_core::auth::{KeyConfig, SigningKey, TokenVerifier, VerificationKey};
+use imgate_core::log_engine::LogConfig;
 use imgate_core::Limits;
 use serde::Deserialize;
 use std::io::Read;
@@ -51,6 +61,12 @@ pub struct Config {
     pub segment_bytes: u64,
     /// Messages in a segment before rotation (bounds the open segment's index).
     pub segment_messages: usize,
+    /// Durable messages after which the log asks for a checkpoint (bounds start-up).
+    pub checkpoint_messages: u64,
+    /// Bytes of segments kept per shard at most (`None`: no bound).
+    pub retention_bytes: Option<u64>,
+    /// Age after which a sealed segment is removed (`None`: no bound).
+    pub retention_age: Option<Duration>,
     /// How tokens are verified.
     pub auth: AuthConfig,
     /// Engine bounds.
@@ -110,6 +126,9 @@ pub struct FileConfig {
     shards: Option<usize>,
     segment_bytes: Option<u64>,
     segment_messages: Option<usize>,
+    checkpoint_messages: Option<u64>,
+    retention_bytes: Option<u64>,
+    retention_age_secs: Option<u64>,
     shutdown_timeout_secs: Option<u64>,
     hs256_secret_file: Option<PathBuf>,
     ed25519_public_key_file: Option<PathBuf>,
@@ -154,8 +173,11 @@ impl Default for Config {
             data_dir: PathBuf::from("imgate-data"),
             admin_token_file: None,
             shards: 0,
-            segment_bytes: crate::storage::SEGMENT_BYTES_DEFAULT,
-            segment_messages: crate::storage::SEGMENT_MESSAGES_DEFAULT,
+            segment_bytes: LogConfig::default().segment_bytes,
+            segment_messages: LogConfig::default().segment_messages,
+            checkpoint_messages: LogConfig::default().checkpoint_messages,
+            retention_bytes: None,
+            retention_age: None,
             auth: AuthConfig::DevSecret,
             limits: Limits::default(),
             shutdown_timeout: Duration::from_secs(10),
@@ -188,11 +210,63 @@ impl Config {
             .limits
             .validate()
             .map_err(|e| anyhow::anyhow!("invalid limits: {e}"))?;
-        // The log checks these too, but only once a shard opens it; say so before start.
-        if config.segment_bytes == 0 || config.segment_messages == 0 {
-            bail!("invalid log settings: segment_bytes and segment_messages must be at least 1");
-        }
+        // The log engine checks these too, but only once a shard opens it (by panicking);
+        // say what is wrong before anything starts.
+        config.validate_log()?;
         Ok(config)
+    }
+
+    /// Checks the log settings, naming the setting that is wrong.
+    fn validate_log(&self) -> Result<()> {
+        if self.segment_bytes == 0 {
+            bail!("invalid log settings: segment_bytes must be at least 1");
+        }
+        if self.segment_messages == 0 {
+            bail!("invalid log settings: segment_messages must be at least 1");
+        }
+        if self.checkpoint_messages == 0 {
+            bail!("invalid log settings: checkpoint_messages must be at least 1");
+        }
+        if let Some(bytes) = self.retention_bytes {
+            if bytes < self.segment_bytes {
+                bail!(
+                    "invalid log settings: retention_bytes ({bytes}) must be at least \
+                     segment_bytes ({}): retention removes whole sealed segments; leave it \
+                     out to keep every segment",
+                    self.segment_bytes
+                );
+            }
+        }
+        if self.retention_age == Some(Duration::ZERO) {
+            bail!(
+                "invalid log settings: retention_age_secs must be at least 1; leave it out \
+                 to keep segments however old"
+            );
+        }
+        self.log_config(1)
+            .validate()
+            .map_err(|e| anyhow::anyhow!("invalid log settings: {e}"))
+    }
+
+    /// The log engine's configuration, with segment writes aligned to `align` (what the
+    /// storage executor found the filesystem to take: 4096 with O_DIRECT, else 1).
+    pub fn log_config(&self, align: u64) -> LogConfig {
+        LogConfig {
+            segment_bytes: self.segment_bytes,
+            segment_messages: self.segment_messages,
+            align,
+            checkpoint_messages: self.checkpoint_messages,
+            retention_bytes: self.retention_bytes,
+            retention_age: self.retention_age,
+            // Pipelined syncs only with O_DIRECT: with buffered writes a failed writeback
+            // is reported to one of two syncs in flight only (see the field's docs).
+            syncs_inflight_max: if align > 1 {
+                imgate_core::log_engine::SYNCS_INFLIGHT_MAX
+            } else {
+                1
+            },
+            ..LogConfig::default()
+        }
     }
 
     fn apply_file(&mut self, f: FileConfig) -> Result<()> {
@@ -206,6 +280,11 @@ impl Config {
         self.shards = f.shards.unwrap_or(self.shards);
         self.segment_bytes = f.segment_bytes.unwrap_or(self.segment_bytes);
         self.segment_messages = f.segment_messages.unwrap_or(self.segment_messages);
+        self.checkpoint_messages = f.checkpoint_messages.unwrap_or(self.checkpoint_messages);
+        self.retention_bytes = f.retention_bytes.or(self.retention_bytes);
+        if let Some(s) = f.retention_age_secs {
+            self.retention_age = Some(Duration::from_secs(s));
+        }
         if let Some(s) = f.shutdown_timeout_secs {
             self.shutdown_timeout = Duration::from_secs(s);
         }
@@ -507,20 +586,59 @@ mod tests {
         let dir = temp_dir("zero-bounds");
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("gw.toml");
-        for line in [
-            "segment_bytes = 0",
-            "segment_messages = 0",
-            "cursors_per_conn_max = 0",
+        for (line, named) in [
+            ("segment_bytes = 0", "segment_bytes"),
+            ("segment_messages = 0", "segment_messages"),
+            ("checkpoint_messages = 0", "checkpoint_messages"),
+            ("retention_bytes = 1000", "retention_bytes"),
+            ("retention_age_secs = 0", "retention_age_secs"),
+            ("cursors_per_conn_max = 0", "cursors_per_conn_max"),
         ] {
             std::fs::write(&file, format!("{line}\n")).unwrap();
-            assert!(
-                Config::load(Some(&file), Overrides::default()).is_err(),
-                "{line} was taken"
-            );
+            match Config::load(Some(&file), Overrides::default()) {
+                Ok(_) => panic!("{line} was taken"),
+                Err(e) => assert!(format!("{e:#}").contains(named), "{line}: {e:#}"),
+            }
         }
         std::fs::write(&file, "segment_messages = 1\ncursors_per_conn_max = 1\n").unwrap();
         let c = Config::load(Some(&file), Overrides::default()).unwrap();
         assert_eq!((c.segment_messages, c.limits.cursors_per_conn_max), (1, 1));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn log_settings_reach_the_log_engine() {
+        let dir = temp_dir("log-settings");
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("gw.toml");
+        let defaults = Config::load(None, Overrides::default())
+            .unwrap()
+            .log_config(4096);
+        let engine = LogConfig::default();
+        assert_eq!(
+            (defaults.segment_bytes, defaults.segment_messages),
+            (engine.segment_bytes, engine.segment_messages)
+        );
+        assert_eq!(defaults.checkpoint_messages, engine.checkpoint_messages);
+        assert_eq!(
+            (defaults.retention_bytes, defaults.retention_age),
+            (None, None)
+        );
+        assert_eq!(defaults.align, 4096);
+        std::fs::write(
+            &file,
+            "segment_bytes = 1048576\nsegment_messages = 1000\ncheckpoint_messages = 5000\n\
+             retention_bytes = 10485760\nretention_age_secs = 86400\n",
+        )
+        .unwrap();
+        let c = Config::load(Some(&file), Overrides::default())
+            .unwrap()
+            .log_config(1);
+        assert_eq!((c.segment_bytes, c.segment_messages), (1 << 20, 1000));
+        assert_eq!(c.checkpoint_messages, 5000);
+        assert_eq!(c.retention_bytes, Some(10 << 20));
+        assert_eq!(c.retention_age, Some(Duration::from_secs(86_400)));
+        assert!(c.validate().is_ok());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -1,22 +1,28 @@
 //! The glommio driver of imgate-core: one pinned executor per shard, each owning its
-//! listener (SO_REUSEPORT), its connections, its `Shard` engine and its segment log, and a
-//! channel mesh between shards. It moves bytes, time and log records; every decision is
-//! the engine's (see the driver contract at the top of `imgate_core::shard`).
+//! listener (SO_REUSEPORT), its connections, its `Shard` engine, its log engine and the
+//! log's files, and a channel mesh between shards. It moves bytes, time and log records;
+//! every decision is an engine's (see the driver contracts at the top of
+//! `imgate_core::shard` and `imgate_core::log_engine`).
 //!
 //! Per shard, these tasks share one `RefCell<State>` (never borrowed across an await):
 //! - the acceptor;
 //! - per connection, a reader (reads into a shard-wide scratch buffer, so an idle
 //!   connection holds no read buffer) and a writer (parked while its queue is empty);
-//! - the log task: group commit. It writes every queued append, runs one fdatasync, and
-//!   reports the last Lsn durable; appends that arrive during the sync wait for the next.
+//! - per log operation, a task that performs it on the files ([`LogExecutor`]) and hands
+//!   its completion to the log engine. The shard's appends, fetches and loads go to the
+//!   log engine as the shard produces them; the log engine's events (durable, failed,
+//!   fetched, loaded, checkpoint due) go to the shard after every call into it, before
+//!   the next (`State::pump`). Group commit, pipelined syncs, rotation, the reset after a
+//!   failure, reads and retention are the log engine's.
 //! - one receiver and one sender task per peer shard (FIFO per pair, as the engine needs);
-//! - the tick task: engine timers every 100 ms, metrics, and the shutdown signal.
+//! - the tick task: engine timers every 100 ms (the log's too, for retention by age),
+//!   metrics, and the shutdown signal.
 
 use crate::admin::{AdminContext, AdminToken, Control};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::notify::Notify;
-use crate::storage::{self, LogConfig, LogReader, SegmentLog};
+use crate::storage::LogExecutor;
 use anyhow::{bail, Context as _, Result};
 use bytes::{Bytes, BytesMut};
 use futures_lite::future::poll_fn;
@@ -26,8 +32,9 @@ use glommio::channels::shared_channel::{self, ConnectedReceiver, ConnectedSender
 use glommio::net::{TcpListener, TcpStream};
 use glommio::{LocalExecutorBuilder, Placement};
 use imgate_core::auth::TokenVerifier;
+use imgate_core::log::ScanEnd;
+use imgate_core::log_engine::{FileId, LogEngine, LogError, LogEvent, Op};
 use imgate_core::mesh::{Command, CommandError, ConnId, ShardId, ShardMsg};
-use imgate_core::proto::{ConvId, Seq};
 use imgate_core::shard::{Effect, Lsn, Shard, ShardConfig};
 use imgate_core::Instant;
 use std::cell::{Cell, RefCell};
@@ -35,7 +42,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::future::Future;
 use std::os::fd::AsRawFd;
 use std::pin::Pin;
-use std::rc::Rc;
+use std::rc::{Rc, Weak};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Poll, Waker};
@@ -159,34 +166,58 @@ impl Sockets {
 type AdminRequest = (u64, Command);
 type AdminReply = (u64, Result<(), CommandError>);
 
+/// One shard's log: the engine, the files it runs on, and what the driver keeps of it.
+struct Log {
+    engine: LogEngine,
+    files: Rc<LogExecutor>,
+    /// Appends handed to the engine and not yet durable, with when: for the send->ack
+    /// histogram.
+    appended: VecDeque<(Lsn, std::time::Instant)>,
+    /// `close` was called: appends are refused from now on.
+    closing: bool,
+    /// The engine reported `Closed`.
+    closed: bool,
+    /// The engine stopped for good (`Stopped`): the shard drains and fails with this.
+    stopped: Option<LogError>,
+    /// Wakes the drain when the log closed or stopped.
+    done: Rc<Notify>,
+}
+
+impl Log {
+    /// Whether the engine takes appends (not stopped, not closing).
+    fn takes_appends(&self) -> bool {
+        self.engine.is_running() && !self.closing
+    }
+}
+
 struct State {
     shard: Shard,
+    log: Log,
+    /// This state, for the log operations' tasks to come back to.
+    me: Weak<RefCell<State>>,
+    index: usize,
+    metrics: Arc<Metrics>,
+    /// The gateway's stop flag: a shard whose log stopped raises it.
+    stop: Arc<AtomicBool>,
     clock: Clock,
     conns: Vec<Option<Rc<ConnIo>>>,
-    log_queue: Vec<(Lsn, Vec<u8>, std::time::Instant)>,
-    wake_log: Rc<Notify>,
     mesh_out: Vec<VecDeque<ShardMsg>>,
     wake_mesh: Vec<Rc<Notify>>,
     admin_replies: VecDeque<AdminReply>,
     wake_admin: Rc<Notify>,
-    /// Log reads the engine asked for: (fetch, conv, from, to).
-    fetch_queue: VecDeque<(u64, ConvId, Seq, Seq)>,
-    wake_fetch: Rc<Notify>,
-    /// Conversations the engine asked to load, for the load task.
-    load_queue: VecDeque<ConvId>,
-    wake_load: Rc<Notify>,
     scratch: Vec<u8>,
 }
 
 impl State {
-    /// Carries out everything the engine produced (effects, then transmits).
+    /// Carries out everything the engines produced: the shard's effects (appends, fetches
+    /// and loads into the log engine, the log's events back into the shard after each of
+    /// those calls), then transmits, then starts the log's new operations.
     fn pump(&mut self) {
+        // Events of a call made before this pump (an operation's completion, the tick).
+        self.drain_log_events();
         while let Some(effect) = self.shard.poll_effect() {
             match effect {
-                Effect::Append { lsn, bytes } => {
-                    self.log_queue.push((lsn, bytes, std::time::Instant::now()));
-                    self.wake_log.notify();
-                }
+                Effect::Append { lsn, bytes } => self.append(lsn, bytes),
                 Effect::ToShard { to, msg } => {
                     let to = to.0 as usize;
                     self.mesh_out[to].push_back(msg);
@@ -201,13 +232,25 @@ impl State {
                     conv,
                     from,
                     to,
+                    limit,
                 } => {
-                    self.fetch_queue.push_back((fetch, conv, from, to));
-                    self.wake_fetch.notify();
+                    if self.log.engine.is_running() {
+                        let now = self.clock.now();
+                        self.log.engine.fetch(now, fetch, conv, from, to, limit);
+                        self.drain_log_events();
+                    } else {
+                        // Stopped or closed: nothing more is read. The shard is draining.
+                        tracing::debug!(shard = self.index, %conv, "a fetch after the log ended");
+                    }
                 }
                 Effect::Load { conv } => {
-                    self.load_queue.push_back(conv);
-                    self.wake_load.notify();
+                    if self.log.engine.is_running() {
+                        let now = self.clock.now();
+                        self.log.engine.load(now, conv);
+                        self.drain_log_events();
+                    } else {
+                        tracing::debug!(shard = self.index, %conv, "a load after the log ended");
+                    }
                 }
             }
         }
@@ -220,6 +263,150 @@ impl State {
                 io.closing.set(true);
             }
             io.wake_writer.notify();
+        }
+        self.start_log_ios();
+    }
+
+    /// Hands an append to the log engine, unless the log no longer takes any: once it is
+    /// closing (the shard has drained) or stopped, an append is dropped; nothing is acked
+    /// for it, and its sender resends on reconnect.
+    fn append(&mut self, lsn: Lsn, bytes: Vec<u8>) {
+        if !self.log.takes_appends() {
+            tracing::debug!(
+                shard = self.index,
+                ?lsn,
+                "an append after the log ended is dropped"
+            );
+            return;
+        }
+        self.log
+            .appended
+            .push_back((lsn, std::time::Instant::now()));
+        let now = self.clock.now();
+        self.log.engine.append(now, lsn, bytes);
+        self.drain_log_events();
+    }
+
+    /// Hands every event of the log engine's last call to the shard. Called after every
+    /// call into the log engine, before the next one (its driver contract): a `Failed`
+    /// reaches the shard before any append the shard makes afterwards reaches the engine.
+    /// What the shard produces meanwhile waits in its effects for `pump`.
+    fn drain_log_events(&mut self) {
+        while let Some(event) = self.log.engine.poll_event() {
+            self.on_log_event(event);
+        }
+    }
+
+    /// Hands one event of the log engine to the shard (or to the drain).
+    fn on_log_event(&mut self, event: LogEvent) {
+        let now = self.clock.now();
+        match event {
+            LogEvent::Durable(lsn) => {
+                let m = self.metrics.shard(self.index);
+                while let Some(&(appended, at)) = self.log.appended.front() {
+                    if appended > lsn {
+                        break;
+                    }
+                    self.log.appended.pop_front();
+                    m.record_ack_latency(at.elapsed(), 1);
+                }
+                self.shard.handle_durable(now, lsn);
+            }
+            LogEvent::Failed => {
+                tracing::error!(
+                    shard = self.index,
+                    "log append failed; failing the sends not yet durable"
+                );
+                self.metrics.shard(self.index).log_failed();
+                self.log.appended.clear();
+                self.shard.handle_log_failed(now);
+            }
+            LogEvent::Fetched { fetch, result } => {
+                if result.is_err() {
+                    // The shard fails the request (StorageFailed) or asks again later;
+                    // it never takes a failed read as history gone.
+                    tracing::error!(
+                        shard = self.index,
+                        fetch,
+                        "reading history from the log failed"
+                    );
+                }
+                self.shard.handle_fetched(now, fetch, result);
+            }
+            LogEvent::Loaded { conv, result } => {
+                if result.is_err() {
+                    // The shard fails what waits for the conversation; the next touch
+                    // retries.
+                    tracing::error!(shard = self.index, %conv, "loading a conversation's head from the log failed");
+                }
+                self.shard.handle_loaded(now, conv, result);
+            }
+            LogEvent::CheckpointDue => {
+                // A checkpoint appended while closing would be dropped: the next start
+                // replays a little more instead.
+                if self.log.takes_appends() {
+                    self.shard.handle_checkpoint_due(now);
+                }
+            }
+            LogEvent::Stopped(error) => {
+                tracing::error!(shard = self.index, %error, "the log stopped; stopping the gateway");
+                self.log.stopped = Some(error);
+                self.stop.store(true, Ordering::SeqCst);
+                self.log.done.notify();
+            }
+            LogEvent::Closed => {
+                self.log.closed = true;
+                self.log.done.notify();
+            }
+            LogEvent::Recovered(_) => {
+                unreachable!("the log recovers once, before the shard runs")
+            }
+        }
+    }
+
+    /// A time step for the log engine (retention by age).
+    fn log_tick(&mut self) {
+        if self.log.takes_appends() {
+            let now = self.clock.now();
+            self.log.engine.handle_timeout(now);
+            self.drain_log_events();
+        }
+    }
+
+    /// Starts closing the log: everything appended becomes durable and the open segment
+    /// is cut to its last record; `Closed` follows.
+    fn close_log(&mut self) {
+        if self.log.engine.is_running() && !self.log.closing {
+            self.log.closing = true;
+            let now = self.clock.now();
+            self.log.engine.close(now);
+            self.drain_log_events();
+        }
+    }
+
+    /// Starts a task for each operation the log engine issued.
+    fn start_log_ios(&mut self) {
+        while let Some(io) = self.log.engine.poll_io() {
+            let state = self.me.clone();
+            let files = self.log.files.clone();
+            let metrics = self.metrics.clone();
+            let index = self.index;
+            glommio::spawn_local(async move {
+                let started = std::time::Instant::now();
+                let result = files.perform(&io.op).await;
+                if result.is_ok() && matches!(io.op, Op::Sync(FileId::Segment(_))) {
+                    // The group commit's fdatasync, from its start to its completion.
+                    metrics.shard(index).record_fsync(started.elapsed());
+                }
+                let Some(state) = state.upgrade() else {
+                    return;
+                };
+                let mut st = state.borrow_mut();
+                let now = st.clock.now();
+                st.log.engine.handle_completion(now, io.id, result);
+                st.pump();
+            })
+            .detach();
         }
     }
 
@@ -524,13 +711,28 @@ async fn shard_main(setup: ShardSetup) -> Result<()> {
     } = setup;
     let dir = config.data_dir.join(format!("shard-{index}"));
     let hash_seed = hash_seed().context("drawing the hash seed")?;
-    let (log, recovery) = storage::open(LogConfig {
-        dir: dir.clone(),
-        segment_bytes: config.segment_bytes,
-        segment_messages: config.segment_messages,
-    })
-    .await
-    .with_context(|| format!("opening the log in {}", dir.display()))?;
+    let files = Rc::new(
+        LogExecutor::open(dir.clone())
+            .await
+            .with_context(|| format!("opening the log in {}", dir.display()))?,
+    );
+    let mut log = LogEngine::new(config.log_config(files.align()), clock.now());
+    // Recovery's operations run one at a time, before the shard exists; what the engine
+    // says after `Recovered` (a checkpoint due) waits for the shard.
+    let mut recovered = None;
+    let mut early = Vec::new();
+    for event in files.run_to_idle(&mut log, || clock.now()).await {
+        match event {
+            LogEvent::Recovered(r) => recovered = Some(r),
+            LogEvent::Stopped(e) => {
+                return Err(anyhow::Error::new(e))
+                    .with_context(|| format!("opening the log in {}", dir.display()))
+            }
+            other => early.push(other),
+        }
+    }
+    let recovery = recovered
+        .with_context(|| format!("recovering the log in {}: it never finished", dir.display()))?;
     let mut shard = Shard::new(
         ShardConfig {
             id: ShardId(index as u16),
@@ -544,13 +746,33 @@ async fn shard_main(setup: ShardSetup) -> Result<()> {
     shard
         .recover(recovery.records)
         .with_context(|| format!("recovering shard {index} from {}", dir.display()))?;
-    let index_stats = log.reader().index_stats();
+    // Zero padding is what every restart without a clean close finds (nothing is lost
+    // with it); a torn record is an append cut by a crash, never acknowledged; a corrupt
+    // frame at the tail may have been.
+    match recovery.tail {
+        ScanEnd::Corrupt { offset, reason } => tracing::error!(
+            shard = index, offset, %reason, truncated_bytes = recovery.truncated_bytes,
+            "corrupt record cut from the end of the log; if it was acknowledged, it is lost"
+        ),
+        ScanEnd::Torn { offset } => tracing::warn!(
+            shard = index,
+            offset,
+            truncated_bytes = recovery.truncated_bytes,
+            "torn record cut from the end of the log (an append cut by a crash)"
+        ),
+        ScanEnd::Clean | ScanEnd::ZeroTail { .. } => {}
+    }
     tracing::info!(
         shard = index,
         records,
+        segments = log.segments(),
+        log_bytes = log.bytes(),
+        read_bytes = recovery.read_bytes,
         truncated_bytes = recovery.truncated_bytes,
-        indexed_messages = index_stats.messages,
-        index_heap_bytes = index_stats.heap_bytes,
+        rebuilt_index_files = recovery.rebuilt,
+        replay_from = ?recovery.replay_from,
+        index_heap_bytes = log.index_heap_bytes(),
+        direct_io = files.is_direct(),
         "log recovered"
     );
     let (senders, receivers) = mesh
@@ -558,22 +780,41 @@ async fn shard_main(setup: ShardSetup) -> Result<()> {
         .await
         .map_err(|e| anyhow::anyhow!("joining the shard mesh: {e}"))?;
     let wake_mesh: Vec<Rc<Notify>> = (0..count).map(|_| Rc::new(Notify::default())).collect();
-    let state: Shared = Rc::new(RefCell::new(State {
-        shard,
-        clock,
-        conns: Vec::new(),
-        log_queue: Vec::new(),
-        wake_log: Rc::new(Notify::default()),
-        mesh_out: (0..count).map(|_| VecDeque::new()).collect(),
-        wake_mesh: wake_mesh.clone(),
-        admin_replies: VecDeque::new(),
-        wake_admin: Rc::new(Notify::default()),
-        fetch_queue: VecDeque::new(),
-        wake_fetch: Rc::new(Notify::default()),
-        load_queue: VecDeque::new(),
-        wake_load: Rc::new(Notify::default()),
-        scratch: vec![0; READ_SCRATCH_BYTES],
-    }));
+    let log_done = Rc::new(Notify::default());
+    let state: Shared = Rc::new_cyclic(|me| {
+        RefCell::new(State {
+            shard,
+            log: Log {
+                engine: log,
+                files,
+                appended: VecDeque::new(),
+                closing: false,
+                closed: false,
+                stopped: None,
+                done: log_done.clone(),
+            },
+            me: me.clone(),
+            index,
+            metrics: metrics.clone(),
+            stop: stop.clone(),
+            clock,
+            conns: Vec::new(),
+            mesh_out: (0..count).map(|_| VecDeque::new()).collect(),
+            wake_mesh: wake_mesh.clone(),
+            admin_replies: VecDeque::new(),
+            wake_admin: Rc::new(Notify::default()),
+            scratch: vec![0; READ_SCRATCH_BYTES],
+        })
+    });
+    {
+        // What the log said after recovering (a checkpoint due), and the operations it
+        // issued then (retention).
+        let mut st = state.borrow_mut();
+        for event in early {
+            st.on_log_event(event);
+        }
+        st.pump();
+    }
 
     let senders = Rc::new(senders);
     let receivers = Rc::new(receivers);
@@ -587,18 +828,6 @@ async fn shard_main(setup: ShardSetup) -> Result<()> {
         .detach();
         glommio::spawn_local(mesh_receiver(state.clone(), receivers.clone(), peer)).detach();
     }
-    glommio::spawn_local(fetch_task(state.clone(), log.reader())).detach();
-    glommio::spawn_local(load_task(state.clone(), log.reader())).detach();
-    let log_idle = Rc::new(Cell::new(true));
-    let closing_log = Rc::new(Cell::new(false));
-    let log_task = glommio::spawn_local(log_task(
-        state.clone(),
-        log,
-        metrics.clone(),
-        index,
-        log_idle.clone(),
-        closing_log.clone(),
-    ));
     if let Some((req_rx, rep_tx)) = admin {
         let req_rx = req_rx.connect().await;
         let rep_tx = rep_tx.connect().await;
@@ -621,6 +850,8 @@ async fn shard_main(setup: ShardSetup) -> Result<()> {
         keys.apply(&mut st.shard, now, index);
         st.shard.handle_timeout(now);
         st.pump();
+        st.log_tick();
+        st.pump();
         let m = metrics.shard(index);
         m.publish(st.shard.stats());
         // The proof of life /healthz checks: a shard that stops turning goes silent.
@@ -638,8 +869,7 @@ async fn shard_main(setup: ShardSetup) -> Result<()> {
     loop {
         let done = {
             let st = state.borrow();
-            st.log_queue.is_empty()
-                && log_idle.get()
+            (st.log.engine.is_idle() || st.log.stopped.is_some())
                 && st.conns.iter().flatten().all(|c| c.closed.get())
         };
         if done || draining_since.elapsed() > config.shutdown_timeout {
@@ -647,11 +877,27 @@ async fn shard_main(setup: ShardSetup) -> Result<()> {
         }
         glommio::timer::sleep(Duration::from_millis(10)).await;
     }
-    closing_log.set(true);
-    let wake_log = state.borrow().wake_log.clone();
-    wake_log.notify();
-    log_task.await;
+    // Close the log: what is appended becomes durable, and the open segment is cut to its
+    // last record so the next start finds no padding.
+    {
+        let mut st = state.borrow_mut();
+        st.close_log();
+        st.pump();
+    }
+    loop {
+        {
+            let st = state.borrow();
+            if st.log.closed || st.log.stopped.is_some() {
+                break;
+            }
+        }
+        log_done.wait().await;
+    }
     metrics.shard(index).publish(state.borrow().shard.stats());
+    if let Some(error) = state.borrow_mut().log.stopped.take() {
+        return Err(anyhow::Error::new(error))
+            .with_context(|| format!("the log of shard {index} in {} stopped", dir.display()));
+    }
     tracing::info!(shard = index, "drained");
     Ok(())
 }
@@ -1024,117 +1270,6 @@ async fn write_all(stream: &mut TcpStream, mut bytes: &[u8]) -> std::io::Result<
         bytes = &bytes[n..];
     }
     Ok(())
-}
-
-/// Group commit: write everything queued, one fdatasync, report the last Lsn durable.
-async fn log_task(
-    state: Shared,
-    mut log: SegmentLog,
-    metrics: Arc<Metrics>,
-    index: usize,
-    idle: Rc<Cell<bool>>,
-    closing: Rc<Cell<bool>>,
-) {
-    let wake = state.borrow().wake_log.clone();
-    loop {
-        let batch = std::mem::take(&mut state.borrow_mut().log_queue);
-        let Some(&(last, _, _)) = batch.last() else {
-            idle.set(true);
-            if closing.get() {
-                // Drained: seal the tail cleanly so the next start finds no padding.
-                if let Err(e) = log.close().await {
-                    tracing::error!(shard = index, error = %e, "closing the log");
-                }
-                return;
-            }
-            wake.wait().await;
-            continue;
-        };
-        idle.set(false);
-        let started = std::time::Instant::now();
-        let mut result = Ok(());
-        for (_, bytes, _) in &batch {
-            result = log.write(bytes).await;
-            if result.is_err() {
-                break;
-            }
-        }
-        if result.is_ok() {
-            result = log.sync().await;
-        }
-        let m = metrics.shard(index);
-        match result {
-            Ok(()) => {
-                m.record_fsync(started.elapsed());
-                for (_, _, queued) in &batch {
-                    m.record_ack_latency(queued.elapsed(), 1);
-                }
-                let mut st = state.borrow_mut();
-                let now = st.clock.now();
-                st.shard.handle_durable(now, last);
-                st.pump();
-            }
-            Err(e) => {
-                tracing::error!(shard = index, error = %e, "log append failed; failing unsynced sends");
-                m.log_failed();
-                if let Err(e) = log.reset_to_durable().await {
-                    tracing::error!(shard = index, error = %e, "could not reset the log; stopping");
-                    return;
-                }
-                let mut st = state.borrow_mut();
-                let now = st.clock.now();
-                st.log_queue.clear();
-                st.shard.handle_log_failed(now);
-                st.pump();
-            }
-        }
-    }
-}
-
-/// Serves the engine's log reads (history older than its hot tier), one at a time.
-async fn fetch_task(state: Shared, reader: LogReader) {
-    let wake = state.borrow().wake_fetch.clone();
-    loop {
-        let next = state.borrow_mut().fetch_queue.pop_front();
-        let Some((fetch, conv, from, to)) = next else {
-            wake.wait().await;
-            continue;
-        };
-        let limit = (to.0.saturating_sub(from.0) + 1) as usize;
-        let result = match reader.read(conv, from, to, limit).await {
-            Ok(msgs) => Ok(msgs),
-            Err(e) => {
-                // Reported to the client as history unavailable; the log itself is intact.
-                tracing::error!(%conv, error = %e, "reading history from the log");
-                Err(())
-            }
-        };
-        let mut st = state.borrow_mut();
-        let now = st.clock.now();
-        st.shard.handle_fetched(now, fetch, result);
-        st.pump();
-    }
-}
-
-/// Answers the engine's `Load`s, one at a time, from the log's read index: memory for a
-/// conversation written to lately, else a block of a sealed segment's index file.
-async fn load_task(state: Shared, reader: LogReader) {
-    let wake = state.borrow().wake_load.clone();
-    loop {
-        let next = state.borrow_mut().load_queue.pop_front();
-        let Some(conv) = next else {
-            wake.wait().await;
-            continue;
-        };
-        let result = reader.last_durable_seq(conv).await.map_err(|e| {
-            // The engine fails what waits for the conversation; the next touch retries.
-            tracing::error!(%conv, error = %e, "loading a conversation's head from the log");
-        });
-        let mut st = state.borrow_mut();
-        let now = st.clock.now();
-        st.shard.handle_loaded(now, conv, result);
-        st.pump();
-    }
 }
 
 async fn mesh_sender(

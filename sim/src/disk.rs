@@ -1,66 +1,36 @@
-//! The shard logs on turmoil's simulated disk (`turmoil::fs`, feature `unstable-fs`).
+//! The shard logs on turmoil's simulated disk (`turmoil::fs`, feature `unstable-fs`): an
+//! executor of core's log engine operations, and an independent reader of what is on the
+//! disk for the oracle.
 //!
-//! One file per shard, `/data/shard-N.log`, holding core's record format. What the disk
-//! does to it comes from turmoil, configured per seed in `run.rs`:
+//! Shard `i`'s log is the directory `/data/shard-i`, laid out by the engine (segments,
+//! index and summary files). [`perform`] carries out one operation exactly as the driver
+//! contract in `core/src/log_engine/mod.rs` says; the gateway host decides when its
+//! completion is reported (later, in any order), and may fail a sync. What the disk does
+//! comes from turmoil, configured per seed in `run.rs`:
 //! - a write not covered by a returned `sync_data` is lost by a crash, or torn at the
 //!   simulated block size (`block_size`), or made durable early (`sync_probability`);
 //! - reads and writes fail with EIO at a seeded rate (`io_error_probability`);
 //! - a write past the disk's capacity fails with ENOSPC (`capacity`).
 //!
-//! The driver contract is the gateway's: appends in order, one `sync_data` per group commit,
-//! and on a failed write the file is cut back to its durable length before the engine
-//! hears of it. A failed read is retried (the gateway would retry or restart; the engine
-//! never sees it). Every call must run inside the gateway host (turmoil finds the disk
-//! through the running host).
-//!
-//! Disk-full seeds keep reserve files on the disk: the gateway deletes one when the disk
-//! stays full, as an operator freeing space would, so that ENOSPC heals.
+//! Every call must run inside the gateway host (turmoil finds the disk through the running
+//! host). Disk-full seeds keep reserve files on the disk: the gateway deletes one when the
+//! disk stays full, as an operator freeing space would, so that ENOSPC heals.
 
-use imgate_core::log::{MemLog, StoredMessage};
-use imgate_core::proto::{ConvId, Seq};
+use imgate_core::log::{scan, Record};
+use imgate_core::log_engine::{Completion, FileId, IoError, Op};
 use std::io;
 use std::os::unix::fs::FileExt;
 use turmoil::fs::shim::std::fs::{self as fs, File, OpenOptions};
 
 /// The folder of the logs and reserve files.
 const DIR: &str = "/data";
-/// Failed reads retried before the run is declared broken (at a read EIO rate of a few
-/// percent, never reached).
+/// Failed reads the oracle's own reader retries before the run is declared broken (at a
+/// read EIO rate of a few percent, never reached).
 const READ_TRIES: usize = 1000;
 
-/// What a failed write was.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum WriteError {
-    /// EIO.
-    Io,
-    /// ENOSPC.
-    Full,
-}
-
-impl From<io::Error> for WriteError {
-    fn from(e: io::Error) -> WriteError {
-        // turmoil's ENOSPC is an `Other` error with this message.
-        if e.to_string().contains("No space left") {
-            WriteError::Full
-        } else {
-            WriteError::Io
-        }
-    }
-}
-
-/// One shard's log file, with what the driver knows of it.
-pub struct FsLog {
-    file: File,
-    /// Bytes written (the file's length).
-    len: u64,
-    /// Bytes covered by a returned `sync_data`, or found on the disk at open.
-    durable: u64,
-    /// Failed reads retried so far.
-    pub read_retries: u64,
-}
-
-fn log_path(shard: usize) -> String {
-    format!("{DIR}/shard-{shard}.log")
+/// Shard `shard`'s log directory.
+fn log_dir(shard: usize) -> String {
+    format!("{DIR}/shard-{shard}")
 }
 
 fn reserve_path(n: usize) -> String {
@@ -104,6 +74,113 @@ pub fn free_reserve(reserves: usize) -> bool {
     true
 }
 
+/// The engine's view of an I/O error.
+fn io_error(e: &io::Error) -> IoError {
+    // turmoil's ENOSPC is an `Other` error with this message.
+    if e.kind() == io::ErrorKind::NotFound {
+        IoError::NotFound
+    } else if e.to_string().contains("No space left") {
+        IoError::NoSpace
+    } else {
+        IoError::Io
+    }
+}
+
+fn open(path: &str, write: bool) -> io::Result<File> {
+    OpenOptions::new().read(true).write(write).open(path)
+}
+
+/// Performs `op` on shard `shard`'s log directory, now.
+pub fn perform(shard: usize, op: &Op) -> Result<Completion, IoError> {
+    let dir = log_dir(shard);
+    let path = |file: FileId| format!("{dir}/{}", file.name());
+    let result = match op {
+        Op::List => list(&dir).map(Completion::Listed),
+        Op::Create(file) => OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path(*file))
+            .and_then(|_| fs::sync_dir(&dir))
+            .map(|()| Completion::Done),
+        Op::Write { file, at, bytes } => open(&path(*file), true)
+            .and_then(|f| f.write_all_at(bytes, *at))
+            .map(|()| Completion::Done),
+        Op::Sync(file) => open(&path(*file), true)
+            .and_then(|f| f.sync_data())
+            .map(|()| Completion::Done),
+        Op::Truncate { file, len } => open(&path(*file), true)
+            .and_then(|f| f.set_len(*len).and_then(|()| f.sync_data()))
+            .map(|()| Completion::Done),
+        Op::Read { file, at, len } => open(&path(*file), false)
+            .and_then(|f| read_at(&f, *at, *len))
+            .map(|bytes| Completion::Read(bytes.into())),
+        Op::Remove(file) => fs::remove_file(path(*file))
+            .and_then(|()| fs::sync_dir(&dir))
+            .map(|()| Completion::Done),
+    };
+    result.map_err(|e| io_error(&e))
+}
+
+/// The log directory's files and lengths, sorted by name (created, durably, if missing).
+fn list(dir: &str) -> io::Result<Vec<(String, u64)>> {
+    if !fs::exists(dir) {
+        fs::create_dir(dir)?;
+        fs::sync_dir(DIR)?;
+    }
+    let mut names = Vec::new();
+    for entry in fs::read_dir(dir)? {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        names.push((name, entry.metadata()?.len()));
+    }
+    names.sort();
+    Ok(names)
+}
+
+/// Up to `len` bytes at `at`, fewer only where the file ends.
+fn read_at(file: &File, at: u64, len: usize) -> io::Result<Vec<u8>> {
+    let mut buf = vec![0u8; len];
+    let mut got = 0;
+    while got < len {
+        let n = file.read_at(&mut buf[got..], at + got as u64)?;
+        if n == 0 {
+            break;
+        }
+        got += n;
+    }
+    buf.truncate(got);
+    Ok(buf)
+}
+
+/// What is on shard `shard`'s disk, read independently of the engine for the oracle:
+/// every segment present, in order, each scanned up to its first invalid frame. Reads
+/// that fail are retried (counted in `retries`).
+pub fn records_on_disk(shard: usize, retries: &mut u64) -> Vec<Record> {
+    let dir = log_dir(shard);
+    let names = retrying(retries, || list(&dir));
+    let mut segments: Vec<u64> = names
+        .iter()
+        .filter_map(|(name, _)| match FileId::parse(name) {
+            Some(Ok(FileId::Segment(n))) => Some(n),
+            _ => None,
+        })
+        .collect();
+    segments.sort_unstable();
+    let mut records = Vec::new();
+    for n in segments {
+        let path = format!("{dir}/{}", FileId::Segment(n).name());
+        let bytes = retrying(retries, || {
+            let f = open(&path, false)?;
+            let len = f.metadata()?.len();
+            read_at(&f, 0, len as usize)
+        });
+        records.extend(scan(&bytes).records.into_iter().map(|(_, r)| r));
+    }
+    records
+}
+
 /// Runs `read` until it succeeds, counting the retries.
 fn retrying<T>(retries: &mut u64, mut read: impl FnMut() -> io::Result<T>) -> T {
     for _ in 0..READ_TRIES {
@@ -113,101 +190,4 @@ fn retrying<T>(retries: &mut u64, mut read: impl FnMut() -> io::Result<T>) -> T 
         }
     }
     panic!("{READ_TRIES} reads in a row failed: the disk model is broken");
-}
-
-impl FsLog {
-    /// Opens (creating, durably, if new) shard `shard`'s log and reads all of it.
-    pub fn open(shard: usize) -> (FsLog, Vec<u8>) {
-        let path = log_path(shard);
-        let existed = fs::exists(&path);
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .open(&path)
-            .expect("the log opens");
-        if !existed {
-            fs::sync_dir(DIR).expect("/data exists");
-        }
-        let mut log = FsLog {
-            file,
-            len: 0,
-            durable: 0,
-            read_retries: 0,
-        };
-        let len = log.file.metadata().expect("the log exists").len();
-        log.len = len;
-        log.durable = len;
-        let bytes = log.read(0, len);
-        (log, bytes)
-    }
-
-    /// Bytes written, durable or not.
-    pub fn len(&self) -> u64 {
-        self.len
-    }
-
-    /// Whether the log holds no bytes.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    /// Bytes that survive a crash.
-    pub fn durable_len(&self) -> u64 {
-        self.durable
-    }
-
-    /// Writes `bytes` at the end. On an error nothing was written.
-    pub fn append(&mut self, bytes: &[u8]) -> Result<(), WriteError> {
-        self.file.write_at(bytes, self.len)?;
-        self.len += bytes.len() as u64;
-        Ok(())
-    }
-
-    /// fdatasync, returned: everything written is on the disk, and the driver takes the
-    /// first `len` bytes (what was written when the sync started) as durable.
-    pub fn sync_to(&mut self, len: u64) {
-        self.file.sync_data().expect("the log exists");
-        self.durable = self.durable.max(len.min(self.len));
-    }
-
-    /// Cuts the file to `len` bytes, durably (recovery's truncation of a torn tail, or the
-    /// reset to the durable length after a failed write).
-    pub fn truncate(&mut self, len: u64) {
-        self.file.set_len(len).expect("the log is writable");
-        self.file.sync_data().expect("the log exists");
-        self.len = len;
-        self.durable = self.durable.min(len);
-    }
-
-    /// Bytes `from..to` as the file holds them (`to` at most the length).
-    pub fn read(&mut self, from: u64, to: u64) -> Vec<u8> {
-        let mut buf = vec![0u8; to.saturating_sub(from) as usize];
-        let mut at = 0;
-        while at < buf.len() {
-            let file = &self.file;
-            let off = from + at as u64;
-            let n = retrying(&mut self.read_retries, || file.read_at(&mut buf[at..], off));
-            assert!(n > 0, "the log ends before {to}");
-            at += n;
-        }
-        buf
-    }
-
-    /// The last durable seq of `conv`: the answer to a `Load`, read from the file.
-    pub fn last_durable_seq(&mut self, conv: ConvId) -> Seq {
-        let mut durable = MemLog::new();
-        durable.append(&self.read(0, self.durable));
-        durable.sync();
-        durable.last_durable_seq(conv)
-    }
-
-    /// The durable messages of `conv` with seq in `from..=to`: the answer to a `Fetch`,
-    /// read from the file.
-    pub fn durable_messages(&mut self, conv: ConvId, from: Seq, to: Seq) -> Vec<StoredMessage> {
-        let mut durable = MemLog::new();
-        durable.append(&self.read(0, self.durable));
-        durable.sync();
-        durable.durable_messages(conv, from, to)
-    }
 }

@@ -1,19 +1,23 @@
 //! The gateway host: every shard of the gateway in one task loop, over turmoil TCP, each
-//! shard's log a file on turmoil's simulated disk ([`FsLog`]).
+//! shard's log run by core's log engine on turmoil's simulated disk ([`disk::perform`]).
 //!
-//! Driver contract as in `core/src/shard.rs`: Append -> file write; group commit every
-//! tick -> fdatasync -> `handle_durable(lsn)` when it returns (1-3 ms later); a failed write
-//! or sync cuts the file to its durable length and calls `handle_log_failed`; Fetch reads
-//! the durable part of the file; boot reads the file, scans it and truncates a torn tail. Shard messages travel one FIFO
-//! queue per ordered pair; the loop delivers pairs in a seeded order and may hold a pair
-//! back for a while (never reordering inside it).
+//! Driver contract as in `core/src/shard.rs` and `core/src/log_engine/mod.rs`: the shard's
+//! Append, Fetch and Load go to its log engine; the engine's operations are performed on
+//! the disk at once and reported later (writes within a tick, syncs after 1-3 ticks,
+//! reads after up to 4), several in flight and in any order, so that pipelined syncs,
+//! late history reads and failures all happen; a sync may be failed by the seed. The
+//! engine's events go to the shard before anything else reaches the engine. Boot runs
+//! the engine's recovery and rebuilds each shard from what it hands over. Shard messages
+//! travel one FIFO queue per ordered pair; the loop delivers pairs in a seeded order and
+//! may hold a pair back for a while (never reordering inside it).
 
-use crate::disk::{self, FsLog, WriteError};
+use crate::disk;
 use crate::rng::Rng;
 use crate::run::{core_now, CrashPoint, Planted, Rates, Shared, GROUP, USERS};
 use bytes::{Bytes, BytesMut};
 use imgate_core::auth::{KeyConfig, TokenVerifier};
-use imgate_core::log::{scan, Record};
+use imgate_core::log::{scan, Record, StoredMessage};
+use imgate_core::log_engine::{Completion, IoError, IoId, LogConfig, LogEngine, LogEvent, Op};
 use imgate_core::mesh::{Command, ConnId, ShardId, ShardMsg};
 use imgate_core::proto::meta::Meta;
 use imgate_core::proto::{Decoder, UserId};
@@ -87,17 +91,49 @@ struct Conn {
 
 struct Node {
     shard: Shard,
-    log: FsLog,
-    /// A write failed: later appends are not written, and once no sync is in flight the
-    /// file is cut to its durable length and the engine told.
-    failed: Option<WriteError>,
-    /// Highest Lsn appended and not yet reported durable.
-    appended: Option<Lsn>,
-    /// Planted bug (a): reported durable, to be synced at this tick.
-    lagging_sync_at: Option<u64>,
-    /// An fdatasync in progress: the Lsn it covers and the tick it returns. A crash
-    /// before then loses (or tears) what it was syncing.
-    syncing: Option<(Lsn, u64, u64)>,
+    log: LogEngine,
+    /// Operations to report at their tick: (tick, id, whether it is a segment write,
+    /// what happens).
+    ios: Vec<(u64, IoId, bool, Pending)>,
+    /// Syncs issued and syncs whose effect took place (in issue order).
+    syncs_issued: u64,
+    syncs_done: u64,
+    /// Writes made while a sync was in flight, each with the number of syncs issued before
+    /// it: applied to the disk only once those took effect, so that a sync makes durable
+    /// exactly what was written before it started (the driver contract), not the writes
+    /// that completed while it ran.
+    deferred: VecDeque<(u64, Op)>,
+    /// A deferred write failed when it reached the disk: the next sync reports it, as the
+    /// kernel reports a failed writeback.
+    writeback_error: bool,
+    /// The messages of each append not yet durable or failed, for the oracle.
+    appended: BTreeMap<Lsn, Vec<StoredMessage>>,
+}
+
+/// What an operation in flight does when it is reported.
+enum Pending {
+    /// Its result, decided when it was issued.
+    Done(Result<Completion, IoError>),
+    /// A sync: it takes effect when reported (unless the seed failed it), covering what
+    /// was written before it was issued.
+    Sync {
+        fail: bool,
+        file: imgate_core::log_engine::FileId,
+    },
+}
+
+/// The log engine's configuration in the sim: tiny segments and frequent checkpoints, so
+/// that every seed rotates, checkpoints and recovers from a checkpoint.
+pub fn log_config(rates: &Rates) -> LogConfig {
+    LogConfig {
+        segment_bytes: 4096,
+        segment_messages: rates.segment_messages,
+        align: rates.log_align,
+        checkpoint_messages: rates.checkpoint_messages,
+        read_jobs_max: 4,
+        syncs_inflight_max: rates.syncs_inflight_max,
+        ..LogConfig::default()
+    }
 }
 
 /// The gateway host's software: boots (recovering from the logs), then loops.
@@ -161,44 +197,66 @@ impl Gateway {
             disk::prepare(sh.rates.reserves());
         }
         let mut nodes = Vec::new();
+        let mut refused = false;
         for i in 0..shard_count as usize {
-            let (mut log, bytes) = FsLog::open(i);
-            let s = scan(&bytes);
-            if s.valid_len < log.len() {
-                // A torn or garbage tail (what a crash left of unsynced writes).
-                sh.counts.torn += 1;
-                if planted != Some(Planted::TornTailKept) {
-                    log.truncate(s.valid_len);
-                } else {
-                    // Planted bug (i): appends go on after the garbage.
-                    sh.event(format!("planted: shard {i} keeps its torn tail"));
-                }
-            }
-            let mut records: Vec<(u64, Record)> = s.records;
-            if planted == Some(Planted::SeqNotRecovered) && restarts > 0 {
-                // Planted bug (d): recover from the log less its last message record.
-                if let Some(pos) = records
-                    .iter()
-                    .rposition(|(_, r)| matches!(r, Record::Message(_)))
-                {
-                    let off = records[pos].0;
-                    records.truncate(pos);
-                    log.truncate(off);
-                }
-            }
-            let records: Vec<Record> = records.into_iter().map(|(_, r)| r).collect();
             let id = ShardId(i as u16);
+            // The oracle's own look at the disk: every segment, scanned independently of
+            // the engine. Acked messages must be there, seqs consecutive, nothing gone back.
+            let mut retries = 0;
+            let on_disk = disk::records_on_disk(i, &mut retries);
+            sh.counts.read_retry += retries;
             let before = sh.violation_count();
-            sh.oracle_len[i] = sh.oracle_len[i].min(log.len() as usize);
             sh.oracle.check_recovered(
                 i as u16,
                 |c| Shard::owner_of(c, shard_count) == id,
-                &records,
+                &on_disk,
             );
             sh.note_violations(before);
             // What a crash left of the tail (whole records of an interrupted sync) is
             // durable from now on.
-            sh.observe_durable(i, &mut log);
+            let survived: Vec<StoredMessage> = on_disk
+                .into_iter()
+                .filter_map(|r| match r {
+                    Record::Message(m) => Some(m),
+                    _ => None,
+                })
+                .collect();
+            sh.observe_durable(i, &survived);
+            let mut log = LogEngine::new(log_config(&sh.rates), core_now());
+            #[cfg(test)]
+            if let Some(bug) = planted.and_then(Planted::log_bug) {
+                log.plant(bug);
+            }
+            let (recovered, early) = recover(i, &mut log, &mut sh.counts.read_retry);
+            let mut records = match recovered {
+                Ok(r) => {
+                    if r.truncated_bytes > 0 {
+                        // A torn or garbage tail (what a crash left of unsynced writes).
+                        sh.counts.torn += 1;
+                    }
+                    sh.event(format!(
+                        "boot: shard {i} log from {:?}, {} segments, {} bytes read",
+                        r.replay_from, r.segments, r.read_bytes
+                    ));
+                    r.records
+                }
+                Err(e) => {
+                    let v = format!("recovery: shard {i}'s log refused to open: {e}");
+                    sh.oracle.violations.push(v);
+                    refused = true;
+                    Vec::new()
+                }
+            };
+            if planted == Some(Planted::SeqNotRecovered) && restarts > 0 {
+                // Planted driver bug (d): recover the shard from the log less its last
+                // message record.
+                if let Some(pos) = records
+                    .iter()
+                    .rposition(|r| matches!(r, Record::Message(_)))
+                {
+                    records.remove(pos);
+                }
+            }
             let mut shard = Shard::new(
                 ShardConfig {
                     id,
@@ -219,14 +277,23 @@ impl Gateway {
                 sh.oracle.violations.push(v);
             }
             sh.event(format!("boot: shard {i} recovered {n} records"));
-            nodes.push(Node {
+            let mut node = Node {
                 shard,
                 log,
-                failed: None,
-                appended: None,
-                lagging_sync_at: None,
-                syncing: None,
-            });
+                ios: Vec::new(),
+                syncs_issued: 0,
+                syncs_done: 0,
+                deferred: VecDeque::new(),
+                writeback_error: false,
+                appended: BTreeMap::new(),
+            };
+            for event in early {
+                // What the engine asked for as it finished recovering (a checkpoint).
+                if let LogEvent::CheckpointDue = event {
+                    node.shard.handle_checkpoint_due(core_now());
+                }
+            }
+            nodes.push(node);
         }
         let booted = sh.booted;
         drop(sh);
@@ -240,7 +307,7 @@ impl Gateway {
             rng,
             tick: 0,
             commands: BTreeMap::new(),
-            frozen: false,
+            frozen: refused,
             full_since: None,
         };
         if !booted {
@@ -264,7 +331,7 @@ impl Gateway {
                 // Each round is a tick, so that the log's sync can return.
                 gw.tick += 1;
                 gw.pump_with(shared, false);
-                gw.commit(shared, false);
+                gw.complete_io(shared, false);
             }
             let ok = gw.commands.get(&token).copied() == Some(true);
             assert!(ok, "the group could not be created at first boot");
@@ -307,7 +374,7 @@ impl Gateway {
         }
         self.pump(shared);
         let faults_on = shared.borrow().faults_on;
-        self.commit(shared, faults_on);
+        self.complete_io(shared, faults_on);
         if self.frozen {
             return;
         }
@@ -412,33 +479,27 @@ impl Gateway {
         let ms = now.as_millis();
         // Each round either moves something or ends; the engine's queues are bounded.
         for _round in 0..10_000 {
+            if self.frozen {
+                return;
+            }
             let mut moved = false;
             for i in 0..self.nodes.len() {
                 while let Some(effect) = self.nodes[i].shard.poll_effect() {
                     moved = true;
                     match effect {
                         Effect::Append { lsn, bytes } => {
+                            let msgs = scan(&bytes)
+                                .records
+                                .into_iter()
+                                .filter_map(|(_, r)| match r {
+                                    Record::Message(m) => Some(m),
+                                    _ => None,
+                                })
+                                .collect();
                             let node = &mut self.nodes[i];
-                            if node.failed.is_some() {
-                                // Failed with the write before it, as it must be.
-                                continue;
-                            }
-                            match node.log.append(&bytes) {
-                                Ok(()) => node.appended = Some(lsn),
-                                Err(e) => {
-                                    node.failed = Some(e);
-                                    let mut sh = shared.borrow_mut();
-                                    match e {
-                                        WriteError::Io => sh.counts.disk += 1,
-                                        WriteError::Full if self.full_since.is_none() => {
-                                            sh.counts.disk_full += 1;
-                                            self.full_since = Some(self.tick);
-                                        }
-                                        WriteError::Full => {}
-                                    }
-                                    sh.event(format!("disk: shard {i} log write failed: {e:?}"));
-                                }
-                            }
+                            node.appended.insert(lsn, msgs);
+                            node.log.append(now, lsn, bytes);
+                            self.drain_log(shared, i, faults_on);
                         }
                         Effect::ToShard { to, msg } => {
                             self.mesh
@@ -451,14 +512,15 @@ impl Gateway {
                             conv,
                             from,
                             to,
+                            limit,
                         } => {
-                            let msgs = self.nodes[i].log.durable_messages(conv, from, to);
-                            self.nodes[i].shard.handle_fetched(now, fetch, Ok(msgs));
+                            self.nodes[i].log.fetch(now, fetch, conv, from, to, limit);
+                            self.drain_log(shared, i, faults_on);
                         }
                         Effect::Load { conv } => {
                             shared.borrow_mut().counts.loaded += 1;
-                            let last = self.nodes[i].log.last_durable_seq(conv);
-                            self.nodes[i].shard.handle_loaded(now, conv, Ok(last));
+                            self.nodes[i].log.load(now, conv);
+                            self.drain_log(shared, i, faults_on);
                         }
                         Effect::CommandDone { token, result } => {
                             self.commands.insert(token, result.is_ok());
@@ -548,80 +610,207 @@ impl Gateway {
         }
     }
 
-    /// Group commit: one sync for every shard with appends, or a failed write.
-    fn commit(&mut self, shared: &Rc<RefCell<Shared>>, faults_on: bool) {
+    /// Hands shard `i`'s log events to its shard (all of them, before anything else
+    /// reaches the engine), and performs the engine's new operations on the disk, to be
+    /// reported at a later tick.
+    fn drain_log(&mut self, shared: &Rc<RefCell<Shared>>, i: usize, faults_on: bool) {
         let now = core_now();
-        let (sync_fail, planted) = {
-            let sh = shared.borrow();
-            (sh.rates.disk_fail, sh.cfg.planted)
-        };
-        for i in 0..self.nodes.len() {
-            if let Some(at) = self.nodes[i].lagging_sync_at {
-                if self.tick >= at {
-                    self.nodes[i].lagging_sync_at = None;
-                    let node = &mut self.nodes[i];
-                    let len = node.log.len();
-                    node.log.sync_to(len);
-                    shared.borrow_mut().observe_durable(i, &mut node.log);
-                }
+        while let Some(event) = self.nodes[i].log.poll_event() {
+            if self.frozen {
+                return;
             }
-            if let Some((lsn, at, len)) = self.nodes[i].syncing {
-                if self.tick < at {
-                    continue;
-                }
-                self.nodes[i].syncing = None;
-                if faults_on && self.rng.chance(sync_fail) {
-                    // fdatasync returned an error: nothing it covered counts as durable.
-                    let mut sh = shared.borrow_mut();
-                    sh.counts.disk += 1;
-                    sh.event(format!("fault: shard {i} log sync failed"));
-                    self.nodes[i].failed = Some(WriteError::Io);
-                } else {
-                    // fdatasync returned: what was written when it started is durable (and
-                    // maybe more, which the engine hears of with the next sync).
-                    let node = &mut self.nodes[i];
-                    node.log.sync_to(len);
-                    shared.borrow_mut().observe_durable(i, &mut node.log);
+            let node = &mut self.nodes[i];
+            match event {
+                LogEvent::Durable(lsn) => {
+                    shared
+                        .borrow_mut()
+                        .event(format!("log: shard {i} durable to lsn {}", lsn.0));
+                    let rest = node.appended.split_off(&Lsn(lsn.0 + 1));
+                    let durable = std::mem::replace(&mut node.appended, rest);
+                    let msgs: Vec<StoredMessage> = durable.into_values().flatten().collect();
+                    shared.borrow_mut().observe_durable(i, &msgs);
                     if self.at_crash_point(shared, CrashPoint::AfterDurable) {
                         // Durable, but neither Acked nor delivered.
                         return;
                     }
                     self.nodes[i].shard.handle_durable(now, lsn);
                 }
-            }
-            if self.nodes[i].failed.take().is_some() {
-                // No sync in flight: cut the file back to its durable length, then tell the
-                // engine, which fails every record that is not durable.
-                let node = &mut self.nodes[i];
-                let durable = node.log.durable_len();
-                if planted != Some(Planted::NoTruncateOnFailure) {
-                    node.log.truncate(durable);
+                LogEvent::Failed => {
+                    let failed: Vec<u64> = node.appended.keys().map(|l| l.0).collect();
+                    shared
+                        .borrow_mut()
+                        .event(format!("log: shard {i} failed appends {failed:?}"));
+                    node.appended.clear();
+                    node.shard.handle_log_failed(now);
                 }
-                // Planted bug (h) skips the cut: the records the engine fails stay.
-                node.appended = None;
-                node.shard.handle_log_failed(now);
-                continue;
+                LogEvent::Fetched { fetch, result } => {
+                    if result.is_err() {
+                        shared.borrow_mut().counts.read_failed += 1;
+                    }
+                    node.shard.handle_fetched(now, fetch, result);
+                }
+                LogEvent::Loaded { conv, result } => node.shard.handle_loaded(now, conv, result),
+                LogEvent::CheckpointDue => node.shard.handle_checkpoint_due(now),
+                LogEvent::Stopped(e) => {
+                    let mut sh = shared.borrow_mut();
+                    sh.oracle
+                        .violations
+                        .push(format!("recovery: shard {i}'s log stopped: {e}"));
+                    self.frozen = true;
+                    return;
+                }
+                LogEvent::Recovered(_) | LogEvent::Closed => {
+                    unreachable!("the sim's engines recover at boot and are never closed")
+                }
             }
-            if self.nodes[i].appended.is_some()
-                && self.at_crash_point(shared, CrashPoint::AfterAppend)
-            {
-                // Written, not synced: the crash loses it, or tears it at a block.
-                return;
-            }
-            let Some(lsn) = self.nodes[i].appended.take() else {
-                continue;
+        }
+        let sync_fail = shared.borrow().rates.disk_fail;
+        while let Some(io) = self.nodes[i].log.poll_io() {
+            let write = matches!(
+                io.op,
+                Op::Write {
+                    file: imgate_core::log_engine::FileId::Segment(_),
+                    ..
+                }
+            );
+            let node = &mut self.nodes[i];
+            let (pending, latency) = match &io.op {
+                Op::Sync(file) => {
+                    let file = *file;
+                    let fail = faults_on && self.rng.chance(sync_fail);
+                    node.syncs_issued += 1;
+                    // Syncs of one file return in the order they were issued.
+                    let after = node
+                        .ios
+                        .iter()
+                        .filter(|p| matches!(p.3, Pending::Sync { .. }))
+                        .map(|p| p.0)
+                        .max()
+                        .unwrap_or(0);
+                    let due = (self.tick + self.rng.range(1, 4)).max(after);
+                    (Pending::Sync { fail, file }, due - self.tick)
+                }
+                Op::Write { .. } if write && node.syncs_done < node.syncs_issued => {
+                    // In the page cache, not yet where a sync in flight would find it.
+                    node.deferred.push_back((node.syncs_issued, io.op.clone()));
+                    (Pending::Done(Ok(Completion::Done)), self.rng.range(0, 2))
+                }
+                Op::Read { .. } => {
+                    let result = disk::perform(i, &io.op);
+                    self.count_io(shared, i, &io.op, &result);
+                    (Pending::Done(result), self.rng.range(0, 5))
+                }
+                op => {
+                    let result = disk::perform(i, op);
+                    self.count_io(shared, i, op, &result);
+                    (Pending::Done(result), self.rng.range(0, 2))
+                }
             };
-            if planted == Some(Planted::AckBeforeDurable) && self.nodes[i].lagging_sync_at.is_none()
-            {
-                // Planted bug (a): report durable now, sync 50 ticks later.
-                self.nodes[i].lagging_sync_at = Some(self.tick + 50);
-                self.nodes[i].shard.handle_durable(now, lsn);
-                continue;
+            self.nodes[i]
+                .ios
+                .push((self.tick + latency, io.id, write, pending));
+        }
+    }
+
+    /// Counts and traces what the disk did to an operation.
+    fn count_io(
+        &mut self,
+        shared: &Rc<RefCell<Shared>>,
+        i: usize,
+        op: &Op,
+        result: &Result<Completion, IoError>,
+    ) {
+        match (op, result) {
+            (Op::Read { .. }, Err(_)) => shared.borrow_mut().counts.read_retry += 1,
+            (_, Err(IoError::NoSpace)) => {
+                let mut sh = shared.borrow_mut();
+                if self.full_since.is_none() {
+                    sh.counts.disk_full += 1;
+                    self.full_since = Some(self.tick);
+                }
+                sh.event(format!("disk: shard {i} {} failed: disk full", op_name(op)));
             }
-            // The sync takes 1-3 ms (ticks); appends meanwhile wait for the next one.
-            let latency = self.rng.range(1, 4);
-            let len = self.nodes[i].log.len();
-            self.nodes[i].syncing = Some((lsn, self.tick + latency, len));
+            (_, Err(e)) => {
+                let mut sh = shared.borrow_mut();
+                sh.counts.disk += 1;
+                sh.event(format!("disk: shard {i} {} failed: {e}", op_name(op)));
+            }
+            _ => {}
+        }
+    }
+
+    /// A sync of shard `i` takes effect now (or fails), then the writes made while it
+    /// ran reach the disk; returns its result.
+    fn sync_now(
+        &mut self,
+        shared: &Rc<RefCell<Shared>>,
+        i: usize,
+        file: imgate_core::log_engine::FileId,
+        fail: bool,
+    ) -> Result<Completion, IoError> {
+        let node = &mut self.nodes[i];
+        let result = if fail || std::mem::take(&mut node.writeback_error) {
+            // fdatasync returned an error (the seed's, or a failed writeback): nothing it
+            // covered counts as durable.
+            let mut sh = shared.borrow_mut();
+            sh.counts.disk += 1;
+            sh.event(format!("fault: shard {i} log sync failed"));
+            Err(IoError::Io)
+        } else {
+            disk::perform(i, &Op::Sync(file))
+        };
+        self.nodes[i].syncs_done += 1;
+        loop {
+            let node = &mut self.nodes[i];
+            let due = node
+                .deferred
+                .front()
+                .is_some_and(|&(after, _)| after <= node.syncs_done);
+            if !due {
+                break;
+            }
+            let (_, op) = node.deferred.pop_front().expect("checked");
+            let applied = disk::perform(i, &op);
+            if applied.is_err() {
+                self.count_io(shared, i, &op, &applied);
+                self.nodes[i].writeback_error = true;
+            }
+        }
+        result
+    }
+
+    /// Reports the operations due by this tick to their engines, in the order they are
+    /// due (ties in the order they were performed).
+    fn complete_io(&mut self, shared: &Rc<RefCell<Shared>>, faults_on: bool) {
+        let now = core_now();
+        for i in 0..self.nodes.len() {
+            loop {
+                if self.frozen {
+                    return;
+                }
+                let node = &mut self.nodes[i];
+                let Some(at) = node
+                    .ios
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, io)| io.0 <= self.tick)
+                    .min_by_key(|(_, io)| io.0)
+                    .map(|(at, _)| at)
+                else {
+                    break;
+                };
+                let (_, id, write, pending) = node.ios.remove(at);
+                let result = match pending {
+                    Pending::Done(result) => result,
+                    Pending::Sync { fail, file } => self.sync_now(shared, i, file, fail),
+                };
+                if write && result.is_ok() && self.at_crash_point(shared, CrashPoint::AfterAppend) {
+                    // Written, not synced: the crash loses it, or tears it at a block.
+                    return;
+                }
+                self.nodes[i].log.handle_completion(now, id, result);
+                self.drain_log(shared, i, faults_on);
+            }
         }
     }
 
@@ -641,6 +830,57 @@ impl Gateway {
             sh.counts.freed += 1;
             sh.event("disk: a reserve file deleted".into());
         }
+    }
+}
+
+/// An operation's name for the trace.
+fn op_name(op: &Op) -> &'static str {
+    match op {
+        Op::List => "list",
+        Op::Create(_) => "create",
+        Op::Write { .. } => "write",
+        Op::Sync(_) => "sync",
+        Op::Truncate { .. } => "truncate",
+        Op::Read { .. } => "read",
+        Op::Remove(_) => "remove",
+    }
+}
+
+/// Runs shard `i`'s log engine through recovery on the disk, each operation at once (a
+/// failed read is retried by the engine). Returns what it recovered or why it refused,
+/// and the events it emitted after recovering.
+fn recover(
+    i: usize,
+    log: &mut LogEngine,
+    read_retries: &mut u64,
+) -> (
+    Result<imgate_core::log_engine::Recovered, String>,
+    Vec<LogEvent>,
+) {
+    let now = core_now();
+    let mut recovered = None;
+    let mut early = Vec::new();
+    // Bounded: recovery reads and writes each file a few times at most.
+    for _ in 0..1_000_000 {
+        while let Some(event) = log.poll_event() {
+            match event {
+                LogEvent::Recovered(r) => recovered = Some(r),
+                LogEvent::Stopped(e) => return (Err(e.to_string()), early),
+                other => early.push(other),
+            }
+        }
+        let Some(io) = log.poll_io() else {
+            break;
+        };
+        let result = disk::perform(i, &io.op);
+        if result.is_err() {
+            *read_retries += 1;
+        }
+        log.handle_completion(now, io.id, result);
+    }
+    match recovered {
+        Some(r) => (Ok(r), early),
+        None => (Err("recovery did not finish".to_string()), early),
     }
 }
 

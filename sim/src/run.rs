@@ -1,11 +1,13 @@
 //! One run: the world, its fault schedule, the step loop and the final checks.
 
 use crate::device::{self, Device, SlowRead};
-use crate::disk::{self, FsLog};
+use crate::disk;
 use crate::gateway;
 use crate::oracle::Oracle;
 use crate::rng::Rng;
-use imgate_core::log::{scan, Record};
+use imgate_core::log::StoredMessage;
+#[cfg(test)]
+use imgate_core::log_engine::PlantedLogBug;
 use imgate_core::proto::{ConvId, UserId};
 use imgate_core::Instant;
 use std::cell::RefCell;
@@ -135,10 +137,13 @@ pub enum FaultSet {
     Only(FaultKind),
 }
 
-/// A bug planted in the driver (never on by default): the oracle must catch each.
+/// A bug planted in the driver, the devices' apps, or (the durability bugs, and the
+/// dedupe one) core's engines through their `planted-bugs` feature, which only the sim's
+/// tests turn on. Never on by default: the oracle must catch each.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Planted {
-    /// The driver calls `handle_durable` before the bytes are synced.
+    /// The log engine reports appends durable when their write completes, before a sync.
+    #[cfg(test)]
     AckBeforeDurable,
     /// The driver drops the last Deliver frame written before a SyncDone.
     SyncReplaySkip,
@@ -152,15 +157,43 @@ pub enum Planted {
     OutboxNewIds,
     /// A restarted device's app forgets its persisted outbox.
     OutboxDropped,
-    /// After a failed log write or sync the driver tells the engine without cutting the
-    /// file back to its durable length.
+    /// After a failed log write or sync the log engine tells the shard without cutting
+    /// the open segment back to its durable length.
+    #[cfg(test)]
     NoTruncateOnFailure,
-    /// Recovery keeps a torn tail instead of cutting the file to the scan's valid length.
+    /// The log engine's recovery keeps a torn tail and appends after it.
+    #[cfg(test)]
     TornTailKept,
+    /// A sync makes durable what was written by the time it returned, not by the time it
+    /// started.
+    #[cfg(test)]
+    SyncCoversLaterWrites,
+    /// The log engine serves reads from index entries that are not durable yet.
+    #[cfg(test)]
+    IndexPastDurable,
+    /// The log engine writes a checkpoint ahead of the appends queued before it.
+    #[cfg(test)]
+    CheckpointAheadOfDurable,
     /// The engine skips its dedupe window (core's `planted-bugs` feature, on only in the
     /// sim's tests).
     #[cfg(test)]
     DedupeOff,
+}
+
+#[cfg(test)]
+impl Planted {
+    /// The log engine bug this is, if it is one.
+    pub fn log_bug(self) -> Option<PlantedLogBug> {
+        Some(match self {
+            Planted::AckBeforeDurable => PlantedLogBug::AckBeforeDurable,
+            Planted::NoTruncateOnFailure => PlantedLogBug::NoTruncateOnFailure,
+            Planted::TornTailKept => PlantedLogBug::TornTailKept,
+            Planted::SyncCoversLaterWrites => PlantedLogBug::SyncCoversLaterWrites,
+            Planted::IndexPastDurable => PlantedLogBug::IndexPastDurable,
+            Planted::CheckpointAheadOfDurable => PlantedLogBug::CheckpointAheadOfDurable,
+            _ => return None,
+        })
+    }
 }
 
 /// What a run does.
@@ -216,6 +249,16 @@ pub struct Rates {
     pub block_size: u64,
     /// Probability that turmoil's disk makes a write durable before any sync.
     pub early_flush: f64,
+    /// The log engine's write alignment: 1 (buffered) or 512 (aligned writes that
+    /// rewrite the partial block before them, as O_DIRECT does).
+    pub log_align: u64,
+    /// Messages at which the log engine seals a segment.
+    pub segment_messages: usize,
+    /// Durable messages after which the log engine asks for a checkpoint.
+    pub checkpoint_messages: u64,
+    /// fdatasyncs the log engine keeps in flight: 2 (pipelined, as the gateway with
+    /// O_DIRECT) or 1 (as with buffered writes).
+    pub syncs_inflight_max: usize,
     /// Probability per tick that a shard pair is held back.
     pub mesh_delay: f64,
     /// Mean seconds between reconnect storms.
@@ -289,6 +332,9 @@ pub struct FaultCounts {
     pub freed: u64,
     /// Log reads that failed (EIO) and were retried.
     pub read_retry: u64,
+    /// History reads that failed on every attempt (reported to the shard as failed,
+    /// never as history gone).
+    pub read_failed: u64,
     /// Not a fault: conversations a shard loaded back from its log after they left its
     /// memory (the sim keeps only a few in memory), evidence that the path runs.
     pub loaded: u64,
@@ -319,6 +365,7 @@ impl FaultCounts {
             disk_full,
             freed,
             read_retry,
+            read_failed,
             loaded,
         } = other;
         self.crash += crash;
@@ -342,6 +389,7 @@ impl FaultCounts {
         self.disk_full += disk_full;
         self.freed += freed;
         self.read_retry += read_retry;
+        self.read_failed += read_failed;
         self.loaded += loaded;
     }
 }
@@ -356,8 +404,6 @@ pub struct Shared {
     pub faults_on: bool,
     /// Devices send new messages (false during the heal).
     pub workload_on: bool,
-    /// Bytes of each shard's log the oracle has read as durable.
-    pub oracle_len: Vec<usize>,
     /// The groups were created (first boot done).
     pub booted: bool,
     /// The oracle.
@@ -405,22 +451,9 @@ impl Shared {
         self.oracle.violations.len()
     }
 
-    /// Reads newly durable bytes of shard `shard`'s log file into the oracle.
-    pub fn observe_durable(&mut self, shard: usize, log: &mut FsLog) {
-        let durable = log.durable_len() as usize;
-        let from = self.oracle_len[shard].min(durable);
-        let bytes = log.read(from as u64, durable as u64);
-        self.counts.read_retry += std::mem::take(&mut log.read_retries);
-        let msgs: Vec<_> = scan(&bytes)
-            .records
-            .into_iter()
-            .filter_map(|(_, r)| match r {
-                Record::Message(m) => Some(m),
-                _ => None,
-            })
-            .collect();
-        self.oracle_len[shard] = durable;
-        for m in &msgs {
+    /// Messages of shard `shard`'s log that became durable, in log order, for the oracle.
+    pub fn observe_durable(&mut self, shard: usize, msgs: &[StoredMessage]) {
+        for m in msgs {
             let line = format!(
                 "durable s{shard} {} seq {} from u{}",
                 m.conv, m.seq.0, m.sender.0
@@ -428,7 +461,7 @@ impl Shared {
             self.event(line);
         }
         let before = self.violation_count();
-        self.oracle.handle_durable(&msgs);
+        self.oracle.handle_durable(msgs);
         self.note_violations(before);
     }
 
@@ -539,6 +572,12 @@ fn draw_rates(rng: &mut Rng, faults: FaultSet) -> Rates {
     // records are 40-200 bytes; 4096 keeps every record whole) and early flushes.
     r.block_size = [8, 16, 32, 4096][rng.range(0, 4) as usize];
     r.early_flush = 0.1 * rng.unit();
+    // The log engine's shape: small segments and frequent checkpoints, so that every seed
+    // rotates, checkpoints, and recovers from a checkpoint.
+    r.log_align = [1, 512][rng.range(0, 2) as usize];
+    r.segment_messages = rng.range(8, 33) as usize;
+    r.checkpoint_messages = rng.range(32, 97);
+    r.syncs_inflight_max = rng.range(1, 3) as usize;
     r
 }
 
@@ -696,7 +735,6 @@ pub fn run_seed(cfg: &RunConfig) -> Outcome {
         rates: rates.clone(),
         faults_on: true,
         workload_on: true,
-        oracle_len: vec![0; shard_count as usize],
         booted: false,
         oracle: Oracle::default(),
         counts: FaultCounts::default(),

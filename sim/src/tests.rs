@@ -148,7 +148,15 @@ fn crashes_between_durable_and_ack_catch_dedupe_off_where_random_crashes_do_not(
 
 #[test]
 fn crashes_at_chosen_points_catch_a_seq_not_recovered() {
-    let _ = caught_by(FaultKind::PointCrash, Planted::SeqNotRecovered, 1..11, "I");
+    // The shard hands out the last recovered seq again. The log engine refuses the
+    // second record of one seq before it reaches the disk (its index asserts that seqs
+    // follow on), which the sim reports as the gateway host failing.
+    let _ = caught_by(
+        FaultKind::PointCrash,
+        Planted::SeqNotRecovered,
+        1..11,
+        "a host failed: task",
+    );
 }
 
 #[test]
@@ -180,5 +188,42 @@ fn a_full_disk_fails_writes_and_heals() {
     assert!(
         c.disk_full > 0 && c.freed > 0,
         "the disk never filled: {c:?}"
+    );
+}
+
+#[test]
+fn a_sync_counting_writes_made_after_it_started_is_caught() {
+    // The engine takes a sync to cover what completed by the time it returned. The sim's
+    // disk makes a sync cover only what was written before it started, so appends the
+    // engine reported durable can be missing after a crash or a failed writeback.
+    let (seed, v) = first_violation(1..61, Planted::SyncCoversLaterWrites)
+        .expect("no violation in seeds 1..61");
+    assert!(v.starts_with('I'), "seed {seed}: {v}");
+    let quiet = first_violation_under(
+        seed..seed + 1,
+        Planted::SyncCoversLaterWrites,
+        FaultSet::None,
+    );
+    assert!(
+        quiet.is_none(),
+        "seed {seed} fails without faults too: {quiet:?}"
+    );
+}
+
+#[test]
+fn disk_errors_need_a_failed_appends_index_entries_removed() {
+    // Entries of failed appends stay in the index: a conversation loaded back from it
+    // resumes after seqs that were never stored.
+    let _ = caught_by(FaultKind::Disk, Planted::IndexPastDurable, 1..21, "I3");
+}
+
+#[test]
+fn crashes_catch_a_checkpoint_written_ahead_of_what_it_describes() {
+    // Recovery from it replays messages it already counts: the group's seqs go back.
+    let _ = caught_by(
+        FaultKind::Crash,
+        Planted::CheckpointAheadOfDurable,
+        1..41,
+        "I3",
     );
 }

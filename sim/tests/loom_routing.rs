@@ -293,8 +293,9 @@ impl Node {
                         conv,
                         from,
                         to,
+                        limit,
                     } => {
-                        let msgs = self.log.durable_messages(conv, from, to);
+                        let msgs = self.log.fetch(conv, from, to, limit);
                         self.shard.handle_fetched(NOW, fetch, Ok(msgs));
                     }
                     Effect::Load { conv } => {

@@ -9,6 +9,9 @@
 //!   Deliver carries that message's client_msg_id (no seq names two messages);
 //! - I2: a (sender, client_msg_id) is acked with one (conv, seq) only;
 //! - I3: each conversation's stored seqs are 1, 2, 3, ... without a gap or a repeat;
+//! - I4 (nothing skipped): the harness's log keeps all history, so no Sync reports a gap
+//!   and no Pull reports history gone, whatever happened to the reads (held, answered
+//!   late, failed);
 //! - I6: every shard's state is within its bounds (conversations, hot tier, dedupe) and
 //!   what it holds for a reader that stopped reading stays within the hard budget.
 //!
@@ -64,7 +67,7 @@ pub fn limits() -> Limits {
         outbound_hard_bytes: 12_000,
         replay_page_bytes: 1_000,
         replay_resume_bytes: 1_500,
-        hot_messages_per_conv: 4,
+        hot_messages_per_conv: 1,
         hot_messages_per_shard: 12,
         hot_bytes_per_shard: 8_000,
         conversations_max: 3,
@@ -80,6 +83,7 @@ pub fn limits() -> Limits {
         pending_signals_max: 2,
         loads_inflight_max: 2,
         load_waiters_max: 3,
+        fetches_inflight_max: 1,
         ..Limits::default()
     }
 }
@@ -105,6 +109,13 @@ pub enum Op {
     Advance { ms: u64 },
     /// Power loss on every shard.
     Crash,
+    /// A shard writes a checkpoint (every later recovery checks it).
+    Checkpoint { shard: u16 },
+    /// Log reads are held from now on (`true`), or answered at once again (and every
+    /// held one is answered from the log).
+    HoldReads { on: bool },
+    /// Every held log read is answered, from the log or with a failure.
+    AnswerReads { ok: bool },
 }
 
 /// What the clients were told, checked against the logs after every step.
@@ -169,6 +180,19 @@ fn check(
                         stored.get(&(d.conv, d.seq)),
                         Some(&d.client_msg_id),
                         "I5: deliver of a message not durable, or of another message"
+                    );
+                }
+                Meta::SyncDone(d) => {
+                    ensure!(
+                        d.gaps.is_empty(),
+                        "I4: history the log holds skipped: {d:?}"
+                    );
+                }
+                Meta::PullResult(r) => {
+                    ensure_eq!(
+                        r.available_from,
+                        Seq::ZERO,
+                        "I4: history the log holds reported gone"
                     );
                 }
                 _ => {}
@@ -252,6 +276,20 @@ pub fn run(ops: Vec<Op>) -> Result<(), String> {
             Op::Sync => w.sync(),
             Op::Advance { ms } => w.advance(Duration::from_millis(ms)),
             Op::Crash => w.crash_all(),
+            Op::Checkpoint { shard } => {
+                if shard < SHARDS {
+                    w.checkpoint(usize::from(shard));
+                }
+            }
+            Op::HoldReads { on } => {
+                w.hold_fetches = on;
+                if !on {
+                    w.answer_fetches(true);
+                }
+            }
+            Op::AnswerReads { ok } => {
+                w.answer_fetches(ok);
+            }
         }
         for (i, f) in frames.iter_mut().enumerate() {
             f.extend(w.take(i));

@@ -3,16 +3,18 @@
 //!
 //! The harness is a driver like the gateway and the sim: it moves bytes and time and
 //! nothing else. Logs become durable only when the test says so (or at every step with
-//! `auto_sync`), which is how I1 and I5 are observed.
+//! `auto_sync`), which is how I1 and I5 are observed. Log reads (`Fetch`) are answered at
+//! once from the log, or held (`hold_fetches`) until the test answers them, with the log
+//! or with anything it likes (a failure, an answer as retention would give).
 #![allow(dead_code)]
 
 use bytes::{Bytes, BytesMut};
 use imgate_core::auth::{KeyConfig, SigningKey, TokenSigner, TokenVerifier};
-use imgate_core::log::{scan, MemLog, Record};
+use imgate_core::log::{scan, MemLog, Record, StoredMessage};
 use imgate_core::mesh::{Command, CommandError, ConnId, ShardId, ShardMsg};
 use imgate_core::proto::meta::{self, Meta};
 use imgate_core::proto::{ClientMsgId, ConvId, Decoder, DeviceId, Encoder, Seq, UserId};
-use imgate_core::shard::{Effect, Lsn, Shard, ShardConfig};
+use imgate_core::shard::{Effect, Lsn, RecoveryError, Shard, ShardConfig};
 use imgate_core::{Instant, Limits};
 use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;
@@ -47,6 +49,17 @@ pub struct Conn {
     pub raw: bool,
 }
 
+/// A log read the harness holds for the test to answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HeldFetch {
+    pub shard: usize,
+    pub fetch: u64,
+    pub conv: ConvId,
+    pub from: Seq,
+    pub to: Seq,
+    pub limit: u32,
+}
+
 pub struct World {
     pub now: Instant,
     pub nodes: Vec<Node>,
@@ -56,6 +69,9 @@ pub struct World {
     pub conns: Vec<Conn>,
     pub auto_sync: bool,
     pub commands: BTreeMap<u64, Result<(), CommandError>>,
+    /// Hold log reads in `held_fetches` instead of answering them at once.
+    pub hold_fetches: bool,
+    pub held_fetches: VecDeque<HeldFetch>,
     encoder: Encoder,
     signer: TokenSigner,
 }
@@ -96,6 +112,8 @@ impl World {
             conns: Vec::new(),
             auto_sync: true,
             commands: BTreeMap::new(),
+            hold_fetches: false,
+            held_fetches: VecDeque::new(),
             encoder: Encoder::new(),
             signer: TokenSigner::new(&SigningKey::Hs256 {
                 secret: SECRET.to_vec(),
@@ -297,10 +315,24 @@ impl World {
                             conv,
                             from,
                             to,
+                            limit,
                         } => {
-                            let node = &mut self.nodes[i];
-                            let msgs = node.log.durable_messages(conv, from, to);
-                            node.shard.handle_fetched(self.now, fetch, Ok(msgs));
+                            let held = HeldFetch {
+                                shard: i,
+                                fetch,
+                                conv,
+                                from,
+                                to,
+                                limit,
+                            };
+                            if self.hold_fetches {
+                                self.held_fetches.push_back(held);
+                            } else {
+                                let msgs = self.nodes[i].log.fetch(conv, from, to, limit);
+                                self.nodes[i]
+                                    .shard
+                                    .handle_fetched(self.now, fetch, Ok(msgs));
+                            }
                         }
                         Effect::Load { conv } => {
                             let node = &mut self.nodes[i];
@@ -365,6 +397,47 @@ impl World {
         }
     }
 
+    /// Answers the oldest held log read with `result`; returns it (`None` if none is held).
+    pub fn answer_fetch(&mut self, result: Result<Vec<StoredMessage>, ()>) -> Option<HeldFetch> {
+        let held = self.held_fetches.pop_front()?;
+        self.nodes[held.shard]
+            .shard
+            .handle_fetched(self.now, held.fetch, result);
+        self.run();
+        Some(held)
+    }
+
+    /// What the log answers to a held read.
+    pub fn read_log(&self, held: &HeldFetch) -> Vec<StoredMessage> {
+        self.nodes[held.shard]
+            .log
+            .fetch(held.conv, held.from, held.to, held.limit)
+    }
+
+    /// Answers every held read, and those they lead to, from the logs (`ok`) or with a
+    /// failure; returns how many were answered.
+    pub fn answer_fetches(&mut self, ok: bool) -> usize {
+        let mut answered = 0;
+        while let Some(held) = self.held_fetches.front().copied() {
+            let result = if ok {
+                Ok(self.read_log(&held))
+            } else {
+                Err(())
+            };
+            self.answer_fetch(result);
+            answered += 1;
+            // A shard that asks again at once for what failed would never let this end.
+            assert!(answered < 100_000, "log reads never settle");
+        }
+        answered
+    }
+
+    /// Tells `shard` a checkpoint is due.
+    pub fn checkpoint(&mut self, shard: usize) {
+        self.nodes[shard].shard.handle_checkpoint_due(self.now);
+        self.run();
+    }
+
     /// Power loss on every shard: unsynced log bytes are gone, connections drop, and each
     /// shard recovers from its log.
     pub fn crash_all(&mut self) {
@@ -372,6 +445,8 @@ impl World {
             c.closed = true;
         }
         self.mesh.clear();
+        // Reads in flight die with the process.
+        self.held_fetches.clear();
         let count = self.nodes.len() as u16;
         for (i, node) in self.nodes.iter_mut().enumerate() {
             node.log.crash();
@@ -392,6 +467,47 @@ impl World {
                 .expect("recovery");
             node.shard = shard;
         }
+    }
+
+    /// A new shard `i` as this world configures it, not yet recovered.
+    pub fn fresh_shard(&self, i: usize) -> Shard {
+        Shard::new(
+            ShardConfig {
+                id: ShardId(i as u16),
+                shard_count: self.nodes.len() as u16,
+                limits: self.limits.clone(),
+                hash_seed: 0,
+            },
+            verifier(&self.limits),
+        )
+    }
+
+    /// Every record in shard `i`'s log, durable or not.
+    pub fn records(&self, i: usize) -> Vec<Record> {
+        scan(self.nodes[i].log.bytes())
+            .records
+            .into_iter()
+            .map(|(_, r)| r)
+            .collect()
+    }
+
+    /// Restarts shard `i` from `records` (a part of its log, say from a checkpoint on)
+    /// instead of its whole log, which stays as it is to answer reads. Its connections
+    /// drop, and what was in flight to it is lost. On an error the old shard stays.
+    pub fn restart_from(&mut self, i: usize, records: Vec<Record>) -> Result<(), RecoveryError> {
+        let mut shard = self.fresh_shard(i);
+        shard.recover(records)?;
+        for c in self.conns.iter_mut().filter(|c| c.shard as usize == i) {
+            c.closed = true;
+        }
+        self.mesh.retain(|(to, _)| *to as usize != i);
+        self.held_fetches.retain(|h| h.shard != i);
+        let node = &mut self.nodes[i];
+        node.log.sync();
+        node.appended = None;
+        node.shard = shard;
+        self.run();
+        Ok(())
     }
 
     /// Every message record in shard logs, durable or not.
