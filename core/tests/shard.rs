@@ -202,6 +202,59 @@ fn a_failed_append_is_nacked_and_its_seq_is_handed_out_again() {
     assert_eq!(seqs(&w.take(bob)), vec![1, 2]);
 }
 
+#[test]
+fn an_append_the_driver_has_not_taken_when_the_log_fails_never_reaches_the_log() {
+    let mut w = World::new(1, Limits::default());
+    w.auto_sync = false;
+    let alice = w.login(0, 1, 1);
+    let conv = ConvId::direct(UserId(1), UserId(2));
+    w.send(alice, 1, conv, b"one");
+    w.sync();
+    // "two" is sequenced and its append handed out, but the log fails (a write or sync
+    // of appends before it) before the driver takes it.
+    let send = Meta::Send(meta::Send {
+        req: 2,
+        client_msg_id: ClientMsgId([9; 16]),
+        conv,
+        priority: Priority::Normal,
+    });
+    let frame = imgate_core::proto::Encoder::new().encode_to_bytes(&send, b"two");
+    let id = w.conns[alice].id;
+    let mut buf = bytes::BytesMut::from(&frame[..]);
+    w.nodes[0].shard.handle_bytes(w.now, id, &mut buf);
+    w.nodes[0].shard.handle_log_failed(w.now);
+    w.run();
+    assert_eq!(
+        error_code_of_nack(&w.take(alice), 2),
+        Some(ErrorCode::StorageFailed)
+    );
+    // Its seq is handed out again, and only the new message is stored under it.
+    w.send(alice, 3, conv, b"three");
+    w.sync();
+    assert_eq!(acks(&w.take(alice)), vec![(3, Seq(2))]);
+    let stored: Vec<(u64, Vec<u8>)> = scan(w.nodes[0].log.bytes())
+        .records
+        .into_iter()
+        .filter_map(|(_, r)| match r {
+            Record::Message(m) => Some((m.seq.0, m.payload.to_vec())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        stored,
+        vec![(1, b"one".to_vec()), (2, b"three".to_vec())],
+        "the withdrawn append reached the log"
+    );
+}
+
+/// The code of the Nack for request `req` among `frames`.
+fn error_code_of_nack(frames: &[(Meta, bytes::Bytes)], req: u32) -> Option<ErrorCode> {
+    frames.iter().find_map(|(m, _)| match m {
+        Meta::Nack(n) if n.req == req => Some(n.code),
+        _ => None,
+    })
+}
+
 // ---- I2: dedupe ---------------------------------------------------------------------
 
 #[test]
