@@ -31,10 +31,13 @@
 //! - The entry at or after a key `k` is in block [`SegmentSummary::block_for`]`(k)` or is
 //!   the first entry of the next block, because fences are sorted like the entries.
 //!
-//! Left to others: reading and writing the files (the gateway with glommio, the sim with
-//! `turmoil::fs`), and rebuilding an index file from its segment when it is damaged. The
-//! summary is checked once, when the file is decoded; a block read later is used as given,
-//! so a driver must hand [`Find::feed`] the whole block it asked for.
+//! - The summary keeps each block's crc32c: a block read later is used only if
+//!   [`SegmentSummary::check_block`] accepts it, so a damaged index file makes a lookup
+//!   fail (and be retried, then reported failed), never answer a wrong seq.
+//!
+//! Left to others: reading and writing the files (the log engine's operations), and
+//! rebuilding an index file from its segment when it is damaged. A driver must hand
+//! [`Find::feed`] the whole block it asked for, checked.
 
 use crate::proto::{ConvId, Seq};
 use siphasher::sip128::SipHasher13;
@@ -155,10 +158,7 @@ pub fn encode(entries: &mut [IndexEntry]) -> Vec<u8> {
     let mut file = Vec::with_capacity(HEADER_BYTES + entries.len() * ENTRY_BYTES);
     file.resize(HEADER_BYTES, 0);
     for entry in entries.iter() {
-        file.extend_from_slice(&entry.conv.hi.to_le_bytes());
-        file.extend_from_slice(&entry.conv.lo.to_le_bytes());
-        file.extend_from_slice(&entry.seq.0.to_le_bytes());
-        file.extend_from_slice(&entry.offset.to_le_bytes());
+        file.extend_from_slice(&encode_entry(entry));
     }
     let crc = crc32c::crc32c(&file[HEADER_BYTES..]);
     file[0..4].copy_from_slice(&MAGIC);
@@ -193,6 +193,9 @@ pub struct SegmentSummary {
     hashes: u32,
     /// The key of the first entry of each block, ascending.
     fences: Vec<(ConvId, Seq)>,
+    /// The crc32c of each block's bytes: a block read later is checked against it
+    /// ([`SegmentSummary::check_block`]), so that a damaged index file is never believed.
+    block_crcs: Vec<u32>,
 }
 
 impl SegmentSummary {
@@ -254,9 +257,19 @@ impl SegmentSummary {
     pub fn is_consistent(&self) -> bool {
         let blocks = self.entries.div_ceil(ENTRIES_PER_BLOCK as u64);
         self.fences.len() as u64 == blocks
+            && self.block_crcs.len() as u64 == blocks
             && self.fences.windows(2).all(|w| w[0] < w[1])
             && self.bloom.is_empty() == (self.entries == 0)
             && self.hashes == BLOOM_HASHES
+    }
+
+    /// Whether `bytes`, read at `block`, are that block as the file was written (its
+    /// length and its crc32c). A lookup uses only blocks that pass.
+    pub fn check_block(&self, block: BlockRef, bytes: &[u8]) -> bool {
+        let expected = usize::try_from(block.index)
+            .ok()
+            .and_then(|i| self.block_crcs.get(i));
+        bytes.len() == block.len && expected == Some(&crc32c::crc32c(bytes))
     }
 
     /// Entries in the file.
@@ -297,6 +310,7 @@ impl SegmentSummary {
     pub fn heap_bytes(&self) -> usize {
         self.bloom.capacity() * mem::size_of::<u64>()
             + self.fences.capacity() * mem::size_of::<(ConvId, Seq)>()
+            + self.block_crcs.capacity() * mem::size_of::<u32>()
     }
 
     /// Block `index`, which must be one of the file's.
@@ -512,12 +526,19 @@ fn summarize(count: u64, entries: impl Iterator<Item = IndexEntry> + Clone) -> S
     let mut bloom = vec![0u64; (convs * BLOOM_BITS_PER_CONV).div_ceil(64) as usize];
     let blocks = count.div_ceil(ENTRIES_PER_BLOCK as u64) as usize;
     let mut fences = Vec::with_capacity(blocks);
+    let mut block_crcs = Vec::with_capacity(blocks);
+    let mut crc = 0;
     let mut last = None;
     let mut seen = 0u64;
     for (i, entry) in entries.enumerate() {
         if i % ENTRIES_PER_BLOCK == 0 {
             fences.push(entry.key());
+            if i > 0 {
+                block_crcs.push(crc);
+            }
+            crc = 0;
         }
+        crc = crc32c::crc32c_append(crc, &encode_entry(&entry));
         if last != Some(entry.conv) {
             for bit in bloom_bits(entry.conv, BLOOM_HASHES, bloom_len(&bloom)) {
                 bloom[(bit / 64) as usize] |= 1 << (bit % 64);
@@ -526,15 +547,30 @@ fn summarize(count: u64, entries: impl Iterator<Item = IndexEntry> + Clone) -> S
         }
         seen += 1;
     }
+    if count > 0 {
+        block_crcs.push(crc);
+    }
     assert_eq!(seen, count, "the entry count does not match the entries");
     assert_eq!(fences.len(), blocks);
+    assert_eq!(block_crcs.len(), blocks);
     fences.shrink_to_fit();
     SegmentSummary {
         entries: count,
         bloom,
         hashes: BLOOM_HASHES,
         fences,
+        block_crcs,
     }
+}
+
+/// The file bytes of one entry.
+fn encode_entry(entry: &IndexEntry) -> [u8; ENTRY_BYTES] {
+    let mut out = [0u8; ENTRY_BYTES];
+    out[0..8].copy_from_slice(&entry.conv.hi.to_le_bytes());
+    out[8..16].copy_from_slice(&entry.conv.lo.to_le_bytes());
+    out[16..24].copy_from_slice(&entry.seq.0.to_le_bytes());
+    out[24..32].copy_from_slice(&entry.offset.to_le_bytes());
+    out
 }
 
 /// Bits in a bloom filter of these words.
@@ -1048,7 +1084,8 @@ mod tests {
         let (file, summary, _) = index(entries);
         let blocks = 100_000usize.div_ceil(ENTRIES_PER_BLOCK);
         let bloom_words = (1000 * BLOOM_BITS_PER_CONV as usize).div_ceil(64);
-        assert_eq!(summary.heap_bytes(), bloom_words * 8 + blocks * 24);
+        // Per block: a fence (24 bytes) and a crc (4).
+        assert_eq!(summary.heap_bytes(), bloom_words * 8 + blocks * (24 + 4));
         assert!(summary.heap_bytes() * 100 < file.len());
     }
 

@@ -336,3 +336,30 @@ fn retention_removes_old_segments_and_reads_report_where_history_starts() {
     assert_eq!(rig.load(b), Ok(1));
     assert_eq!(rig.fetch(a, 1, 200, 500).unwrap()[0], first);
 }
+
+#[test]
+fn a_damaged_index_block_is_never_believed() {
+    let mut rig = Rig::new(small());
+    rig.recovered();
+    let (a, b) = (conv(1), conv(2));
+    rig.append(1, &[msg(a, 1, 20), msg(a, 2, 20)]);
+    for seq in 1..=40 {
+        rig.append(seq + 1, &[msg(b, seq, 20)]);
+    }
+    assert!(rig.engine.segments() > 2);
+    assert_eq!(rig.load(a), Ok(2));
+    // One bit of a's last entry in segment 1's index file (its seq field): the block no
+    // longer matches its crc in the summary.
+    let name = imgate_core::log_engine::FileId::Index(1).name();
+    let mut idx = rig.disk.file(&name).expect("segment 1 is sealed").to_vec();
+    let entry = 32 + 32; // the header, then a's second entry (a sorts before b)
+    idx[entry + 16] ^= 0x04;
+    rig.disk.put(&name, idx);
+    assert_eq!(rig.load(a), Err(()), "a damaged block answered a Load");
+    assert_eq!(
+        rig.fetch(a, 1, 2, 10),
+        Err(()),
+        "a damaged block answered a Fetch"
+    );
+    assert_eq!(rig.load(b), Ok(40), "other blocks and segments still serve");
+}

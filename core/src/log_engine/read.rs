@@ -468,8 +468,12 @@ impl LogEngine {
         };
         match tag {
             Tag::RemovedLast(block) | Tag::FindBlock(block) | Tag::LoadBlock(block)
-                if bytes.len() != block.len =>
+                if !job.candidates[job.at]
+                    .summary
+                    .summary
+                    .check_block(block, &bytes) =>
             {
+                // Short, or not the block the index file was written with: damaged.
                 self.job_failed(job_id)
             }
             Tag::RemovedLast(_) => {
