@@ -348,10 +348,13 @@ async fn session(
         }
         // The app's retry policy: a timed-out or retriably Nacked message is retried after
         // a random pause (the engine leaves that to the app); the retry fault makes it eager.
+        // Once the faults stop the app retries briskly, one message every few ms, so that
+        // a backlog piled up while the disk was full (every send Nacked StorageFailed)
+        // drains within the heal.
         let p_retry = if faults_on {
             0.02 + rates.retry * 10.0
         } else {
-            0.05
+            0.5
         };
         if !d.timed_out.is_empty() && d.rng.chance(p_retry) {
             let id = d.timed_out.remove(0);

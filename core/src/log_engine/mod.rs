@@ -632,6 +632,9 @@ pub struct LogEngine {
     since_checkpoint: u64,
     /// A checkpoint was asked for and is not durable yet.
     checkpoint_asked: bool,
+    /// After a failure lost a checkpoint: ask again only once `since_checkpoint` reaches
+    /// this (see [`LogEngine::checkpoint_lost`]).
+    checkpoint_retry_at: u64,
     closing: bool,
     /// A retention removal is in flight (one at a time, oldest first).
     removing: bool,
@@ -682,6 +685,7 @@ impl LogEngine {
             rotation: None,
             since_checkpoint: 0,
             checkpoint_asked: false,
+            checkpoint_retry_at: 0,
             closing: false,
             removing: false,
             #[cfg(feature = "planted-bugs")]
@@ -1109,6 +1113,7 @@ impl LogEngine {
                         open.pending_checkpoints.pop_front();
                         open.checkpoint_at = Some(start);
                         self.checkpoint_asked = false;
+                        self.checkpoint_retry_at = 0;
                         self.since_checkpoint = 0;
                     }
                     _ => break,
@@ -1126,8 +1131,23 @@ impl LogEngine {
         if let Some(lsn) = last {
             self.events.push_back(LogEvent::Durable(lsn));
         }
-        if !self.checkpoint_asked && self.since_checkpoint >= self.config.checkpoint_messages {
+        let due = self.config.checkpoint_messages.max(self.checkpoint_retry_at);
+        if !self.checkpoint_asked && self.since_checkpoint >= due {
             self.ask_checkpoint();
+        }
+    }
+
+    /// A failure lost the checkpoint asked for (or may have): ask again, but only once
+    /// an eighth of `checkpoint_messages` more messages are durable. A checkpoint is the
+    /// largest thing the log writes (the dedupe window), and a failure fails every append
+    /// not yet durable with it: asked again at once, a checkpoint that keeps failing (a
+    /// disk too full for it but not for messages) would fail every batch it joins, and
+    /// messages would hardly ever be stored (found by the sim, seed 724 of a sweep).
+    fn checkpoint_lost(&mut self) {
+        if self.checkpoint_asked {
+            self.checkpoint_asked = false;
+            let gap = (self.config.checkpoint_messages / 8).max(1);
+            self.checkpoint_retry_at = self.since_checkpoint + gap;
         }
     }
 
@@ -1198,10 +1218,8 @@ impl LogEngine {
         self.queue.clear();
         self.failed = false;
         self.events.push_back(LogEvent::Failed);
-        if self.checkpoint_asked {
-            // The checkpoint asked for may have failed with the rest: ask again.
-            self.ask_checkpoint();
-        }
+        // The checkpoint asked for may have failed with the rest.
+        self.checkpoint_lost();
     }
 
     fn pump_close(&mut self) {
@@ -1286,14 +1304,12 @@ impl LogEngine {
             // waiting for the new segment fail, as a failed write would fail them.
             self.queue.clear();
             self.events.push_back(LogEvent::Failed);
-            if self.checkpoint_asked {
-                // The checkpoint asked for may have been among them: ask again, as
-                // `finish_reset` does. Without this the engine waited forever for a
-                // checkpoint the shard had already given (found by
-                // tests/log_engine_model.rs): no checkpoint was written again, so replays
-                // grew without bound and retention stopped.
-                self.ask_checkpoint();
-            }
+            // The checkpoint asked for may have been among them: it is asked for again,
+            // as after a failed write. Without this the engine waited forever for a
+            // checkpoint the shard had already given (found by
+            // tests/log_engine_model.rs): no checkpoint was written again, so replays
+            // grew without bound and retention stopped.
+            self.checkpoint_lost();
             return;
         }
         if let Some(next) = rotation.steps.pop_front() {
