@@ -472,9 +472,17 @@ impl Shard {
         &mut self,
         records: impl IntoIterator<Item = Record>,
     ) -> Result<(), RecoveryError> {
+        let records: Vec<Record> = records.into_iter().collect();
+        // Messages replayed after a checkpoint the records start with: each goes into the
+        // dedupe window, so the checkpoint's oldest entries that they would push out are
+        // not put in at all (a quarter of a start's time at the default window).
+        let tail_messages = records
+            .iter()
+            .filter(|r| matches!(r, Record::Message(_)))
+            .count();
         let mut records = records.into_iter().peekable();
         if matches!(records.peek(), Some(Record::Checkpoint { .. })) {
-            self.recover_checkpoint_start(&mut records)?;
+            self.recover_checkpoint_start(&mut records, tail_messages)?;
         }
         let mut run = CheckpointRun::default();
         for record in records {
@@ -506,6 +514,7 @@ impl Shard {
     fn recover_checkpoint_start(
         &mut self,
         records: &mut std::iter::Peekable<impl Iterator<Item = Record>>,
+        tail_messages: usize,
     ) -> Result<(), RecoveryError> {
         let mut run = CheckpointRun::default();
         while let Some(Record::Checkpoint {
@@ -516,21 +525,27 @@ impl Shard {
         }) = records.next_if(|r| matches!(r, Record::Checkpoint { .. }))
         {
             if let Some((groups, dedupe)) = run.push(part, groups, dedupe, last) {
-                return self.start_at_checkpoint(groups, dedupe);
+                return self.start_at_checkpoint(groups, dedupe, tail_messages);
             }
         }
         Err(RecoveryError::IncompleteCheckpoint)
     }
 
+    /// `tail_messages`: the message records that follow the checkpoint.
     fn start_at_checkpoint(
         &mut self,
         groups: Vec<GroupHead>,
         dedupe: Vec<DedupeEntry>,
+        tail_messages: usize,
     ) -> Result<(), RecoveryError> {
         self.recovered_from_checkpoint = true;
         // The window as it was, oldest first: every entry is durable now, as the
-        // checkpoint after them is.
-        for e in dedupe {
+        // checkpoint after them is. The replay inserts `tail_messages` new keys after
+        // them (a key before the checkpoint is never stored again after it), so the
+        // oldest ones beyond the window's capacity would only be pushed out again.
+        let capacity = self.limits.dedupe_window_entries;
+        let pushed_out = (dedupe.len() + tail_messages).saturating_sub(capacity);
+        for e in dedupe.into_iter().skip(pushed_out) {
             self.check_owned(e.conv)?;
             self.dedupe.insert(
                 (e.sender, e.client_msg_id),

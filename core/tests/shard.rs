@@ -843,6 +843,39 @@ fn a_shard_recovered_from_a_checkpoint_on_continues_every_conversation() {
     assert_eq!(seqs(&w.take(bob)), (1..=7).collect::<Vec<_>>());
 }
 
+#[test]
+fn the_dedupe_window_after_a_checkpoint_start_is_the_one_a_whole_replay_builds() {
+    // A window of 4: the checkpoint holds the ids of messages 3..=6; the two sent after
+    // it push out 3 and 4, wherever recovery starts.
+    let limits = Limits {
+        dedupe_window_entries: 4,
+        ..Limits::default()
+    };
+    let mut w = World::new(1, limits);
+    let alice = w.login(0, 1, 1);
+    let ab = ConvId::direct(UserId(1), UserId(2));
+    let ids: Vec<ClientMsgId> = (1..=6).map(|req| w.send(alice, req, ab, b"x")).collect();
+    w.checkpoint(0);
+    w.send(alice, 7, ab, b"x");
+    w.send(alice, 8, ab, b"x");
+    w.take(alice);
+    let records = w.records(0);
+    let at = first_checkpoint(&records);
+    for (start, from) in [(0, "the log's start"), (at, "the checkpoint")] {
+        w.restart_from(0, records[start..].to_vec()).unwrap();
+        let alice = w.login(0, 1, 1);
+        // Message 5 is still in the window: its retry gets seq 5 again. Message 4 was
+        // pushed out: its retry is a new message, seq 9.
+        w.send_with_id(alice, 20, ab, ids[4], b"x");
+        w.send_with_id(alice, 21, ab, ids[3], b"x");
+        assert_eq!(
+            acks(&w.take(alice)),
+            vec![(20, Seq(5)), (21, Seq(9))],
+            "recovered from {from}"
+        );
+    }
+}
+
 /// A shard of one world with groups 1 and 2 and messages around two checkpoints.
 fn checkpointed_log() -> (World, Vec<Record>) {
     let mut w = World::new(1, Limits::default());

@@ -1131,7 +1131,10 @@ impl LogEngine {
         if let Some(lsn) = last {
             self.events.push_back(LogEvent::Durable(lsn));
         }
-        let due = self.config.checkpoint_messages.max(self.checkpoint_retry_at);
+        let due = self
+            .config
+            .checkpoint_messages
+            .max(self.checkpoint_retry_at);
         if !self.checkpoint_asked && self.since_checkpoint >= due {
             self.ask_checkpoint();
         }
