@@ -2044,8 +2044,18 @@ mod tests {
                 }
                 let index = segment_index::encode(&mut entries);
                 assert_eq!(index.len() as u64, dir.len(FileId::Index(misplaced)));
+                let original = dir.read(FileId::Index(misplaced));
                 std::fs::write(dir.file(FileId::Index(misplaced)), &index).expect("write");
                 assert_eq!(rig.fetch(conv_a(), seq, seq, 1).await, Err(()));
+                // Its blocks no longer match the crcs the summary keeps, so no lookup that
+                // reads them is answered, B's neither (an index block is believed whole or
+                // not at all). Put back, it serves again.
+                assert_eq!(rig.fetch(conv_b(), seq, seq, 1).await, Err(()));
+                std::fs::write(dir.file(FileId::Index(misplaced)), &original).expect("write");
+                assert_eq!(
+                    rig.read(conv_b(), seq, seq, 1).await,
+                    stored_range(conv_b(), seq..=seq)
+                );
 
                 // A sealed segment gone behind the log's back (and out of the executor's
                 // handle cache, where an open handle would still read it).

@@ -561,11 +561,11 @@ fn draw_rates(rng: &mut Rng, faults: FaultSet) -> Rates {
                 r.persist = 0.1 + 0.9 * u;
             }
             FaultKind::DiskFull => {
-                // The disk fills after 32-160 KiB of log (a 40 s run writes 100-400 KiB:
+                // The disk fills after 16-80 KiB of log (a 40 s run writes 100-400 KiB:
                 // messages, index and summary files, and checkpoints, which carry the
                 // dedupe window), and a reserve is freed 0.2-3 s after a write first
                 // failed.
-                r.disk_full_headroom = 32 * 1024 + (128.0 * 1024.0 * u) as u64;
+                r.disk_full_headroom = 16 * 1024 + (64.0 * 1024.0 * u) as u64;
                 r.disk_full = Some((200 + (2800.0 * u) as u64, 3));
             }
         }
