@@ -927,6 +927,38 @@ mod tests {
         reads_in_flight_max: usize,
         syncs_in_flight: usize,
         syncs_in_flight_max: usize,
+        /// Raised after every completion: what `wait_for` waits on.
+        changed: Rc<Changed>,
+    }
+
+    /// A wake-up for every task waiting on the engine's state (several wait at once in the
+    /// concurrency tests), raised each time an operation completes.
+    #[derive(Default)]
+    struct Changed {
+        generation: Cell<u64>,
+        wakers: RefCell<Vec<std::task::Waker>>,
+    }
+
+    impl Changed {
+        fn raise(&self) {
+            self.generation.set(self.generation.get() + 1);
+            for waker in self.wakers.borrow_mut().drain(..) {
+                waker.wake();
+            }
+        }
+
+        /// Resolves at the first `raise` after this call (not after the first poll).
+        fn next(&self) -> impl Future<Output = ()> + '_ {
+            let seen = self.generation.get();
+            std::future::poll_fn(move |cx| {
+                if self.generation.get() != seen {
+                    std::task::Poll::Ready(())
+                } else {
+                    self.wakers.borrow_mut().push(cx.waker().clone());
+                    std::task::Poll::Pending
+                }
+            })
+        }
     }
 
     impl Live {
@@ -995,6 +1027,7 @@ mod tests {
                 reads_in_flight_max: 0,
                 syncs_in_flight: 0,
                 syncs_in_flight_max: 0,
+                changed: Rc::new(Changed::default()),
             };
             let rig = Rig {
                 live: Rc::new(RefCell::new(live)),
@@ -1024,12 +1057,20 @@ mod tests {
         /// Waits until `find` finds what it looks for in the engine's state.
         async fn wait_for<T>(&self, what: &str, mut find: impl FnMut(&mut Live) -> Option<T>) -> T {
             let started = std::time::Instant::now();
+            let changed = self.live.borrow().changed.clone();
             loop {
+                // Armed before looking, so that a completion in between is not missed.
+                let next = changed.next();
                 if let Some(found) = find(&mut self.live.borrow_mut()) {
                     return found;
                 }
-                assert!(started.elapsed() < WAIT_MAX, "waited too long for {what}");
-                glommio::timer::sleep(Duration::from_micros(200)).await;
+                let left = WAIT_MAX.saturating_sub(started.elapsed());
+                let woke = glommio::timer::timeout(left, async {
+                    next.await;
+                    Ok(())
+                })
+                .await;
+                assert!(woke.is_ok(), "waited too long for {what}");
             }
         }
 
@@ -1208,6 +1249,7 @@ mod tests {
                     l.syncs_in_flight -= usize::from(is_sync);
                     l.engine.handle_completion(now(), io.id, result);
                     l.take_events();
+                    l.changed.raise();
                 }
                 spawn_ios(&live, &exec);
             })
