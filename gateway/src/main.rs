@@ -9,6 +9,7 @@ mod metrics;
 mod notify;
 mod runtime;
 mod storage;
+mod uring;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
