@@ -1,11 +1,18 @@
 //! The admin HTTP server: `/metrics`, `/healthz`, group membership and drain, on its own
-//! glommio executor and its own port.
+//! thread and its own port.
 //!
-//! This module owns the HTTP/1.1 handling, written by hand because the surface is five
-//! routes: one request per connection, answered with `Connection: close`; the bearer-token
-//! check; and the connection slots. It leaves to the runtime how a command reaches its
-//! owner shard and what a drain does: both sit behind the [`Control`] trait, which the
-//! runtime implements over its shard channels.
+//! The server runs on a tokio current-thread runtime with a `LocalSet` on a thread of its
+//! own ([`spawn`]), apart from the shards: a stalled shard cannot stop `/healthz` from
+//! saying so, and the admin server's work (rendering metrics, parsing JSON) never takes a
+//! shard's turn. Everything here is single-threaded, so the context holds `Rc`s.
+//!
+//! This module owns the HTTP/1.1 handling: one request per connection, answered with
+//! `Connection: close`; the request head's checks (the head itself is tokenised by
+//! `httparse`; what it leaves open, such as `Content-Length`, `Transfer-Encoding` and
+//! `Expect`, is checked here); the bearer-token check; and the connection slots. It
+//! leaves to the runtime how a command reaches its owner shard and what a drain does:
+//! both sit behind the [`Control`] trait, which the runtime implements over its shard
+//! channels.
 //!
 //! Every route but `/healthz` requires `Authorization: Bearer <token>`, the token from the
 //! config ([`AdminToken`]); a missing or wrong one gets 401 before any body is read.
@@ -30,7 +37,7 @@
 //!   `POST /fault/shards/{i}/panic`, `.../stall`, `.../resume`: 202; see `fault.rs`.
 //!
 //! Invariants: every connection is bounded in bytes ([`HEAD_BYTES_MAX`],
-//! [`BODY_BYTES_MAX`], [`LINGER_BYTES_MAX`]), in time ([`HEAD_TIMEOUT`],
+//! [`HEADERS_MAX`], [`BODY_BYTES_MAX`], [`LINGER_BYTES_MAX`]), in time ([`HEAD_TIMEOUT`],
 //! [`BODY_TIMEOUT`], [`WRITE_TIMEOUT`], [`COMMAND_TIMEOUT`], [`LINGER_TIMEOUT`]) and in
 //! number ([`CONNECTIONS_MAX`]); a connection without a valid token can always be evicted
 //! to make room for a new one (see [`Slots`]), so no number of slow or silent clients keeps
@@ -38,25 +45,28 @@
 //! (text, or JSON on the group routes) and a close, never a panic.
 
 use crate::metrics::Metrics;
-use crate::notify::Notify;
-use futures_lite::{AsyncReadExt, AsyncWriteExt};
-use glommio::net::{TcpListener, TcpStream};
-use glommio::timer::Timer;
 use imgate_core::mesh::{Command, CommandError};
 use imgate_core::proto::{ConvId, UserId};
 use serde::Deserialize;
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::net::Shutdown;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Notify;
 
 /// Largest request head (request line and headers) accepted: 8 KiB, the common default of
 /// HTTP servers, far above what an admin client sends.
 pub const HEAD_BYTES_MAX: usize = 8 * 1024;
+/// Most header fields in a request head: `httparse` fills a fixed array of this many.
+/// An admin client sends a handful (curl four, a scraper or probe fewer than ten, a proxy
+/// on the way adds a few), so 64 leaves room many times over while the array stays 2 KiB
+/// on the stack. More gets 431, like a head over [`HEAD_BYTES_MAX`].
+pub const HEADERS_MAX: usize = 64;
 /// Largest request body accepted: 1 MiB holds a member list of over 100,000 ids, the
 /// core's `group_members_max`, written as JSON.
 pub const BODY_BYTES_MAX: usize = 1024 * 1024;
@@ -98,9 +108,13 @@ pub const SHARD_SILENCE_MAX: Duration = Duration::from_secs(2);
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// Size of one read while lingering.
 const LINGER_CHUNK_BYTES: usize = 4096;
+/// The name of the admin server's thread, as `top -H` and panic messages show it.
+const THREAD_NAME: &str = "imgate-admin";
 
 /// What the admin server needs from the runtime. The futures are local (not `Send`): the
-/// admin server runs on one glommio executor.
+/// admin server runs on one thread, inside a tokio `LocalSet`, and polls them there (an
+/// implementation may wait on anything that wakes a `Waker` from another thread, such as
+/// a `tokio::sync` channel fed by a shard).
 pub trait Control {
     /// Runs a group command on the group's owner shard; resolves once the command is
     /// durable and applied there, or failed. The future may borrow `self`.
@@ -159,7 +173,8 @@ fn constant_time_eq(expected: &[u8], presented: &[u8]) -> bool {
     std::hint::black_box(diff) == 0
 }
 
-/// Everything the admin server serves from.
+/// Everything the admin server serves from. Built on the admin thread (see [`spawn`]),
+/// since it holds `Rc`s.
 #[derive(Clone)]
 pub struct AdminContext {
     /// The metrics every shard updates.
@@ -171,11 +186,85 @@ pub struct AdminContext {
 }
 
 /// Serves admin HTTP on `listener` forever, one task per connection, at most
-/// [`CONNECTIONS_MAX`] at once. Must run on a glommio executor (it uses its timers and
-/// tasks). It never returns; a runtime that wants to stop it drops its executor or races
+/// [`CONNECTIONS_MAX`] at once. Must be polled inside a tokio `LocalSet` on a runtime with
+/// I/O and time enabled (it spawns local tasks and uses tokio's timers); [`spawn`] sets
+/// that up. It never returns; a runtime that wants to stop it drops its runtime or races
 /// it against a shutdown future.
 pub async fn serve(listener: TcpListener, ctx: AdminContext) {
     serve_with(listener, ctx, Timeouts::DEFAULT).await;
+}
+
+/// Starts the admin server on a thread of its own, named `imgate-admin`, serving on
+/// `listener` (already bound, so that a bad address fails before anything starts) until
+/// the process exits.
+///
+/// The thread builds a tokio current-thread runtime (I/O and time) and a `LocalSet`,
+/// registers `listener` with it, then calls `make_ctx` and runs [`serve`]. `make_ctx` runs
+/// on the admin thread inside the `LocalSet`: the context it builds may hold `Rc`s, and it
+/// may `tokio::task::spawn_local` helper tasks (such as one that hands the shards'
+/// answers to waiting commands).
+///
+/// Returns once the server is ready; an error if the thread, the runtime or the
+/// listener's registration could not be set up, or if `make_ctx` panicked (unless a panic
+/// hook ends the process first, as the gateway's does). The handle is only for a caller
+/// that wants to know the thread; joining it waits forever.
+pub fn spawn(
+    listener: std::net::TcpListener,
+    make_ctx: impl FnOnce() -> AdminContext + Send + 'static,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    // tokio takes over a listener in non-blocking mode only.
+    listener.set_nonblocking(true)?;
+    // The thread reports once whether it is ready, so that a failed set-up is this call's
+    // error and not a log line from a thread that quietly ended. One message, so a
+    // capacity of 1 never blocks the thread.
+    let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel::<std::io::Result<()>>(1);
+    let thread = std::thread::Builder::new()
+        .name(THREAD_NAME.to_owned())
+        .spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_io()
+                .enable_time()
+                .build()
+            {
+                Ok(runtime) => runtime,
+                Err(e) => {
+                    // `spawn` waits on the receiver for this one message, so the send
+                    // cannot fail; there is nothing else to do with an error if it did.
+                    let _ = ready_tx.send(Err(e));
+                    return;
+                }
+            };
+            let local = tokio::task::LocalSet::new();
+            local.block_on(&runtime, async move {
+                // `from_std` registers the socket with this runtime's I/O driver, so it
+                // must run inside it.
+                let listener = match TcpListener::from_std(listener) {
+                    Ok(listener) => listener,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                };
+                let ctx = make_ctx();
+                let _ = ready_tx.send(Ok(()));
+                serve(listener, ctx).await;
+            });
+        })?;
+    match ready_rx.recv() {
+        Ok(Ok(())) => Ok(thread),
+        Ok(Err(e)) => {
+            // The thread returns right after reporting its error.
+            let _ = thread.join();
+            Err(e)
+        }
+        // The sender was dropped without a message: `make_ctx` panicked.
+        Err(_) => {
+            let _ = thread.join();
+            Err(std::io::Error::other(
+                "the admin thread ended before serving: building its context panicked",
+            ))
+        }
+    }
 }
 
 /// The time bounds of one connection. Always [`Timeouts::DEFAULT`] outside tests; tests
@@ -222,7 +311,8 @@ struct Server {
 struct Slots {
     held: RefCell<BTreeMap<u64, Held>>,
     next_id: Cell<u64>,
-    /// Raised when a slot is freed or becomes evictable; the accept loop waits on it.
+    /// Raised when a slot is freed or becomes evictable; the accept loop waits on it. A
+    /// raise with nobody waiting is kept (`notify_one` stores a permit) for the next wait.
     changed: Notify,
 }
 
@@ -257,11 +347,11 @@ impl Slots {
                         .min_by_key(|h| h.evictable_since);
                     if let Some(victim) = victim {
                         victim.evicted = true;
-                        victim.evict.notify();
+                        victim.evict.notify_one();
                     }
                 }
             }
-            self.changed.wait().await;
+            self.changed.notified().await;
         }
     }
 
@@ -270,7 +360,7 @@ impl Slots {
     fn take(self: &Rc<Slots>) -> Slot {
         let id = self.next_id.get();
         self.next_id.set(id + 1);
-        let evict = Rc::new(Notify::default());
+        let evict = Rc::new(Notify::new());
         let mut held = self.held.borrow_mut();
         assert!(held.len() < CONNECTIONS_MAX, "a slot taken without room");
         held.insert(
@@ -312,7 +402,7 @@ impl Slot {
             held.evictable_since = evictable.then(Instant::now);
         }
         if evictable {
-            self.slots.changed.notify();
+            self.slots.changed.notify_one();
         }
     }
 }
@@ -320,7 +410,7 @@ impl Slot {
 impl Drop for Slot {
     fn drop(&mut self) {
         self.slots.held.borrow_mut().remove(&self.id);
-        self.slots.changed.notify();
+        self.slots.changed.notify_one();
     }
 }
 
@@ -332,36 +422,32 @@ async fn serve_with(listener: TcpListener, ctx: AdminContext, timeouts: Timeouts
         // for it. At most this one connection waits here for room; others wait in the
         // kernel's backlog.
         let stream = match listener.accept().await {
-            Ok(stream) => stream,
+            Ok((stream, _peer)) => stream,
             Err(e) => {
                 tracing::warn!(error = %e, "admin accept failed");
-                Timer::new(ACCEPT_BACKOFF).await;
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
                 continue;
             }
         };
         slots.make_room().await;
         let slot = slots.take();
         let server = server.clone();
-        glommio::spawn_local(async move {
+        // Detached: the task ends with its connection, and its slot goes with it.
+        drop(tokio::task::spawn_local(async move {
             let evict = slot.evict.clone();
-            let served = futures_lite::future::or(
-                async {
-                    handle_connection(stream, &server, &slot).await;
-                    true
-                },
-                async {
-                    evict.wait().await;
-                    false
-                },
-            )
-            .await;
+            // Biased: the connection is polled first, as it always was; an eviction
+            // raised meanwhile still wins on the next wake-up.
+            let served = tokio::select! {
+                biased;
+                () = handle_connection(stream, &server, &slot) => true,
+                () = evict.notified() => false,
+            };
             if !served {
                 // The connection (and its stream) was dropped without an answer.
                 tracing::debug!("admin connection evicted to make room for a new one");
             }
             drop(slot);
-        })
-        .detach();
+        }));
     }
 }
 
@@ -440,7 +526,8 @@ async fn answer(
 /// Shuts down the sending side and reads until the client closes, bounded by
 /// [`LINGER_BYTES_MAX`] and [`LINGER_TIMEOUT`]; see [`LINGER_BYTES_MAX`] for why.
 async fn linger(stream: &mut TcpStream, limit: Duration) {
-    if stream.shutdown(Shutdown::Write).await.is_err() {
+    // tokio's `shutdown` on a TCP stream shuts down the sending side only.
+    if stream.shutdown().await.is_err() {
         return;
     }
     with_deadline(
@@ -460,14 +547,10 @@ async fn linger(stream: &mut TcpStream, limit: Duration) {
     .await;
 }
 
-/// Runs `fut`, or gives `on_timeout` if it has not finished after `limit`. Uses a glommio
-/// timer, so it must run on a glommio executor.
+/// Runs `fut`, or gives `on_timeout` if it has not finished after `limit`. Uses tokio's
+/// timer, so it must run on a runtime with time enabled.
 async fn with_deadline<T>(limit: Duration, fut: impl Future<Output = T>, on_timeout: T) -> T {
-    futures_lite::future::or(fut, async {
-        Timer::new(limit).await;
-        on_timeout
-    })
-    .await
+    tokio::time::timeout(limit, fut).await.unwrap_or(on_timeout)
 }
 
 /// Why no request came out of a connection.
@@ -513,9 +596,10 @@ async fn read_head(stream: &mut TcpStream) -> Result<(Head, Vec<u8>), ReadError>
     let mut filled = 0usize;
     // Where the search for the blank line resumes: a blank line completed by new bytes
     // starts at most 3 bytes before them, so a client sending a byte at a time costs
-    // linear work, not quadratic.
+    // linear work, not quadratic. `httparse` runs once, on the whole head, for the same
+    // reason: run on every partial read it would parse the head again from the start.
     let mut scan_from = 0usize;
-    let (head_len, body_start) = loop {
+    let head_end = loop {
         if let Some(end) = find_head_end(&buf[..filled], scan_from) {
             break end;
         }
@@ -536,9 +620,9 @@ async fn read_head(stream: &mut TcpStream) -> Result<(Head, Vec<u8>), ReadError>
         }
         filled += n;
     };
-    let head = parse_head(&buf[..head_len]).map_err(ReadError::Reject)?;
+    let head = parse_head(&buf[..head_end]).map_err(ReadError::Reject)?;
     buf.truncate(filled);
-    let early = buf.split_off(body_start);
+    let early = buf.split_off(head_end);
     Ok((head, early))
 }
 
@@ -570,45 +654,63 @@ async fn read_body(
     Ok(body)
 }
 
-/// Where the head ends in `buf`: `(head length without the blank line, body start)`,
-/// looking at line ends from `from` on. The blank line is CRLF CRLF, or LF LF from lenient
-/// clients.
-fn find_head_end(buf: &[u8], from: usize) -> Option<(usize, usize)> {
+/// Where the head ends in `buf`, blank line included (so where the body starts), looking
+/// at line ends from `from` on. The blank line is CRLF CRLF, or LF LF (and the mixes of
+/// the two) from lenient clients; `httparse` takes the same line ends.
+fn find_head_end(buf: &[u8], from: usize) -> Option<usize> {
     let mut i = from.min(buf.len());
     while let Some(pos) = buf[i..].iter().position(|&b| b == b'\n') {
         let nl = i + pos;
         let rest = &buf[nl + 1..];
         if rest.starts_with(b"\r\n") {
-            return Some((nl + 1, nl + 3));
+            return Some(nl + 3);
         }
         if rest.starts_with(b"\n") {
-            return Some((nl + 1, nl + 2));
+            return Some(nl + 2);
         }
         i = nl + 1;
     }
     None
 }
 
-/// Parses a request head (request line and header lines, without the blank line).
+/// Parses a request head, `head` being everything up to and including the blank line
+/// that ends it ([`find_head_end`]). `httparse` checks the request line and the header
+/// fields' syntax (token method, one space between the parts, `HTTP/1.0` or `HTTP/1.1`,
+/// header names as tokens with the colon right after, no obsolete line folding, no
+/// control bytes in values); this checks what it leaves open, the meaning: the method's
+/// case, the target's form, and the headers this server acts on.
 fn parse_head(head: &[u8]) -> Result<Head, Response> {
     let bad = |why: &str| Response::text(400, &format!("bad request: {why}\n"));
-    let text = std::str::from_utf8(head).map_err(|_| bad("head is not UTF-8"))?;
-    let mut lines = text
-        .split('\n')
-        .map(|line| line.strip_suffix('\r').unwrap_or(line));
-    let request_line = lines.next().unwrap_or("");
-    let mut parts = request_line.split(' ');
-    let (Some(method), Some(target), Some(version), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
+    // `httparse` takes bytes 0x80-0xff in header values (obs-text) as opaque; this server
+    // has no use for them and refuses a head that is not UTF-8 as a whole, as it always did.
+    if std::str::from_utf8(head).is_err() {
+        return Err(bad("head is not UTF-8"));
+    }
+    let mut fields = [httparse::EMPTY_HEADER; HEADERS_MAX];
+    let mut request = httparse::Request::new(&mut fields);
+    match request.parse(head) {
+        // The head ends at the first blank line, where `find_head_end` found it too; any
+        // other end (such as `httparse` skipping blank lines before the request line)
+        // means the two read the head differently: refuse it rather than guess.
+        Ok(httparse::Status::Complete(end)) if end == head.len() => {}
+        Ok(_) => return Err(bad("malformed request head")),
+        Err(httparse::Error::TooManyHeaders) => {
+            return Err(Response::text(431, "too many header fields\n"));
+        }
+        Err(e) => return Err(bad(&e.to_string())),
+    }
+    // A complete parse has all three; their absence is a malformed head all the same.
+    let (Some(method), Some(target), Some(_version)) =
+        (request.method, request.path, request.version)
     else {
         return Err(bad("malformed request line"));
     };
-    if method.is_empty() || !method.bytes().all(|b| b.is_ascii_uppercase()) {
+    // `httparse` takes any token as a method; every method this server knows is upper
+    // case, and a lower-case one is more likely a confused client than a new method.
+    if !method.bytes().all(|b| b.is_ascii_uppercase()) {
         return Err(bad("malformed method"));
     }
-    if version != "HTTP/1.1" && version != "HTTP/1.0" {
-        return Err(bad("unsupported HTTP version"));
-    }
+    // `httparse` takes any target; only the origin form (`/path?query`) names a route.
     if !target.starts_with('/') {
         return Err(bad("target must be a path"));
     }
@@ -617,21 +719,22 @@ fn parse_head(head: &[u8]) -> Result<Head, Response> {
     let mut content_length: Option<usize> = None;
     let mut expect_continue = false;
     let mut authorization: Option<String> = None;
-    for line in lines.filter(|line| !line.is_empty()) {
-        let Some((name, value)) = line.split_once(':') else {
-            return Err(bad("header line without a colon"));
-        };
-        if name.is_empty() || name.bytes().any(|b| !b.is_ascii_graphic()) {
-            // This also rejects obsolete line folding (a line starting with whitespace).
-            return Err(bad("malformed header name"));
-        }
-        let value = value.trim_matches([' ', '\t']);
+    for field in request.headers.iter() {
+        let name = field.name;
+        // The head is UTF-8 and a value is cut at ASCII bytes, so this never fails; a
+        // 400 is the answer if it ever did.
+        let value = std::str::from_utf8(field.value)
+            .map_err(|_| bad("header value is not UTF-8"))?
+            .trim_matches([' ', '\t']);
         if name.eq_ignore_ascii_case("content-length") {
             if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
                 return Err(bad("malformed Content-Length"));
             }
             // All digits, so the only parse failure is overflow: too large either way.
             let n = value.parse::<usize>().unwrap_or(usize::MAX);
+            // The same length twice is harmless (RFC 9110 §8.6 lets a recipient take it);
+            // two different ones leave the body's end in doubt, the root of request
+            // smuggling.
             if content_length.is_some_and(|seen| seen != n) {
                 return Err(bad("conflicting Content-Length"));
             }
@@ -959,7 +1062,6 @@ fn reason(status: u16) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use glommio::{LocalExecutorBuilder, Placement};
     use imgate_core::shard::ShardStats;
     use std::cell::{Cell, RefCell};
     use std::collections::VecDeque;
@@ -984,7 +1086,7 @@ mod tests {
         fn command(&self, cmd: Command) -> Pin<Box<dyn Future<Output = Result<(), CommandError>>>> {
             self.commands.borrow_mut().push(cmd);
             if self.hang.get() {
-                return Box::pin(futures_lite::future::pending());
+                return Box::pin(std::future::pending());
             }
             let result = self.results.borrow_mut().pop_front().unwrap_or(Ok(()));
             Box::pin(async move { result })
@@ -1021,12 +1123,12 @@ mod tests {
         body: String,
     }
 
-    /// Runs `test` on a fresh executor with an admin server on 127.0.0.1:0 whose fake
+    /// Runs `test` on a fresh runtime with an admin server on 127.0.0.1:0 whose fake
     /// control answers commands from `script` (then `Ok`), passing the server's address.
     fn with_server<F, Fut>(metrics: Arc<Metrics>, script: Vec<Result<(), CommandError>>, test: F)
     where
-        F: FnOnce(SocketAddr, Rc<FakeControl>) -> Fut + Send + 'static,
-        Fut: Future<Output = ()> + 'static,
+        F: FnOnce(SocketAddr, Rc<FakeControl>) -> Fut,
+        Fut: Future<Output = ()>,
     {
         run_server(metrics, script, None, test);
     }
@@ -1034,42 +1136,76 @@ mod tests {
     /// [`with_server`] with these timeouts instead of the defaults of [`serve`].
     fn with_timeouts<F, Fut>(timeouts: Timeouts, test: F)
     where
-        F: FnOnce(SocketAddr, Rc<FakeControl>) -> Fut + Send + 'static,
-        Fut: Future<Output = ()> + 'static,
+        F: FnOnce(SocketAddr, Rc<FakeControl>) -> Fut,
+        Fut: Future<Output = ()>,
     {
         run_server(alive(1), Vec::new(), Some(timeouts), test);
     }
 
+    thread_local! {
+        /// Whether a panic happened on this thread since the flag was last cleared. The
+        /// server's tasks run on the test's thread, and tokio catches a panic in a task
+        /// (the connection just closes), so this is how a test learns of one.
+        static PANICKED: Cell<bool> = const { Cell::new(false) };
+    }
+
+    /// Makes every panic raise [`PANICKED`] on its thread, then report as usual.
+    fn record_panics() {
+        static HOOK: std::sync::Once = std::sync::Once::new();
+        HOOK.call_once(|| {
+            let report = std::panic::take_hook();
+            std::panic::set_hook(Box::new(move |info| {
+                PANICKED.with(|p| p.set(true));
+                report(info);
+            }));
+        });
+    }
+
+    /// The harness of [`with_server`] and [`with_timeouts`]: the server and the test's
+    /// client share one current-thread runtime and its `LocalSet`, as on the admin thread.
+    /// The test fails if the server's accept loop ends (it only ends by a panic) or if a
+    /// panic happened in any of the server's tasks.
     fn run_server<F, Fut>(
         metrics: Arc<Metrics>,
         script: Vec<Result<(), CommandError>>,
         timeouts: Option<Timeouts>,
         test: F,
     ) where
-        F: FnOnce(SocketAddr, Rc<FakeControl>) -> Fut + Send + 'static,
-        Fut: Future<Output = ()> + 'static,
+        F: FnOnce(SocketAddr, Rc<FakeControl>) -> Fut,
+        Fut: Future<Output = ()>,
     {
-        LocalExecutorBuilder::new(Placement::Unbound)
-            .io_memory(64 * 1024)
-            .spawn(move || async move {
-                let control = Rc::new(FakeControl::default());
-                control.results.borrow_mut().extend(script);
-                let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-                let addr = listener.local_addr().expect("local addr");
-                let ctx = AdminContext {
-                    metrics,
-                    control: control.clone(),
-                    token: AdminToken::new(TOKEN.as_bytes()),
-                };
-                match timeouts {
-                    None => glommio::spawn_local(serve(listener, ctx)).detach(),
-                    Some(t) => glommio::spawn_local(serve_with(listener, ctx, t)).detach(),
-                };
-                test(addr, control).await;
-            })
-            .expect("executor")
-            .join()
-            .expect("test panicked");
+        record_panics();
+        PANICKED.with(|p| p.set(false));
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .enable_time()
+            .build()
+            .expect("runtime");
+        let local = tokio::task::LocalSet::new();
+        local.block_on(&runtime, async move {
+            let control = Rc::new(FakeControl::default());
+            control.results.borrow_mut().extend(script);
+            let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            let addr = listener.local_addr().expect("local addr");
+            let ctx = AdminContext {
+                metrics,
+                control: control.clone(),
+                token: AdminToken::new(TOKEN.as_bytes()),
+            };
+            let server = tokio::task::spawn_local(serve_with(
+                listener,
+                ctx,
+                timeouts.unwrap_or(Timeouts::DEFAULT),
+            ));
+            tokio::select! {
+                ended = server => panic!("the admin server ended: {ended:?}"),
+                () = test(addr, control) => {}
+            }
+        });
+        assert!(
+            !PANICKED.with(Cell::get),
+            "a task of the admin server panicked"
+        );
     }
 
     /// Sends `request` raw and reads the reply until the server closes.
@@ -1416,7 +1552,7 @@ mod tests {
             let mut stream = TcpStream::connect(addr).await.expect("connect");
             stream.write_all(head.as_bytes()).await.expect("head");
             // The slow client this test is about: its body comes after the head deadline.
-            Timer::new(Duration::from_millis(200)).await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
             stream.write_all(body.as_bytes()).await.expect("body");
             let mut reply = String::new();
             within("reply", stream.read_to_string(&mut reply))
@@ -1733,7 +1869,7 @@ mod tests {
     fn head_parsing_accepts_lenient_line_ends_and_keeps_the_path() {
         let head =
             b"POST /groups/1/members?x=1 HTTP/1.1\nContent-Length:  12 \ncontent-length: 12\n\
-                     authorization:\tBearer abc ";
+                     authorization:\tBearer abc \n\n";
         let parsed = parse_head(head).expect("valid head");
         assert_eq!(
             parsed,
@@ -1745,31 +1881,223 @@ mod tests {
                 authorization: Some("Bearer abc".into()),
             }
         );
-        assert_eq!(
-            find_head_end(b"GET / HTTP/1.1\r\n\r\nbody", 0),
-            Some((16, 18))
-        );
-        assert_eq!(find_head_end(b"GET / HTTP/1.1\n\nbody", 0), Some((15, 16)));
+        assert_eq!(find_head_end(b"GET / HTTP/1.1\r\n\r\nbody", 0), Some(18));
+        assert_eq!(find_head_end(b"GET / HTTP/1.1\n\nbody", 0), Some(16));
+        assert_eq!(find_head_end(b"GET / HTTP/1.1\n\r\nbody", 0), Some(17));
         assert_eq!(find_head_end(b"GET / HTTP/1.1\r\nA: b\r\n", 0), None);
         // Resuming 3 bytes before new data still finds a blank line they complete.
         let head = b"GET / HTTP/1.1\r\nA: b\r\n\r\n";
         for split in 1..head.len() {
             let resume = split.saturating_sub(3);
             assert_eq!(find_head_end(&head[..split], 0), None, "split {split}");
-            assert_eq!(find_head_end(head, resume), Some((22, 24)), "split {split}");
+            assert_eq!(find_head_end(head, resume), Some(24), "split {split}");
+        }
+        // Every head `find_head_end` finds, `httparse` reads to the same end.
+        for head in [
+            &b"GET / HTTP/1.1\r\n\r\n"[..],
+            b"GET / HTTP/1.0\n\n",
+            b"GET / HTTP/1.1\r\nA: b\n\r\n",
+            b"GET / HTTP/1.1\nA: b\r\n\n",
+        ] {
+            assert_eq!(find_head_end(head, 0), Some(head.len()));
+            assert!(
+                parse_head(head).is_ok(),
+                "{}",
+                String::from_utf8_lossy(head)
+            );
         }
         assert_eq!(
-            parse_head(b"POST / HTTP/1.1\r\nContent-Length: 99999999999999999999999")
+            parse_head(b"POST / HTTP/1.1\r\nContent-Length: 99999999999999999999999\r\n\r\n")
                 .map_err(|r| r.status),
             Err(413)
         );
         assert_eq!(
-            parse_head(b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked").map_err(|r| r.status),
+            parse_head(b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n")
+                .map_err(|r| r.status),
             Err(501)
         );
         assert_eq!(
-            parse_head(b"GET / HTTP/1.1\r\nHost: x\r\n folded").map_err(|r| r.status),
+            parse_head(b"GET / HTTP/1.1\r\nHost: x\r\n folded\r\n\r\n").map_err(|r| r.status),
             Err(400)
         );
+    }
+
+    /// The status `parse_head` refuses `head` with, or `None` if it takes it.
+    fn refusal(head: &[u8]) -> Option<u16> {
+        parse_head(head).err().map(|r| r.status)
+    }
+
+    /// A `GET /healthz` head with `count` header fields.
+    fn head_with_fields(count: usize) -> Vec<u8> {
+        let mut head = b"GET /healthz HTTP/1.1\r\n".to_vec();
+        for i in 0..count {
+            head.extend_from_slice(format!("X-F{i}: v\r\n").as_bytes());
+        }
+        head.extend_from_slice(b"\r\n");
+        head
+    }
+
+    #[test]
+    fn malformed_request_lines_are_refused_with_400() {
+        for head in [
+            &b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n"[..],
+            b"hello\r\n\r\n",
+            b"GET\r\n\r\n",
+            b"GET /metrics\r\n\r\n",
+            b"GET /metrics HTTP/1.1 x\r\n\r\n",
+            b"GET  /metrics HTTP/1.1\r\n\r\n",
+            b"GET /metrics  HTTP/1.1\r\n\r\n",
+            b" GET /metrics HTTP/1.1\r\n\r\n",
+            b"GET\t/metrics HTTP/1.1\r\n\r\n",
+            b"GET /metrics HTTP/2.0\r\n\r\n",
+            b"GET /metrics HTTP/1.2\r\n\r\n",
+            b"GET /metrics http/1.1\r\n\r\n",
+            b"GET metrics HTTP/1.1\r\n\r\n",
+            b"GET * HTTP/1.1\r\n\r\n",
+            b"GET http://x/metrics HTTP/1.1\r\n\r\n",
+            b"get /metrics HTTP/1.1\r\n\r\n",
+            b"G(T /metrics HTTP/1.1\r\n\r\n",
+            b"GET /me\x01trics HTTP/1.1\r\n\r\n",
+            b"GET /metrics HTTP/1.1\rX: y\r\n\r\n",
+            // Blank lines before the request line: `httparse` would skip them; the head
+            // ends at the first blank line here, so it is refused.
+            b"\r\n\r\n",
+            b"\n\n",
+        ] {
+            assert_eq!(
+                refusal(head),
+                Some(400),
+                "{}",
+                String::from_utf8_lossy(head)
+            );
+        }
+    }
+
+    #[test]
+    fn malformed_header_fields_are_refused_with_400() {
+        for fields in [
+            &b"no colon here\r\n"[..],
+            b": empty name\r\n",
+            b"Host : x\r\n",
+            b"Ho st: x\r\n",
+            b"Host: x\r\n folded\r\n",
+            b"Host: x\r\n\tfolded\r\n",
+            b"X: a\x01b\r\n",
+            b"X: a\rb\r\n",
+            b"X: \xc3\x28\r\n",
+            b"Authorization: Bearer a\r\nauthorization: Bearer a\r\n",
+        ] {
+            let mut head = b"GET /metrics HTTP/1.1\r\n".to_vec();
+            head.extend_from_slice(fields);
+            head.extend_from_slice(b"\r\n");
+            assert_eq!(
+                refusal(&head),
+                Some(400),
+                "{}",
+                String::from_utf8_lossy(fields)
+            );
+        }
+    }
+
+    #[test]
+    fn too_many_header_fields_are_refused_with_431() {
+        let over = head_with_fields(HEADERS_MAX + 1);
+        assert!(
+            over.len() < HEAD_BYTES_MAX,
+            "the bound under test is the count"
+        );
+        assert_eq!(refusal(&over), Some(431));
+        assert_eq!(refusal(&head_with_fields(HEADERS_MAX)), None);
+    }
+
+    #[test]
+    fn content_length_is_one_bounded_decimal_number() {
+        let head = |fields: &str| format!("POST /groups HTTP/1.1\r\n{fields}\r\n").into_bytes();
+        let length = |fields: &str| {
+            parse_head(&head(fields))
+                .map(|h| h.content_length)
+                .map_err(|r| r.status)
+        };
+        assert_eq!(length(""), Ok(0));
+        assert_eq!(length("Content-Length: 0\r\n"), Ok(0));
+        assert_eq!(
+            length(&format!("Content-Length: {BODY_BYTES_MAX}\r\n")),
+            Ok(BODY_BYTES_MAX)
+        );
+        // The same length twice is one length.
+        assert_eq!(
+            length("Content-Length: 7\r\nCONTENT-LENGTH: 007\r\n"),
+            Ok(7)
+        );
+        for (fields, status) in [
+            (format!("Content-Length: {}\r\n", BODY_BYTES_MAX + 1), 413),
+            (format!("Content-Length: {}\r\n", u64::MAX), 413),
+            (
+                "Content-Length: 99999999999999999999999\r\n".to_owned(),
+                413,
+            ),
+            ("Content-Length: 2\r\nContent-Length: 3\r\n".to_owned(), 400),
+            ("Content-Length: 3\r\ncontent-length: 2\r\n".to_owned(), 400),
+            ("Content-Length: 2, 2\r\n".to_owned(), 400),
+            ("Content-Length: +2\r\n".to_owned(), 400),
+            ("Content-Length: -1\r\n".to_owned(), 400),
+            ("Content-Length: 1x\r\n".to_owned(), 400),
+            ("Content-Length: 0x10\r\n".to_owned(), 400),
+            ("Content-Length:\r\n".to_owned(), 400),
+            ("Content-Length: 1 2\r\n".to_owned(), 400),
+        ] {
+            assert_eq!(refusal(&head(&fields)), Some(status), "{fields}");
+        }
+    }
+
+    #[test]
+    fn transfer_encoding_and_unknown_expectations_are_refused() {
+        let head = |fields: &str| format!("POST /groups HTTP/1.1\r\n{fields}\r\n").into_bytes();
+        for fields in [
+            "Transfer-Encoding: chunked\r\n",
+            "transfer-encoding: identity\r\n",
+            "Content-Length: 5\r\nTransfer-Encoding: chunked\r\n",
+            "Transfer-Encoding: chunked\r\nContent-Length: 5\r\n",
+        ] {
+            assert_eq!(refusal(&head(fields)), Some(501), "{fields}");
+        }
+        assert_eq!(refusal(&head("Expect: 200-ok\r\n")), Some(417));
+        let expecting = parse_head(&head("expect: 100-CONTINUE\r\nContent-Length: 1\r\n"));
+        assert_eq!(
+            expecting.map(|h| h.expect_continue).map_err(|r| r.status),
+            Ok(true)
+        );
+    }
+
+    #[test]
+    fn refusals_of_the_head_reach_the_client_with_their_status() {
+        with_server(alive(1), Vec::new(), |addr, control| async move {
+            let chunked = format!(
+                "POST /groups HTTP/1.1\r\nAuthorization: Bearer {TOKEN}\r\n\
+                 Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+            );
+            for (request, status) in [
+                (head_with_fields(HEADERS_MAX + 1), 431),
+                (chunked.into_bytes(), 501),
+                (b"GET /metrics HTTP/1.1 extra\r\n\r\n".to_vec(), 400),
+                (
+                    b"POST /groups HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n"
+                        .to_vec(),
+                    400,
+                ),
+            ] {
+                let reply = within("refusal", exchange(addr, &request)).await;
+                assert_eq!(
+                    reply.status,
+                    status,
+                    "{}",
+                    String::from_utf8_lossy(&request)
+                );
+            }
+            // One field fewer is served.
+            let reply = exchange(addr, &head_with_fields(HEADERS_MAX)).await;
+            assert_eq!((reply.status, reply.body.as_str()), (200, "ok\n"));
+            assert!(control.commands.borrow().is_empty());
+        });
     }
 }

@@ -28,7 +28,6 @@ use bytes::{Bytes, BytesMut};
 use futures_lite::future::poll_fn;
 use futures_lite::{AsyncRead, AsyncWrite, FutureExt as _};
 use glommio::channels::channel_mesh::{MeshBuilder, Receivers, Senders};
-use glommio::channels::shared_channel::{self, ConnectedReceiver, ConnectedSender};
 use glommio::net::{TcpListener, TcpStream};
 use glommio::{LocalExecutorBuilder, Placement};
 use imgate_core::auth::TokenVerifier;
@@ -47,6 +46,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Poll, Waker};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::sync::mpsc;
 
 /// Batches in flight on one mesh channel (one ordered pair of shards) before the sender
 /// task waits. A batch is everything queued for the peer since the last one, so 256
@@ -430,10 +430,7 @@ struct ShardSetup {
     metrics: Arc<Metrics>,
     mesh: MeshBuilder<MeshBatch, glommio::channels::channel_mesh::Full>,
     stop: Arc<AtomicBool>,
-    admin: Option<(
-        shared_channel::SharedReceiver<AdminRequest>,
-        shared_channel::SharedSender<AdminReply>,
-    )>,
+    admin: Option<(mpsc::Receiver<AdminRequest>, mpsc::Sender<AdminReply>)>,
     clock: Clock,
     /// Key sets reloaded on SIGHUP, for this shard to take.
     keys: KeyWatch,
@@ -481,42 +478,33 @@ pub fn run(config: Config) -> Result<()> {
     }
     let key_updates = Arc::new(KeyUpdates::default());
     let key_reloader = spawn_key_reloader(config.clone(), key_updates.clone())?;
-    let io_memory = io_memory_per_executor(count + 1);
+    let io_memory = io_memory_per_executor(count);
     let metrics = Metrics::new(count);
     let clock = Clock::new();
     let mesh = MeshBuilder::full(count, MESH_CHANNEL_SIZE);
-    let (req_tx, req_rx) = shared_channel::new_bounded::<AdminRequest>(ADMIN_CHANNEL_SIZE);
-    let (rep_tx, rep_rx) = shared_channel::new_bounded::<AdminReply>(ADMIN_CHANNEL_SIZE);
+    // The bridge between the admin thread (tokio) and shard 0 (glommio): tokio's channels
+    // need no runtime of their own, so each side awaits its end on its own executor.
+    let (req_tx, req_rx) = mpsc::channel::<AdminRequest>(ADMIN_CHANNEL_SIZE);
+    let (rep_tx, rep_rx) = mpsc::channel::<AdminReply>(ADMIN_CHANNEL_SIZE);
     let mut admin_ends = Some((req_rx, rep_tx));
 
     // Bind the admin port before the shards start, so that a bad address fails fast.
     let admin_addr = config.admin;
     let admin_token = config.admin_token().context("reading the admin token")?;
+    let admin_listener = std::net::TcpListener::bind(admin_addr)
+        .with_context(|| format!("binding the admin port {admin_addr}"))?;
     let admin_metrics = metrics.clone();
     let admin_stop = stop.clone();
-    let admin = LocalExecutorBuilder::new(Placement::Unbound)
-        .name("imgate-admin")
-        .io_memory(io_memory)
-        .spawn(move || async move {
-            let listener = match TcpListener::bind(admin_addr) {
-                Ok(l) => l,
-                Err(e) => {
-                    tracing::error!(%admin_addr, error = %e, "admin listener");
-                    admin_stop.store(true, Ordering::SeqCst);
-                    return;
-                }
-            };
-            let control = Rc::new(AdminControl::new(req_tx, rep_rx, admin_stop).await);
-            let dispatcher = control.clone();
-            glommio::spawn_local(async move { dispatcher.dispatch_replies().await }).detach();
-            let ctx = AdminContext {
-                metrics: admin_metrics,
-                control,
-                token: AdminToken::new(&admin_token),
-            };
-            crate::admin::serve(listener, ctx).await;
-        })
-        .map_err(|e| anyhow::anyhow!("starting the admin executor: {e}"))?;
+    let admin = crate::admin::spawn(admin_listener, move || {
+        let control = Rc::new(AdminControl::new(req_tx, admin_stop));
+        tokio::task::spawn_local(control.clone().dispatch_replies(rep_rx));
+        AdminContext {
+            metrics: admin_metrics,
+            control,
+            token: AdminToken::new(&admin_token),
+        }
+    })
+    .context("starting the admin thread")?;
 
     let mut handles = Vec::new();
     for index in 0..count {
@@ -562,7 +550,7 @@ pub fn run(config: Config) -> Result<()> {
             }
         }
     }
-    // The admin executor serves until the process exits; it holds nothing durable.
+    // The admin thread serves until the process exits; it holds nothing durable.
     drop(admin);
     key_reloader.stop();
     match failed {
@@ -829,8 +817,6 @@ async fn shard_main(setup: ShardSetup) -> Result<()> {
         glommio::spawn_local(mesh_receiver(state.clone(), receivers.clone(), peer)).detach();
     }
     if let Some((req_rx, rep_tx)) = admin {
-        let req_rx = req_rx.connect().await;
-        let rep_tx = rep_tx.connect().await;
         glommio::spawn_local(admin_requests(state.clone(), req_rx)).detach();
         glommio::spawn_local(admin_replies(state.clone(), rep_tx)).detach();
     }
@@ -1299,7 +1285,7 @@ async fn mesh_receiver(state: Shared, receivers: Rc<Receivers<MeshBatch>>, peer:
     }
 }
 
-async fn admin_requests(state: Shared, rx: ConnectedReceiver<AdminRequest>) {
+async fn admin_requests(state: Shared, mut rx: mpsc::Receiver<AdminRequest>) {
     while let Some((token, command)) = rx.recv().await {
         let mut st = state.borrow_mut();
         let now = st.clock.now();
@@ -1308,7 +1294,7 @@ async fn admin_requests(state: Shared, rx: ConnectedReceiver<AdminRequest>) {
     }
 }
 
-async fn admin_replies(state: Shared, tx: ConnectedSender<AdminReply>) {
+async fn admin_replies(state: Shared, tx: mpsc::Sender<AdminReply>) {
     let wake = state.borrow().wake_admin.clone();
     loop {
         let reply = state.borrow_mut().admin_replies.pop_front();
@@ -1329,30 +1315,26 @@ type Waiting = (Option<Result<(), CommandError>>, Option<Waker>);
 /// The admin server's handle on the shards: commands go to shard 0, which routes them to
 /// the group's owner; answers come back by token.
 struct AdminControl {
-    tx: ConnectedSender<AdminRequest>,
-    rx: ConnectedReceiver<AdminReply>,
+    tx: mpsc::Sender<AdminRequest>,
     next: Cell<u64>,
     waiting: RefCell<BTreeMap<u64, Waiting>>,
     stop: Arc<AtomicBool>,
 }
 
 impl AdminControl {
-    async fn new(
-        tx: shared_channel::SharedSender<AdminRequest>,
-        rx: shared_channel::SharedReceiver<AdminReply>,
-        stop: Arc<AtomicBool>,
-    ) -> AdminControl {
+    fn new(tx: mpsc::Sender<AdminRequest>, stop: Arc<AtomicBool>) -> AdminControl {
         AdminControl {
-            tx: tx.connect().await,
-            rx: rx.connect().await,
+            tx,
             next: Cell::new(1),
             waiting: RefCell::new(BTreeMap::new()),
             stop,
         }
     }
 
-    async fn dispatch_replies(&self) {
-        while let Some((token, result)) = self.rx.recv().await {
+    /// Hands each answer from shard 0 to the command waiting for it; runs on the admin
+    /// thread for as long as shard 0 holds the other end.
+    async fn dispatch_replies(self: Rc<Self>, mut rx: mpsc::Receiver<AdminReply>) {
+        while let Some((token, result)) = rx.recv().await {
             if let Some(slot) = self.waiting.borrow_mut().get_mut(&token) {
                 slot.0 = Some(result);
                 if let Some(w) = slot.1.take() {

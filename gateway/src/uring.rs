@@ -485,6 +485,16 @@ impl Ring {
         op
     }
 
+    /// Asks the kernel to cancel every operation on `fd` (a socket being shut down).
+    pub fn cancel_fd(&mut self, fd: RawFd, tag: u64) -> OpId {
+        let op = self.slot(tag, Owned::Nothing);
+        let entry =
+            opcode::AsyncCancel2::new(io_uring::types::CancelBuilder::fd(Fd(fd)).all()).build();
+        // SAFETY: the entry carries no pointer.
+        unsafe { self.push(entry, op) };
+        op
+    }
+
     /// Submits what is queued and waits for at least one completion, at most `timeout`
     /// (`None`: no limit; zero: do not wait). One `io_uring_enter`.
     pub fn submit_and_wait(&mut self, timeout: Option<Duration>) -> io::Result<()> {
