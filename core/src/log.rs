@@ -9,7 +9,7 @@
 //! This module owns that format: [`encode_record`] produces frames, [`decode_record`] reads
 //! one frame from the front of a buffer, and [`Scanner`] / [`scan`] walk a whole segment the
 //! way recovery does. It does no I/O: the gateway reads and writes segment files with
-//! glommio, the sim with `turmoil::fs`, and both hand the bytes to these functions. What is
+//! io_uring, the sim with `turmoil::fs`, and both hand the bytes to these functions. What is
 //! left to them: segment files, rotation, the `(conv, seq)` index, group commit, and the
 //! decision of what to do when a scan stops early (truncate to [`Scan::valid_len`], and how
 //! loudly to report a corrupt record that is not at the tail).

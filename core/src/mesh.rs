@@ -1,7 +1,7 @@
 //! Messages between shards.
 //!
 //! Shards share no mutable memory: everything one shard asks of another is a [`ShardMsg`]
-//! that the driver carries (glommio channels in the gateway, delayable queues in the sim).
+//! that the driver carries (SPSC queues between Reactor threads in the gateway, delayable queues in the sim).
 //! Immutable snapshots (`Arc<[UserId]>` member lists, `Bytes` payloads) may be shared.
 //!
 //! Architecture invariant: the driver delivers the messages from one shard to another in

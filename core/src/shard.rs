@@ -3,7 +3,7 @@
 //!
 //! # Driving a shard
 //!
-//! A driver (the glommio gateway, the turmoil sim, a test) owns the sockets, the log file,
+//! A driver (the io_uring gateway, the turmoil sim, a test) owns the sockets, the log file,
 //! the clock and the channels to other shards. Each turn of its loop it:
 //!
 //! 1. feeds inputs: [`Shard::handle_open`], [`Shard::handle_bytes`],

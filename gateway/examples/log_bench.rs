@@ -1,5 +1,5 @@
 //! Latency of one durable append to a shard's log on this machine's disk, through core's
-//! log engine and the gateway's storage executor: one append of one ~4 KiB record at a
+//! log engine and the gateway's log executor (`LogFiles` on an io_uring `Ring`): one append of one ~4 KiB record at a
 //! time, waiting for it to be durable (an O_DIRECT write and an fdatasync), in a loop;
 //! then the same with buffered I/O. Prints p50/p99/max, and checks that a reopen recovers
 //! every record.
@@ -10,8 +10,8 @@
 //! index's memory, the cost of indexing on the write path, and the latency of fetching
 //! 200 messages of one conversation (and 1) from disk.
 //!
-//! The engine's operations run the way the runtime runs them: each in a task of its own,
-//! all those issued together in flight at once.
+//! The engine's operations run the way the reactor runs them: each started on the ring as
+//! soon as the engine issues it, all in flight at once, completions in any order.
 //!
 //! ```text
 //! cargo run --release -p imgate-gateway --example log_bench [-- DIR [COUNT]]
@@ -21,11 +21,14 @@
 //! to 1000. Numbers, not pass/fail; it fails only if recovery or a read does not give back
 //! what was written.
 
-// The gateway has no library target, so the example compiles the module itself; it uses
-// only part of its API.
+// The gateway has no library target, so the example compiles the modules itself; it uses
+// only part of their API.
 #[allow(dead_code)]
-#[path = "../src/storage.rs"]
-mod storage;
+#[path = "../src/log_files.rs"]
+mod log_files;
+#[allow(dead_code)]
+#[path = "../src/uring.rs"]
+mod uring;
 
 use anyhow::{bail, ensure, Context};
 use bytes::Bytes;
@@ -33,10 +36,10 @@ use imgate_core::log::{decode_record, encode_record, Decoded, Record, StoredMess
 use imgate_core::log_engine::{LogConfig, LogEngine, LogEvent, Recovered};
 use imgate_core::proto::{ClientMsgId, ConvId, DeviceId, Seq, UserId};
 use imgate_core::shard::Lsn;
+use log_files::{IoMode, LogFiles};
 use std::path::PathBuf;
-use std::rc::Rc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-use storage::{IoMode, LogExecutor};
+use uring::Ring;
 
 /// Payload bytes per record: with its header and fields the frame is just under 4 KiB.
 const PAYLOAD_BYTES: usize = 4096 - 80;
@@ -56,20 +59,17 @@ fn main() -> anyhow::Result<()> {
     };
     ensure!(count > 0, "COUNT must be at least 1");
 
-    let executor = glommio::LocalExecutorBuilder::default()
-        .io_memory(2 * 1024 * 1024)
-        .make()
-        .map_err(|err| anyhow::anyhow!("glommio executor: {err}"))?;
-    let result = executor.run(async {
+    let mut ring = Ring::new().context("creating an io_uring")?;
+    let result = (|| {
         for mode in [IoMode::Direct, IoMode::Buffered] {
-            bench(root.join(name(mode)), mode, count).await?;
+            bench(&mut ring, root.join(name(mode)), mode, count)?;
         }
         index_cost();
         for mode in [IoMode::Direct, IoMode::Buffered] {
-            read_bench(root.join(format!("{}-read", name(mode))), mode).await?;
+            read_bench(&mut ring, root.join(format!("{}-read", name(mode))), mode)?;
         }
         anyhow::Ok(())
-    });
+    })();
     if remove {
         let _ = std::fs::remove_dir_all(&root);
     }
@@ -84,24 +84,29 @@ fn now() -> imgate_core::Instant {
     imgate_core::Instant::from_millis(ms)
 }
 
-/// A log engine on its files.
-struct Log {
+/// A log engine on its files and the ring.
+struct Log<'r> {
     engine: LogEngine,
-    files: Rc<LogExecutor>,
+    files: LogFiles,
+    ring: &'r mut Ring,
     events: Vec<LogEvent>,
 }
 
-impl Log {
+impl<'r> Log<'r> {
     /// Opens and recovers the log in `dir`.
-    async fn open(dir: PathBuf, mode: IoMode) -> anyhow::Result<(Log, Recovered)> {
-        let files = LogExecutor::open_with_mode(dir, mode).await?;
+    fn open(
+        ring: &'r mut Ring,
+        dir: PathBuf,
+        mode: IoMode,
+    ) -> anyhow::Result<(Log<'r>, Recovered)> {
+        let mut files = LogFiles::open_with_mode(dir, mode)?;
         let config = LogConfig {
             align: files.align(),
             ..LogConfig::default()
         };
         let mut engine = LogEngine::new(config, now());
         let mut recovered = None;
-        for event in files.run_to_idle(&mut engine, now).await {
+        for event in files.run_to_idle(ring, &mut engine, now) {
             match event {
                 LogEvent::Recovered(r) => recovered = Some(r),
                 LogEvent::Stopped(e) => bail!("the log refused to open: {e}"),
@@ -110,43 +115,24 @@ impl Log {
         }
         let log = Log {
             engine,
-            files: Rc::new(files),
+            files,
+            ring,
             events: Vec::new(),
         };
         Ok((log, recovered.context("recovery did not finish")?))
     }
 
-    /// Performs the engine's operations until it has none left: those issued together run
-    /// at once, each in a task of its own.
-    async fn drive(&mut self) {
-        loop {
-            self.events
-                .extend(std::iter::from_fn(|| self.engine.poll_event()));
-            let ios: Vec<_> = std::iter::from_fn(|| self.engine.poll_io()).collect();
-            if ios.is_empty() {
-                return;
-            }
-            let tasks: Vec<_> = ios
-                .into_iter()
-                .map(|io| {
-                    let files = self.files.clone();
-                    glommio::spawn_local(async move {
-                        let result = files.perform(&io.op).await;
-                        (io.id, result)
-                    })
-                })
-                .collect();
-            for task in tasks {
-                let (id, result) = task.await;
-                self.engine.handle_completion(now(), id, result);
-            }
-        }
+    /// Performs the engine's operations until it has none left, all it issues in flight
+    /// at once.
+    fn drive(&mut self) {
+        let events = self.files.run_to_idle(self.ring, &mut self.engine, now);
+        self.events.extend(events);
     }
 
     /// Appends `bytes` and waits until it is durable.
-    async fn append(&mut self, lsn: Lsn, bytes: Vec<u8>) -> anyhow::Result<()> {
+    fn append(&mut self, lsn: Lsn, bytes: Vec<u8>) -> anyhow::Result<()> {
         self.engine.append(now(), lsn, bytes);
-        self.drive().await;
+        self.drive();
         let durable = self
             .events
             .iter()
@@ -160,7 +146,7 @@ impl Log {
         Ok(())
     }
 
-    async fn fetch(
+    fn fetch(
         &mut self,
         conv: ConvId,
         from: Seq,
@@ -168,7 +154,7 @@ impl Log {
         limit: u32,
     ) -> anyhow::Result<Vec<StoredMessage>> {
         self.engine.fetch(now(), 1, conv, from, to, limit);
-        self.drive().await;
+        self.drive();
         let at = self
             .events
             .iter()
@@ -182,9 +168,9 @@ impl Log {
         }
     }
 
-    async fn close(mut self) -> anyhow::Result<()> {
+    fn close(mut self) -> anyhow::Result<()> {
         self.engine.close(now());
-        self.drive().await;
+        self.drive();
         ensure!(
             self.events.iter().any(|e| matches!(e, LogEvent::Closed)),
             "the log did not close: {:?}",
@@ -194,9 +180,9 @@ impl Log {
     }
 }
 
-async fn bench(dir: PathBuf, mode: IoMode, count: u64) -> anyhow::Result<()> {
+fn bench(ring: &mut Ring, dir: PathBuf, mode: IoMode, count: u64) -> anyhow::Result<()> {
     let _ = std::fs::remove_dir_all(&dir);
-    let (mut log, _) = Log::open(dir.clone(), mode).await?;
+    let (mut log, _) = Log::open(ring, dir.clone(), mode)?;
     let direct = log.files.is_direct();
     let records: Vec<Record> = (1..=count).map(message).collect();
     let mut latencies = Vec::with_capacity(records.len());
@@ -206,19 +192,19 @@ async fn bench(dir: PathBuf, mode: IoMode, count: u64) -> anyhow::Result<()> {
         encode_record(record, &mut frame);
         frame_bytes = frame.len();
         let started = Instant::now();
-        log.append(Lsn(lsn), frame).await?;
+        log.append(Lsn(lsn), frame)?;
         latencies.push(started.elapsed());
     }
-    log.close().await?;
+    log.close()?;
 
-    let (log, recovered) = Log::open(dir, mode).await?;
+    let (log, recovered) = Log::open(ring, dir, mode)?;
     ensure!(
         recovered.records == records,
         "recovered {} records, wrote {}",
         recovered.records.len(),
         records.len()
     );
-    log.close().await?;
+    log.close()?;
     report(
         &format!(
             "{:>8} (O_DIRECT {direct}): {count} x append({frame_bytes} B) until durable",
@@ -301,7 +287,7 @@ fn index_cost() {
     );
 }
 
-async fn read_bench(dir: PathBuf, mode: IoMode) -> anyhow::Result<()> {
+fn read_bench(ring: &mut Ring, dir: PathBuf, mode: IoMode) -> anyhow::Result<()> {
     let _ = std::fs::remove_dir_all(&dir);
     // Conversation 0 in a burst, 1..=10 interleaved, 11..=1010 interleaved.
     let groups: [(&str, std::ops::Range<u64>); 3] = [
@@ -309,7 +295,7 @@ async fn read_bench(dir: PathBuf, mode: IoMode) -> anyhow::Result<()> {
         ("10 interleaved", 1..11),
         ("1000 interleaved", 11..1011),
     ];
-    let (mut log, _) = Log::open(dir.clone(), mode).await?;
+    let (mut log, _) = Log::open(ring, dir.clone(), mode)?;
     let mut batch = Vec::new();
     let mut written = 0u64;
     let mut lsn = 0;
@@ -324,17 +310,17 @@ async fn read_bench(dir: PathBuf, mode: IoMode) -> anyhow::Result<()> {
                 // A group commit of a few hundred messages.
                 if written.is_multiple_of(500) {
                     lsn += 1;
-                    log.append(Lsn(lsn), std::mem::take(&mut batch)).await?;
+                    log.append(Lsn(lsn), std::mem::take(&mut batch))?;
                 }
             }
         }
     }
     lsn += 1;
-    log.append(Lsn(lsn), batch).await?;
-    log.close().await?;
+    log.append(Lsn(lsn), batch)?;
+    log.close()?;
 
     let started = Instant::now();
-    let (mut log, recovered) = Log::open(dir, mode).await?;
+    let (mut log, recovered) = Log::open(ring, dir, mode)?;
     let recovered_in = started.elapsed();
     let conversations = groups.iter().map(|(_, c)| c.end - c.start).sum::<u64>();
     let heap = log.engine.index_heap_bytes();
@@ -357,7 +343,7 @@ async fn read_bench(dir: PathBuf, mode: IoMode) -> anyhow::Result<()> {
                 let i = convs.start + round as u64 % (convs.end - convs.start);
                 let conv = read_conv(i);
                 let started = Instant::now();
-                let got = log.fetch(conv, Seq(from), Seq(to), 1000).await?;
+                let got = log.fetch(conv, Seq(from), Seq(to), 1000)?;
                 latencies.push(started.elapsed());
                 ensure!(
                     got.len() as u64 == to - from + 1
@@ -371,15 +357,13 @@ async fn read_bench(dir: PathBuf, mode: IoMode) -> anyhow::Result<()> {
             report(&format!("  read {what} of {group}"), &mut latencies);
         }
     }
-    let past_end = log
-        .fetch(read_conv(0), Seq(READ_MESSAGES + 1), Seq::MAX, 10)
-        .await?;
+    let past_end = log.fetch(read_conv(0), Seq(READ_MESSAGES + 1), Seq::MAX, 10)?;
     ensure!(
         past_end.is_empty(),
         "a read past the end gave {} messages",
         past_end.len()
     );
-    log.close().await?;
+    log.close()?;
     Ok(())
 }
 

@@ -1,6 +1,6 @@
 //! Writes a realistic gateway data directory of a given size for start-up measurements:
-//! shard 0 of a 1-shard gateway, written by core's log engine on the gateway's storage
-//! executor, so the segments, their index and summary files, and the checkpoints are
+//! shard 0 of a 1-shard gateway, written by core's log engine on the gateway's log executor
+//! (`LogFiles` on an io_uring `Ring`), so the segments, their index and summary files, and the checkpoints are
 //! exactly what a gateway writes.
 //!
 //! ```text
@@ -33,32 +33,33 @@
 //! the engine emits `CheckpointDue` the generator appends a checkpoint the way the shard
 //! does (`Shard::handle_checkpoint_due`): `checkpoint_records(no groups, window)` in one
 //! append, where the window is the last `Limits::default().dedupe_window_entries`
-//! messages appended, oldest first. The engine's operations run as the runtime runs them:
-//! each in a task of its own, several in flight, completions in any order. At the end the
+//! messages appended, oldest first. The engine's operations run as the reactor runs them:
+//! each started on the ring as soon as the engine issues it, several in flight, completions
+//! in any order. At the end the
 //! log is closed as a gateway closes it at shutdown, then reopened (unless `--no-verify`)
 //! to check that recovery starts at the last checkpoint and replays exactly the tail.
 
-// The gateway has no library target, so the example compiles the module itself; it uses
-// only part of its API.
+// The gateway has no library target, so the example compiles the modules itself; it uses
+// only part of their API.
 #[allow(dead_code)]
-#[path = "../src/storage.rs"]
-mod storage;
+#[path = "../src/log_files.rs"]
+mod log_files;
+#[allow(dead_code)]
+#[path = "../src/uring.rs"]
+mod uring;
 
 use anyhow::{bail, ensure, Context};
 use bytes::Bytes;
-use glommio::channels::local_channel;
 use imgate_core::log::{checkpoint_records, encode_record, DedupeEntry, Record, StoredMessage};
-use imgate_core::log_engine::{
-    Completion, IoError, IoId, LogConfig, LogEngine, LogEvent, SYNCS_INFLIGHT_MAX,
-};
+use imgate_core::log_engine::{LogConfig, LogEngine, LogEvent, SYNCS_INFLIGHT_MAX};
 use imgate_core::proto::{ClientMsgId, ConvId, DeviceId, Seq, UserId};
 use imgate_core::shard::Lsn;
 use imgate_core::Limits;
+use log_files::{LogFiles, TAG_KIND_MASK, TAG_LOG};
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
-use std::rc::Rc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-use storage::LogExecutor;
+use uring::Ring;
 
 struct Args {
     dir: PathBuf,
@@ -149,11 +150,8 @@ fn main() -> anyhow::Result<()> {
     // What `runtime::check_shard_count` writes at a gateway's first start.
     std::fs::write(args.dir.join("shards"), "1\n").context("writing the shard count")?;
 
-    let executor = glommio::LocalExecutorBuilder::default()
-        .io_memory(2 * 1024 * 1024)
-        .make()
-        .map_err(|err| anyhow::anyhow!("glommio executor: {err}"))?;
-    executor.run(fill(args))
+    let mut ring = Ring::new().context("creating an io_uring")?;
+    fill(&mut ring, args)
 }
 
 /// The engine's clock: wall time in milliseconds, as the runtime's `Clock`.
@@ -232,53 +230,51 @@ enum Phase {
     Done,
 }
 
-/// A log engine on its files, with every operation in a task of its own (as the runtime).
-struct Driver {
+/// A log engine on its files, every operation started on the ring as soon as it is issued
+/// (as the reactor).
+struct Driver<'r> {
     engine: LogEngine,
-    files: Rc<LogExecutor>,
-    tx: Rc<local_channel::LocalSender<(IoId, Result<Completion, IoError>)>>,
-    rx: local_channel::LocalReceiver<(IoId, Result<Completion, IoError>)>,
-    outstanding: usize,
+    files: LogFiles,
+    ring: &'r mut Ring,
+    completions: Vec<uring::Done>,
 }
 
-impl Driver {
-    /// Starts a task for each operation the engine issued.
+impl Driver<'_> {
+    /// Starts each operation the engine issued.
     fn start_ios(&mut self) {
         while let Some(io) = self.engine.poll_io() {
-            let files = self.files.clone();
-            let tx = self.tx.clone();
-            self.outstanding += 1;
-            glommio::spawn_local(async move {
-                let result = files.perform(&io.op).await;
-                // The receiver lives as long as the driver, which waits for every task.
-                let _ = tx.send((io.id, result)).await;
-            })
-            .detach();
+            self.files.start(self.ring, io);
         }
     }
 
-    /// Waits for one operation to complete and hands it to the engine.
-    async fn complete_one(&mut self) -> anyhow::Result<()> {
+    /// Waits for at least one ring completion and hands every operation it finishes to
+    /// the engine.
+    fn complete_some(&mut self) -> anyhow::Result<()> {
         ensure!(
-            self.outstanding > 0,
+            self.files.in_flight() > 0,
             "waiting with no log operation in flight"
         );
-        let (id, result) = self
-            .rx
-            .recv()
-            .await
-            .context("the completion channel closed")?;
-        self.outstanding -= 1;
-        self.engine.handle_completion(now(), id, result);
+        self.ring
+            .submit_and_wait(None)
+            .context("waiting on the io_uring")?;
+        self.ring.complete(&mut self.completions);
+        for done in std::mem::take(&mut self.completions) {
+            ensure!(
+                done.tag & TAG_KIND_MASK == TAG_LOG,
+                "a completion that is not the log's"
+            );
+            if let Some((id, result)) = self.files.complete(self.ring, done) {
+                self.engine.handle_completion(now(), id, result);
+            }
+        }
         Ok(())
     }
 }
 
-async fn fill(args: Args) -> anyhow::Result<()> {
+fn fill(ring: &mut Ring, args: Args) -> anyhow::Result<()> {
     let started = Instant::now();
     let shard_dir = args.dir.join("shard-0");
-    let files = LogExecutor::open(shard_dir.clone())
-        .await
+    let mut files = LogFiles::open(shard_dir.clone())
         .with_context(|| format!("opening the log in {}", shard_dir.display()))?;
     let config = log_config(files.align());
     let checkpoint_messages = config.checkpoint_messages;
@@ -303,7 +299,7 @@ async fn fill(args: Args) -> anyhow::Result<()> {
     );
     let mut engine = LogEngine::new(config, now());
     let mut recovered = false;
-    for event in files.run_to_idle(&mut engine, now).await {
+    for event in files.run_to_idle(ring, &mut engine, now) {
         match event {
             LogEvent::Recovered(r) => {
                 ensure!(
@@ -319,13 +315,11 @@ async fn fill(args: Args) -> anyhow::Result<()> {
     }
     ensure!(recovered, "recovery of the empty log did not finish");
 
-    let (tx, rx) = local_channel::new_unbounded();
     let mut driver = Driver {
         engine,
-        files: Rc::new(files),
-        tx: Rc::new(tx),
-        rx,
-        outstanding: 0,
+        files,
+        ring,
+        completions: Vec::new(),
     };
     let mut messages = Messages {
         rng: SplitMix(args.seed),
@@ -488,12 +482,12 @@ async fn fill(args: Args) -> anyhow::Result<()> {
             }
             continue;
         }
-        driver.complete_one().await?;
+        driver.complete_some()?;
     }
     ensure!(
-        driver.outstanding == 0,
+        driver.files.in_flight() == 0,
         "closed with {} operations in flight",
-        driver.outstanding
+        driver.files.in_flight()
     );
     let secs = started.elapsed().as_secs_f64();
     let engine = &driver.engine;
@@ -517,7 +511,7 @@ async fn fill(args: Args) -> anyhow::Result<()> {
     sync_dir(&args.dir)?;
 
     if args.verify {
-        verify(&shard_dir, checkpoints, since_checkpoint).await?;
+        verify(driver.ring, &shard_dir, checkpoints, since_checkpoint)?;
     }
     Ok(())
 }
@@ -531,13 +525,13 @@ fn sync_dir(dir: &Path) -> anyhow::Result<()> {
 
 /// Reopens the log as a gateway's start does and checks what recovery replays: the last
 /// checkpoint (if any) and the `tail` messages after it.
-async fn verify(dir: &Path, checkpoints: u64, tail: u64) -> anyhow::Result<()> {
+fn verify(ring: &mut Ring, dir: &Path, checkpoints: u64, tail: u64) -> anyhow::Result<()> {
     let started = Instant::now();
-    let files = LogExecutor::open(dir.to_path_buf()).await?;
+    let mut files = LogFiles::open(dir.to_path_buf())?;
     let mut engine = LogEngine::new(log_config(files.align()), now());
     let mut recovered = None;
     let mut due = false;
-    for event in files.run_to_idle(&mut engine, now).await {
+    for event in files.run_to_idle(ring, &mut engine, now) {
         match event {
             LogEvent::Recovered(r) => recovered = Some(r),
             LogEvent::Stopped(e) => bail!("the log refused to reopen: {e}"),
@@ -583,7 +577,7 @@ async fn verify(dir: &Path, checkpoints: u64, tail: u64) -> anyhow::Result<()> {
     );
     ensure!(!due, "the reopened log asks for a checkpoint at once");
     engine.close(now());
-    for event in files.run_to_idle(&mut engine, now).await {
+    for event in files.run_to_idle(ring, &mut engine, now) {
         if let LogEvent::Stopped(e) = event {
             bail!("closing the reopened log: {e}");
         }

@@ -5,10 +5,10 @@ mod admin;
 mod config;
 #[cfg(feature = "fault-injection")]
 mod fault;
+mod log_files;
 mod metrics;
-mod notify;
+mod reactor;
 mod runtime;
-mod storage;
 mod uring;
 
 use anyhow::Result;
