@@ -709,6 +709,51 @@ mod tests {
     }
 
     #[test]
+    fn receives_beyond_the_buffer_ring_end_in_enobufs_and_lose_nothing_when_armed_again() {
+        let mut ring = Ring::new().unwrap();
+        let sockets = usize::from(RECV_BUFFERS) + 44;
+        let pairs: Vec<(TcpStream, TcpStream)> = (0..sockets).map(|_| pair()).collect();
+        for (i, (_, b)) in pairs.iter().enumerate() {
+            ring.recv_multi(b.as_raw_fd(), i as u64);
+        }
+        ring.submit_and_wait(Some(Duration::ZERO)).unwrap();
+        for (a, _) in &pairs {
+            (&*a).write_all(b"x").unwrap();
+        }
+        // Nothing is recycled: the ring runs dry after RECV_BUFFERS receives.
+        let mut filled = Vec::new();
+        let mut starved = Vec::new();
+        while filled.len() + starved.len() < sockets {
+            for d in wait_for(&mut ring, 1) {
+                if d.result == -libc::ENOBUFS {
+                    assert!(!d.is_more(), "ENOBUFS ends the receive");
+                    starved.push(d.tag);
+                } else {
+                    assert_eq!(d.result, 1);
+                    filled.push(d.buffer().unwrap());
+                }
+            }
+        }
+        assert_eq!(filled.len(), usize::from(RECV_BUFFERS));
+        assert_eq!(starved.len(), 44);
+        for bid in filled {
+            ring.recycle(bid);
+        }
+        // Armed again, each starved receive finds its byte still in its socket.
+        for &tag in &starved {
+            ring.recv_multi(pairs[tag as usize].1.as_raw_fd(), tag);
+        }
+        let mut got = 0;
+        while got < starved.len() {
+            for d in wait_for(&mut ring, 1) {
+                assert_eq!(d.result, 1, "the byte waited in the socket");
+                ring.recycle(d.buffer().unwrap());
+                got += 1;
+            }
+        }
+    }
+
+    #[test]
     #[should_panic(expected = "recycled twice")]
     fn a_buffer_cannot_be_recycled_twice() {
         let mut ring = Ring::new().unwrap();
