@@ -30,7 +30,7 @@ use crate::config::Config;
 use crate::log_files::{LogFiles, TAG_KIND_MASK, TAG_LOG};
 use crate::metrics::Metrics;
 use crate::runtime::{AdminReply, AdminRequest, Clock, EventFd, KeyWatch, MeshBatch};
-use crate::uring::{Done, OpId, Owned, Ring};
+use crate::uring::{Done, OpId, Owned, Ring, TAG_WAKE_FAILED, TAG_WOKEN};
 use anyhow::{Context as _, Result};
 use bytes::{Bytes, BytesMut};
 use imgate_core::auth::TokenVerifier;
@@ -38,10 +38,10 @@ use imgate_core::log::ScanEnd;
 use imgate_core::log_engine::{FileId, IoId, LogEngine, LogError, LogEvent, Op};
 use imgate_core::mesh::{ConnId, ShardId};
 use imgate_core::shard::{Effect, Lsn, Shard, ShardConfig};
-use imgate_spsc::{Consumer, Producer, Wake};
+use imgate_spsc::{Consumer, Producer, Signal, Wake};
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -172,6 +172,10 @@ pub struct MeshEnds {
     pub outbound: Vec<Option<Producer<MeshBatch>>>,
     /// Each shard's wake-up, this one's included.
     pub wakes: Vec<Arc<Wake<EventFd>>>,
+    /// Each shard's ring descriptor once its ring exists (-1 before and after): a sleeping
+    /// peer is woken by a completion this shard's ring posts on it (IORING_OP_MSG_RING),
+    /// which costs no syscall of its own; its eventfd is the fallback.
+    pub rings: Arc<Vec<AtomicI32>>,
 }
 
 /// Shard 0's ends of the admin thread's queues.
@@ -338,6 +342,7 @@ pub fn run_shard(setup: ShardSetup) -> Result<()> {
     let listener = crate::runtime::bind_reuseport(config.listen)
         .with_context(|| format!("binding {} on shard {index}", config.listen))?;
     let wake_fd = mesh.wakes[index].signal().fd();
+    mesh.rings[index].store(ring.fd(), Ordering::Release);
     let now = Instant::now();
     let mut reactor = Reactor {
         index,
@@ -456,8 +461,22 @@ impl Reactor {
         match d.tag & TAG_KIND_MASK {
             TAG_ACCEPT => self.on_accept(d),
             TAG_WAKE => {
-                // Woken by a peer or the admin thread: what it queued is taken this turn.
+                // Woken through the eventfd (the admin thread, or a peer's fallback): what
+                // was queued is taken this turn.
                 self.ring.read_eventfd(self.wake_fd, TAG_WAKE);
+            }
+            TAG_WOKEN => {
+                // A peer's ring posted this: what it queued is taken this turn.
+            }
+            TAG_WAKE_FAILED => {
+                // A wake-up could not be posted (a peer's ring is gone, say): wake every
+                // peer through its eventfd instead; a spurious wake-up costs one turn.
+                tracing::warn!(error = %std::io::Error::from_raw_os_error(-d.result), "posting a wake-up to a peer's ring");
+                for (peer, wake) in self.mesh.wakes.iter().enumerate() {
+                    if peer != self.index {
+                        wake.signal().signal();
+                    }
+                }
             }
             TAG_LOG => {
                 if let Some((id, result)) = self.log.files.complete(&mut self.ring, d) {
@@ -946,6 +965,8 @@ impl Reactor {
     }
 
     fn finish(&mut self) -> Result<()> {
+        // Peers fall back to the eventfd from now on; the ring's descriptor closes with it.
+        self.mesh.rings[self.index].store(-1, Ordering::Release);
         if self.log.closed {
             assert_eq!(
                 self.log.files.in_flight(),
@@ -1155,14 +1176,24 @@ impl Reactor {
                 unreachable!("a shard sends itself no mesh message");
             };
             let batch = std::mem::take(&mut self.mesh_out[peer]);
-            match queue.push(batch) {
-                Ok(()) => self.mesh.wakes[peer].notify(),
-                Err(batch) => {
-                    self.mesh_out[peer] = batch;
-                    self.mesh.wakes[peer].notify();
-                    self.mesh_retry = Some(now + MESH_RETRY);
-                }
+            if let Err(batch) = queue.push(batch) {
+                self.mesh_out[peer] = batch;
+                self.mesh_retry = Some(now + MESH_RETRY);
             }
+            self.wake_peer(peer);
+        }
+    }
+
+    /// Wakes `peer` if it announced it is about to sleep: by a completion posted on its
+    /// ring at this turn's submit, or through its eventfd if its ring is not there.
+    fn wake_peer(&mut self, peer: usize) {
+        let wake = &self.mesh.wakes[peer];
+        if !wake.claim() {
+            return;
+        }
+        match self.mesh.rings[peer].load(Ordering::Acquire) {
+            fd if fd >= 0 => self.ring.post_wake(fd),
+            _ => wake.signal().signal(),
         }
     }
 

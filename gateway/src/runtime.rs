@@ -11,9 +11,11 @@
 //!
 //! Between shards: one bounded SPSC queue per ordered pair (`imgate_spsc`), carrying
 //! batches of [`ShardMsg`] in order (FIFO per pair: I4 and I8 rest on it), and one
-//! wake-up per shard ([`Wake`] over an [`EventFd`] whose read is armed on the shard's
-//! ring): a sender signals only a shard that said it is about to sleep, so a busy shard
-//! costs its senders nothing.
+//! wake-up per shard ([`Wake`]): a sender wakes only a shard that said it is about to
+//! sleep, so a busy shard costs its senders nothing. A shard wakes a peer by posting a
+//! completion on the peer's ring (IORING_OP_MSG_RING, submitted with its own turn's
+//! submissions: no syscall of its own); the admin thread, which has no ring, and the
+//! fallback write the peer's [`EventFd`], whose read is armed on the peer's ring.
 
 use crate::admin::{AdminContext, AdminToken, Control};
 use crate::config::Config;
@@ -32,7 +34,7 @@ use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::pin::Pin;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Poll, Waker};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -317,6 +319,7 @@ pub fn run(config: Config) -> Result<()> {
         .map(|_| EventFd::new().map(|fd| Arc::new(Wake::new(fd))))
         .collect::<std::io::Result<_>>()
         .context("creating the shards' wake-up eventfds")?;
+    let rings: Arc<Vec<AtomicI32>> = Arc::new((0..count).map(|_| AtomicI32::new(-1)).collect());
     let mut inbound: Vec<Vec<Option<Consumer<MeshBatch>>>> = (0..count)
         .map(|_| (0..count).map(|_| None).collect())
         .collect();
@@ -381,6 +384,7 @@ pub fn run(config: Config) -> Result<()> {
                 inbound,
                 outbound,
                 wakes: wakes.clone(),
+                rings: rings.clone(),
             },
             admin: if index == 0 { admin_ends.take() } else { None },
             stop: stop.clone(),

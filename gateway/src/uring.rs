@@ -26,7 +26,7 @@ use io_uring::types::{BufRingEntry, Fd, SubmitArgs, Timespec};
 use io_uring::{cqueue, opcode, squeue, IoUring};
 use std::alloc::Layout;
 use std::io;
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::Duration;
@@ -49,6 +49,18 @@ pub const RECV_BUFFER_BYTES: usize = 4096;
 const RECV_GROUP: u16 = 0;
 /// Chunks handed to one `sendmsg` at most (the kernel's IOV_MAX is 1024).
 pub const SEND_IOV_MAX: usize = 64;
+/// `user_data` of a wake-up another shard's ring posted on this one (IORING_OP_MSG_RING).
+/// It names no slot: nothing of ours is in flight for it.
+const WAKE_POSTED: u64 = u64::MAX - 1;
+/// `user_data` of this ring's own wake-up posts. They complete here only if they fail
+/// (IOSQE_CQE_SKIP_SUCCESS), and hold no slot either.
+const WAKE_SENT: u64 = u64::MAX - 2;
+/// `user_data` of the cancel-everything a dropped ring submits.
+const TEARDOWN: u64 = u64::MAX;
+/// The tag of a [`Done`] for a wake-up another ring posted on this one.
+pub const TAG_WOKEN: u64 = 0xfe << 56;
+/// The tag of a [`Done`] for a wake-up this ring failed to post (`result` says why).
+pub const TAG_WAKE_FAILED: u64 = 0xfd << 56;
 /// How long dropping a ring waits for its operations to finish after cancelling them.
 const TEARDOWN_WAIT: Duration = Duration::from_secs(1);
 
@@ -340,9 +352,14 @@ impl Ring {
     /// Every pointer in `entry` must point into memory owned by the operation's slot (or
     /// the ring itself) and stay valid until its last completion.
     unsafe fn push(&mut self, entry: squeue::Entry, op: OpId) {
-        let entry = entry.user_data(op.user_data());
+        self.push_entry(entry.user_data(op.user_data()));
+    }
+
+    /// Queues an entry that carries no pointer (or whose memory the caller keeps alive).
+    fn push_entry(&mut self, entry: squeue::Entry) {
         loop {
-            // SAFETY: the caller's promise.
+            // SAFETY: `push`'s callers keep the entry's memory alive until its completion;
+            // the other entries pushed here carry no pointer.
             if unsafe { self.uring.submission().push(&entry) }.is_ok() {
                 return;
             }
@@ -352,6 +369,22 @@ impl Ring {
                 tracing::warn!(error = %e, "io_uring submit with a full queue");
             }
         }
+    }
+
+    /// This ring's descriptor, for other shards to post wake-ups to ([`Ring::post_wake`]).
+    pub fn fd(&self) -> RawFd {
+        self.uring.as_raw_fd()
+    }
+
+    /// Posts a wake-up completion ([`TAG_WOKEN`]) on the ring `target` at this ring's next
+    /// submit: no syscall of its own, and it ends the target's wait. A failure comes back
+    /// here as [`TAG_WAKE_FAILED`].
+    pub fn post_wake(&mut self, target: RawFd) {
+        let entry = opcode::MsgRingData::new(Fd(target), 0, WAKE_POSTED, None)
+            .build()
+            .flags(squeue::Flags::SKIP_SUCCESS)
+            .user_data(WAKE_SENT);
+        self.push_entry(entry);
     }
 
     /// Multishot accept on a listening socket: one completion per connection (its
@@ -538,8 +571,22 @@ impl Ring {
         let mut cq = self.uring.completion();
         cq.sync();
         for cqe in &mut cq {
-            let op = OpId::from_user_data(cqe.user_data());
-            let flags = cqe.flags();
+            let (user_data, flags) = (cqe.user_data(), cqe.flags());
+            if user_data == WAKE_POSTED || user_data == WAKE_SENT {
+                out.push(Done {
+                    op: OpId::from_user_data(user_data),
+                    tag: if user_data == WAKE_POSTED {
+                        TAG_WOKEN
+                    } else {
+                        TAG_WAKE_FAILED
+                    },
+                    result: cqe.result(),
+                    flags,
+                    owned: Owned::Nothing,
+                });
+                continue;
+            }
+            let op = OpId::from_user_data(user_data);
             let slot = &mut self.slots[op.index()];
             assert_eq!(
                 slot.generation,
@@ -583,7 +630,7 @@ impl Drop for Ring {
         if self.in_flight > 0 {
             let cancel_all = opcode::AsyncCancel2::new(io_uring::types::CancelBuilder::any())
                 .build()
-                .user_data(u64::MAX);
+                .user_data(TEARDOWN);
             // SAFETY: the entry carries no pointer.
             let _ = unsafe { self.uring.submission().push(&cancel_all) };
             let started = std::time::Instant::now();
@@ -593,7 +640,7 @@ impl Drop for Ring {
                 let mut cq = self.uring.completion();
                 cq.sync();
                 for cqe in &mut cq {
-                    if cqe.user_data() == u64::MAX {
+                    if [TEARDOWN, WAKE_POSTED, WAKE_SENT].contains(&cqe.user_data()) {
                         continue;
                     }
                     let op = OpId::from_user_data(cqe.user_data());
@@ -828,6 +875,49 @@ mod tests {
         ring.recv_multi(b.as_raw_fd(), 1);
         ring.submit_and_wait(Some(Duration::ZERO)).unwrap();
         drop(ring); // cancels the receive; must not hang or free buffers under the kernel
+    }
+
+    #[test]
+    fn a_wake_up_posted_by_another_ring_ends_its_wait() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let waiter = std::thread::spawn(move || {
+            let mut ring = Ring::new().unwrap();
+            tx.send(ring.fd()).unwrap();
+            // Nothing else is in flight: only the posted wake-up can end this wait early.
+            let started = std::time::Instant::now();
+            let mut out = Vec::new();
+            while out.is_empty() {
+                assert!(started.elapsed() < Duration::from_secs(10), "never woken");
+                ring.submit_and_wait(Some(Duration::from_secs(10))).unwrap();
+                ring.complete(&mut out);
+            }
+            assert_eq!((out[0].tag, out[0].result), (TAG_WOKEN, 0));
+            assert_eq!(ring.in_flight(), 0, "a wake-up holds no slot");
+        });
+        let target = rx.recv().unwrap();
+        let mut ring = Ring::new().unwrap();
+        ring.post_wake(target);
+        ring.submit_and_wait(Some(Duration::ZERO)).unwrap();
+        waiter.join().unwrap();
+        let mut out = Vec::new();
+        ring.complete(&mut out);
+        assert!(
+            out.is_empty(),
+            "a wake-up that succeeded posts nothing to its sender"
+        );
+    }
+
+    #[test]
+    fn a_wake_up_that_cannot_be_posted_comes_back_as_failed() {
+        let mut ring = Ring::new().unwrap();
+        // SAFETY: eventfd(2) returns a new descriptor or -1.
+        let not_a_ring = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+        ring.post_wake(not_a_ring);
+        let d = wait_for(&mut ring, 1);
+        assert_eq!(d[0].tag, TAG_WAKE_FAILED);
+        assert!(d[0].result < 0);
+        // SAFETY: closes the descriptor made above, once.
+        unsafe { libc::close(not_a_ring) };
     }
 
     #[test]

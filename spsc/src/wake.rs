@@ -103,6 +103,16 @@ impl<S: Signal> Wake<S> {
     /// Producer side: call after pushing to any of this consumer's queues (once per batch is
     /// enough). Raises the signal only if the consumer announced it is about to sleep.
     pub fn notify(&self) {
+        if self.claim() {
+            self.signal.signal();
+        }
+    }
+
+    /// Producer side, for a producer that wakes the consumer by its own means (the gateway's
+    /// shards post a message to the sleeping shard's io_uring): `true` if the consumer
+    /// announced it is about to sleep and this call took that announcement, in which case
+    /// the caller must wake it, exactly as [`notify`](Self::notify) would signal.
+    pub fn claim(&self) -> bool {
         // F_p: orders the Release stores of `tail` made by the pushes before this call ahead
         // of the load below (see "Why no wake-up is lost"). Without it, the load may be
         // satisfied before those stores are visible.
@@ -110,9 +120,7 @@ impl<S: Signal> Wake<S> {
         // Relaxed: the fence gives the ordering, and the signal carries no data (the items
         // travel through the queues' own Release/Acquire). Load first so that a busy consumer
         // costs a read of a shared line, not an RMW; the swap elects one signaller.
-        if self.sleeping.load(Ordering::Relaxed) && self.sleeping.swap(false, Ordering::Relaxed) {
-            self.signal.signal();
-        }
+        self.sleeping.load(Ordering::Relaxed) && self.sleeping.swap(false, Ordering::Relaxed)
     }
 
     /// Consumer side: announce that it is about to sleep. It must then re-check every inbound
