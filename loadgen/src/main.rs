@@ -8,11 +8,13 @@
 #![forbid(unsafe_code)]
 
 mod admin;
+mod conn;
 mod convs;
 mod ledger;
 mod spec;
 mod summary;
 mod sys;
+mod timers;
 mod worker;
 
 use anyhow::{bail, Context, Result};
@@ -28,7 +30,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use summary::{GatewayUse, Summary};
 
 /// Connections one worker takes by default: under the 20,000 open files a process may have
-/// on the build machines, with room for the runtime's own.
+/// on the build machines, with room for the worker's own (epoll, waker, pipes).
 const CONNECTIONS_PER_WORKER: usize = 15_000;
 
 /// imgate loadgen: idle, chat, fan-out, reconnect and many-conversation load against a

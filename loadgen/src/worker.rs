@@ -1,5 +1,5 @@
-//! A worker process: one single-threaded tokio runtime driving its share of the connections,
-//! each a task running core's client engine over a real socket.
+//! A worker process: one thread, one epoll loop (mio) driving its share of the connections,
+//! each running core's client engine over a nonblocking socket (see `conn.rs`).
 //!
 //! The parent writes the [`WorkerSpec`] as the first line of stdin, then `go` (start the
 //! load) and `stop` (stop it, settle, report). The worker writes a [`WorkerLine::Progress`]
@@ -21,131 +21,236 @@
 //! reads a sample of its conversations back with Pull (phase `Verifying`). Its client
 //! engine is rebuilt, unacked messages restored, after each disconnect, so a reconnect
 //! never Syncs the cursors of thousands of conversations.
+//!
+//! # The tick
+//!
+//! The loop wakes at most once per [`TICK`] (1 ms), on the tick's boundary, and does the
+//! tick's work in that one wake-up: every socket event since the last, then every timer
+//! due by the boundary. Timers fire on boundaries, and a send's intended time is its
+//! schedule time rounded up to the boundary it goes out on, so rounding is never counted
+//! as the gateway's latency (only the loop's lateness past the boundary is, as it must
+//! be). Receptions are timed by the kernel (`SO_TIMESTAMPNS`: when the bytes reached the
+//! socket), not by when the loop got to them, so waiting for the boundary adds nothing
+//! to a measured latency either. When nothing is due the loop blocks in epoll after the
+//! boundary, so an idle worker still answers at once.
+//!
+//! Why: on the shared build machines a wake-up of a sleeping process costs tens of
+//! microseconds (a virtual CPU leaves and re-enters idle), more than the frames it
+//! handles. Waking on every arrival, a worker at 10,000 messages/s took over 3,000 wake-ups
+//! a second; on the tick it takes 1,000, whatever the rate. 1 ms is also the resolution
+//! of the tokio timers the loadgen used before (and the peer load generator still uses),
+//! so the gateway sees the same shape of load: each millisecond's sends together.
+//!
+//! Why a hand-written loop and not an async runtime: loadgen must cost the machine less than
+//! the gateway it measures, on the same cores. One loop over nonblocking sockets, one timer
+//! heap, a read per frame received and a write per frame sent (no task per connection, no
+//! waker, no timer registration per message) is what keeps it there. It shares no code with
+//! the gateway's Reactor (io_uring), so a bug in one cannot hide in the other.
+//!
+//! [`ConvsSpec`]: crate::spec::ConvsSpec
 
-use crate::ledger::{Ledger, Seen};
-use crate::spec::{ConvsSpec, Counters, Report, Scenario, Unit, WorkerLine, WorkerSpec};
+use crate::conn::{untoken, Conn};
+use crate::ledger::Ledger;
+use crate::spec::{Counters, Report, WorkerLine, WorkerSpec};
+use crate::timers::Timers;
 use anyhow::{Context, Result};
-use bytes::{Bytes, BytesMut};
 use hdrhistogram::serialization::{Serializer, V2Serializer};
 use hdrhistogram::Histogram;
 use imgate_core::auth::{SigningKey, TokenSigner};
-use imgate_core::client::{
-    Client, ClientConfig, ClientError, ClientEvent, Priority, RequestFailure, SendFailure,
-};
-use imgate_core::proto::{ClientMsgId, ConvId, DeviceId, ErrorCode, Seq, UserId};
-use std::cell::RefCell;
-use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::io::Write;
-use std::net::{Ipv4Addr, SocketAddr};
-use std::rc::Rc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
-use tokio::net::{TcpSocket, TcpStream};
-use tokio::sync::watch;
-use tokio::time::{sleep_until, Instant};
+use mio::{Events, Poll, Registry, Token, Waker};
+use std::collections::BTreeMap;
+use std::io::{BufRead, Write};
+use std::sync::mpsc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// Bytes at the front of every payload: intended send time (u64 ns), sender (u32), number
 /// (u32), little-endian.
 pub const PAYLOAD_HEADER: usize = 16;
 
-/// Largest latency the histograms hold: 60 s, in microseconds. Larger samples are clamped.
-const LATENCY_MAX_US: u64 = 60_000_000;
-
-/// Bytes read from a socket at once, into the worker's one scratch buffer.
+/// Bytes read from a socket at once, into the worker's one scratch buffer: far above a
+/// frame of the default 100-byte payload, so a read almost always empties the socket.
 const READ_CHUNK: usize = 64 * 1024;
 
-/// Bound on the sends one wake-up catches up on; a loop stalled longer than that many
-/// intervals drops the rest of its backlog (counted as `send backlog dropped`).
-const CATCH_UP_MAX: u32 = 1000;
+/// Socket events taken from one `epoll_wait`: enough that a busy second (tens of thousands
+/// of frames) takes a few calls a millisecond, not one per frame.
+const EVENTS_PER_POLL: usize = 1024;
 
-/// Reconnect backoff after an error: first and largest wait.
-const BACKOFF_MIN: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// The loop's period: it wakes at most once per tick, on the tick's boundary (see the
+/// module doc). 1 ms: the timer resolution of the tokio loadgen this loop replaced, so the
+/// load keeps its shape (each millisecond's sends leave together) and latencies their
+/// resolution; a longer tick would send in larger bursts, which the gateway handles more
+/// cheaply than the spread-out arrivals of real clients.
+pub const TICK: Duration = Duration::from_millis(1);
 
-/// How long a TCP connect may take.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// How often the drain checks whether everything settled.
-const SETTLE_POLL: Duration = Duration::from_millis(50);
-
-/// How long a conversation refused `RateLimited` (or not taken by a full outbox) waits
-/// before it is written again, at least (`Convs`); a random fraction of it is added.
-const RETRY_AFTER: Duration = Duration::from_millis(200);
+/// How late the kernel may wake the loop past a boundary, ns (`PR_SET_TIMERSLACK`; the
+/// default is 50 µs): any lateness adds to the latencies measured, and a worker's few
+/// timers gain nothing from being grouped with others'.
+const TIMER_SLACK_NS: std::os::raw::c_ulong = 1_000;
 
 /// Progress lines a second in the `Convs` scenario, so the parent reads the number of
 /// conversations written (and samples the gateway) at a finer step than once a second.
 const CONVS_PROGRESS_EVERY: Duration = Duration::from_millis(250);
 
+/// Progress lines otherwise.
+const PROGRESS_EVERY: Duration = Duration::from_secs(1);
+
 /// Least time the read-back of the `Convs` scenario may take before what is left of it
 /// is counted unfinished.
 const VERIFY_MIN: Duration = Duration::from_secs(10);
 
+/// Pause between the settle and the read-back (`Convs`): the last writes again may have
+/// spent the connection's frame budget at the gateway, and a Pull over it would be refused
+/// with a close.
+const VERIFY_PAUSE: Duration = Duration::from_secs(1);
+
+/// The longest the loop sleeps with nothing due, so a wedged clock or a lost wake-up costs
+/// a second at most.
+const POLL_IDLE_MAX: Duration = Duration::from_secs(1);
+
+/// The token of the waker the stdin thread pulls; connection tokens never reach it (their
+/// generation half would have to be all ones as well as the slot).
+const STDIN_TOKEN: Token = Token(usize::MAX);
+
+/// Where the run is, as the connections see it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-enum Phase {
+pub enum Phase {
+    /// Connections opening; no load yet.
     Connecting,
+    /// Between `go` and `stop`: the load.
     Running,
+    /// After `stop`: acks and deliveries settle.
     Draining,
     /// `Convs` only: read a sample of the conversations back.
     Verifying,
+    /// Over: the report is being made.
     Done,
 }
 
-/// Everything the connection tasks share (one thread, so `RefCell`).
-struct State {
-    counters: Counters,
-    errors: BTreeMap<String, u64>,
-    ledger: Ledger,
+/// The worker's clocks: a monotonic epoch for latencies and ticks, the client engines' ms
+/// clock, and the wall clock the kernel stamps receptions with.
+pub struct Clock {
+    epoch: Instant,
+    /// Unix ms at `epoch`: the client engines' clock.
+    epoch_unix_ms: u64,
+    /// A monotonic instant and the wall-clock time read with it, taken after each
+    /// `epoll_wait`: converts the kernel's receive stamps (wall clock) to instants. Taken
+    /// afresh each time, so a step of the wall clock moves only the stamps around it.
+    synced: (Instant, SystemTime),
+}
+
+impl Clock {
+    /// A clock whose epoch is now.
+    fn new() -> Result<Clock> {
+        let (now, wall) = (Instant::now(), SystemTime::now());
+        Ok(Clock {
+            epoch: now,
+            epoch_unix_ms: wall.duration_since(UNIX_EPOCH)?.as_millis() as u64,
+            synced: (now, wall),
+        })
+    }
+
+    /// The engines' time at `t`.
+    pub fn core_at(&self, t: Instant) -> imgate_core::Instant {
+        imgate_core::Instant::from_millis(
+            self.epoch_unix_ms + t.saturating_duration_since(self.epoch).as_millis() as u64,
+        )
+    }
+
+    /// The monotonic instant of engine time `t`.
+    pub fn instant_of(&self, t: imgate_core::Instant) -> Instant {
+        self.epoch + Duration::from_millis(t.as_millis().saturating_sub(self.epoch_unix_ms))
+    }
+
+    /// `t` in ns since the epoch: the clock payloads carry.
+    pub fn nanos_since_epoch(&self, t: Instant) -> u64 {
+        t.saturating_duration_since(self.epoch).as_nanos() as u64
+    }
+
+    /// The first tick boundary at or after `t`.
+    pub fn tick_ceil(&self, t: Instant) -> Instant {
+        let ns = self.nanos_since_epoch(t);
+        let tick = TICK.as_nanos() as u64;
+        self.epoch + Duration::from_nanos(ns.div_ceil(tick) * tick)
+    }
+
+    /// The last tick boundary at or before `t`.
+    pub fn tick_floor(&self, t: Instant) -> Instant {
+        let ns = self.nanos_since_epoch(t);
+        let tick = TICK.as_nanos() as u64;
+        self.epoch + Duration::from_nanos(ns / tick * tick)
+    }
+
+    /// Reads both clocks together, for [`Clock::instant_of_stamp`].
+    fn sync(&mut self) {
+        self.synced = (Instant::now(), SystemTime::now());
+    }
+
+    /// The instant of a kernel receive stamp (wall clock), as of the last sync; a stamp
+    /// after the sync (it cannot be, but wall clocks step) is taken as the sync itself.
+    pub fn instant_of_stamp(&self, stamp: SystemTime) -> Instant {
+        let (mono, wall) = self.synced;
+        let age = wall.duration_since(stamp).unwrap_or(Duration::ZERO);
+        mono.checked_sub(age).unwrap_or(mono)
+    }
+}
+
+/// Counters, the ledger and the histograms: what every connection adds to.
+pub struct State {
+    /// The counters progress lines carry.
+    pub counters: Counters,
+    /// Errors by kind.
+    pub errors: BTreeMap<String, u64>,
+    /// Acks and receptions, for the verdict.
+    pub ledger: Ledger,
     /// Send-to-ack latency of the messages sent in the load window (`in_window`), so
     /// that its count is the window's `sent` once all are acked.
-    ack_hist: Histogram<u64>,
-    deliver_hist: Histogram<u64>,
-    /// Between `go` and `stop`, as the window's counters see it: set in the same step
-    /// that takes `at_go`, cleared in the one that takes `at_stop`. A connection task
-    /// may still act on the phase it read before (a send after `stop`), so this, not
-    /// the phase, says whether a send is in the window.
-    in_window: bool,
+    pub ack_hist: Histogram<u64>,
+    /// Send-to-deliver latency of every message shown to a receiver.
+    pub deliver_hist: Histogram<u64>,
+    /// Between `go` and `stop`, as the window's counters see it: set in the step that
+    /// takes `at_go`, cleared in the one that takes `at_stop`.
+    pub in_window: bool,
     /// Sum of every client's outbox: messages not yet acked or finally refused (with, in
     /// `Convs`, conversations waiting to be written again).
-    outboxes: usize,
-    /// `Convs` read-back: connections that planned theirs, and reads not yet concluded.
-    verify_planned: u64,
-    verify_open: u64,
+    pub outboxes: usize,
+    /// `Convs` read-back: connections that planned theirs...
+    pub verify_planned: u64,
+    /// ...and reads not yet concluded.
+    pub verify_open: u64,
     /// Receptions owed for acked messages (an acked message owes one per other member)...
-    owed: u64,
+    pub owed: u64,
     /// ...and receptions made (first showings only).
-    made: u64,
+    pub made: u64,
 }
 
 impl State {
-    fn error(&mut self, kind: impl Into<String>, n: u64) {
+    /// Counts `n` errors of `kind`.
+    pub fn error(&mut self, kind: impl Into<String>, n: u64) {
         *self.errors.entry(kind.into()).or_default() += n;
         self.counters.errors += n;
     }
 }
 
-struct Shared {
-    spec: WorkerSpec,
-    epoch: Instant,
-    /// Unix ms at `epoch`: the client engines' clock.
-    epoch_unix_ms: u64,
-    signer: TokenSigner,
-    state: RefCell<State>,
-}
-
-impl Shared {
-    fn core_now(&self) -> imgate_core::Instant {
-        imgate_core::Instant::from_millis(
-            self.epoch_unix_ms + self.epoch.elapsed().as_millis() as u64,
-        )
-    }
-
-    fn instant_of(&self, t: imgate_core::Instant) -> Instant {
-        self.epoch + Duration::from_millis(t.as_millis().saturating_sub(self.epoch_unix_ms))
-    }
-
-    fn nanos_since_epoch(&self, t: Instant) -> u64 {
-        t.saturating_duration_since(self.epoch).as_nanos() as u64
-    }
+/// What the connections' handlers share: one thread owns it and lends it to each in turn.
+pub struct Ctx {
+    /// The worker's spec.
+    pub spec: WorkerSpec,
+    /// The clocks.
+    pub clock: Clock,
+    /// Mints each connection's token.
+    pub signer: TokenSigner,
+    /// Counters, ledger, histograms.
+    pub state: State,
+    /// The run's phase.
+    pub phase: Phase,
+    /// Where sockets are registered.
+    pub registry: Registry,
+    /// Each connection's next wake-up.
+    pub timers: Timers,
+    /// Every read goes through it (see `conn::read_available`).
+    pub scratch: Vec<u8>,
+    /// Room for a read's control message: its receive stamp.
+    pub cmsg: Vec<u8>,
 }
 
 /// Runs a worker: reads its spec from stdin, applies the load, prints its report.
@@ -156,11 +261,10 @@ pub fn run() -> Result<()> {
         .context("reading the worker spec from stdin")?;
     let spec: WorkerSpec = serde_json::from_str(&line).context("parsing the worker spec")?;
     crate::sys::raise_nofile_limit();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let local = tokio::task::LocalSet::new();
-    let report = local.block_on(&rt, drive(spec))?;
+    // Tick boundaries to the microsecond rather than the default 50 µs late: lateness
+    // past a boundary is counted in the latencies. Best effort.
+    let _ = nix::sys::prctl::set_timerslack(TIMER_SLACK_NS);
+    let report = Worker::new(spec)?.run()?;
     emit(&WorkerLine::Report(Box::new(report)));
     Ok(())
 }
@@ -173,770 +277,406 @@ fn emit(line: &WorkerLine) {
     let _ = out.flush();
 }
 
-async fn drive(spec: WorkerSpec) -> Result<Report> {
-    let signer = TokenSigner::new(&SigningKey::Hs256 {
-        secret: spec.secret.clone(),
-    })
-    .map_err(|e| anyhow::anyhow!("the signing secret is unusable: {e}"))?;
-    let hist = || Histogram::<u64>::new_with_bounds(1, LATENCY_MAX_US, 3).expect("valid bounds");
-    let epoch_unix_ms = SystemTime::now().duration_since(UNIX_EPOCH)?.as_millis() as u64;
-    let shared = Rc::new(Shared {
-        epoch: Instant::now(),
-        epoch_unix_ms,
-        signer,
-        state: RefCell::new(State {
-            counters: Counters::default(),
-            errors: BTreeMap::new(),
-            ledger: Ledger::default(),
-            ack_hist: hist(),
-            deliver_hist: hist(),
-            in_window: false,
-            outboxes: 0,
-            verify_planned: 0,
-            verify_open: 0,
-            owed: 0,
-            made: 0,
-        }),
-        spec,
-    });
-    let (phase_tx, phase_rx) = watch::channel(Phase::Connecting);
+/// A line from the parent, or the end of its stdin (read as `stop`).
+type Command = std::io::Result<Option<String>>;
 
-    // Open the connections at the connect rate, in the background.
-    let opener = {
-        let shared = shared.clone();
-        let phase_rx = phase_rx.clone();
-        tokio::task::spawn_local(async move {
-            let gap = Duration::from_secs_f64(1.0 / shared.spec.connect_rate.max(1.0));
-            let mut next = Instant::now();
-            for unit in &shared.spec.units {
-                for &index in &unit.members {
-                    sleep_until(next).await;
-                    next += gap;
-                    if *phase_rx.borrow() >= Phase::Draining {
-                        return;
-                    }
-                    let conn = Conn::new(&shared, unit, index);
-                    tokio::task::spawn_local(conn.run(shared.clone(), phase_rx.clone()));
-                }
+/// Reads the parent's commands on a thread of its own (stdin is a pipe epoll would have
+/// to share with the sockets) and wakes the loop for each.
+fn spawn_stdin_reader(waker: Waker) -> mpsc::Receiver<Command> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut lines = std::io::stdin().lock().lines();
+        loop {
+            let cmd = lines.next().transpose();
+            let last = !matches!(cmd, Ok(Some(_)));
+            if tx.send(cmd).is_err() {
+                return;
             }
+            // A loop that is gone no longer needs waking.
+            let _ = waker.wake();
+            if last {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+/// Where the worker is in its run, besides the connections' phase.
+#[derive(Clone, Copy, Debug)]
+enum Stage {
+    /// Connecting, then loading, until `stop`.
+    Loading,
+    /// After `stop`: waiting until everything is acked and received, up to `until`.
+    Settling { until: Instant },
+    /// `Convs`: the pause before the read-back.
+    Pausing { until: Instant },
+    /// `Convs`: the read-back, up to `until`.
+    Verifying { until: Instant },
+}
+
+/// The worker: the loop, the connections and the run's bookkeeping.
+struct Worker {
+    poll: Poll,
+    ctx: Ctx,
+    conns: Vec<Conn>,
+    commands: mpsc::Receiver<Command>,
+    /// The next connection to open: unit and member, and when.
+    open_unit: usize,
+    open_member: usize,
+    next_open: Instant,
+    open_gap: Duration,
+    connections: u64,
+    stage: Stage,
+    next_progress: Instant,
+    progress_every: Duration,
+    told_ready: bool,
+    at_go: Counters,
+    go_time: Option<Instant>,
+    at_stop: Counters,
+    stop_time: Option<Instant>,
+    held_min: u64,
+}
+
+impl Worker {
+    fn new(spec: WorkerSpec) -> Result<Worker> {
+        let signer = TokenSigner::new(&SigningKey::Hs256 {
+            secret: spec.secret.clone(),
         })
-    };
-
-    // Commands from the parent; progress to it.
-    let mut stdin = tokio::io::BufReader::new(tokio::io::stdin()).lines();
-    let mut tick = tokio::time::interval(if shared.spec.convs.is_some() {
-        CONVS_PROGRESS_EVERY
-    } else {
-        Duration::from_secs(1)
-    });
-    // While connecting, a progress line also goes out the moment the last connection is
-    // up, so the parent times the connect phase to the millisecond, not the second.
-    let mut ready_check = tokio::time::interval(SETTLE_POLL);
-    let mut told_ready = false;
-    let connections = shared.spec.connections() as u64;
-    let mut at_go = Counters::default();
-    let mut go_time = None;
-    let mut held_min = u64::MAX;
-    let (at_stop, stop_time) = loop {
-        tokio::select! {
-            line = stdin.next_line() => {
-                let cmd = line?.unwrap_or_else(|| "stop".into());
-                let counters = shared.state.borrow().counters;
-                match cmd.trim() {
-                    "go" if go_time.is_none() => {
-                        at_go = counters;
-                        shared.state.borrow_mut().in_window = true;
-                        go_time = Some(Instant::now());
-                        phase_tx.send_replace(Phase::Running);
-                    }
-                    "stop" => {
-                        shared.state.borrow_mut().in_window = false;
-                        phase_tx.send_replace(Phase::Draining);
-                        break (counters, Instant::now());
-                    }
-                    other => anyhow::bail!("unknown command from the parent: {other:?}"),
-                }
-            }
-            _ = ready_check.tick(), if !told_ready => {
-                let counters = shared.state.borrow().counters;
-                if counters.authenticated == connections {
-                    told_ready = true;
-                    emit(&WorkerLine::Progress(counters));
-                }
-            }
-            _ = tick.tick() => {
-                let counters = shared.state.borrow().counters;
-                if go_time.is_some() {
-                    held_min = held_min.min(counters.authenticated);
-                }
-                emit(&WorkerLine::Progress(counters));
-            }
-        }
-    };
-    opener.abort();
-
-    // Settle: every connection back up, every message acked (or finally refused) and
-    // every owed reception made.
-    let deadline = Instant::now() + Duration::from_secs(shared.spec.drain_secs);
-    while Instant::now() < deadline {
-        {
-            let st = shared.state.borrow();
-            if st.counters.authenticated == connections && st.outboxes == 0 && st.made >= st.owed {
-                break;
-            }
-        }
-        tokio::time::sleep(SETTLE_POLL).await;
-    }
-
-    // Convs: read a sample of the conversations back.
-    if shared
-        .spec
-        .convs
-        .is_some_and(|c| c.verify_per_connection > 0)
-    {
-        // A pause first: the last writes again may have spent the connection's frame
-        // budget at the gateway, and a Pull over it would be refused with a close.
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        phase_tx.send_replace(Phase::Verifying);
-        let wait = Duration::from_secs(shared.spec.drain_secs).max(VERIFY_MIN);
-        let deadline = Instant::now() + wait;
-        while Instant::now() < deadline {
-            {
-                let st = shared.state.borrow();
-                if st.verify_planned == connections && st.verify_open == 0 {
-                    break;
-                }
-            }
-            tokio::time::sleep(SETTLE_POLL).await;
-        }
-        let mut st = shared.state.borrow_mut();
-        let (open, unplanned) = (st.verify_open, connections - st.verify_planned);
-        if open > 0 || unplanned > 0 {
-            st.error(
-                format!(
-                    "read-back unfinished: {open} reads open, {unplanned} connections never read"
-                ),
-                open.max(1),
-            );
-        }
-    }
-    phase_tx.send_replace(Phase::Done);
-
-    let st = shared.state.borrow();
-    let expectations: Vec<(u32, &[u32])> = shared
-        .spec
-        .units
-        .iter()
-        .flat_map(|u| u.senders.iter().map(move |&s| (s, &u.members[..])))
-        .collect();
-    let verdict = st.ledger.verdict(expectations, st.outboxes as u64);
-    let serialize = |h: &Histogram<u64>| -> Result<Vec<u8>> {
-        let mut buf = Vec::new();
-        V2Serializer::new()
-            .serialize(h, &mut buf)
-            .map_err(|e| anyhow::anyhow!("serializing a histogram: {e:?}"))?;
-        Ok(buf)
-    };
-    Ok(Report {
-        totals: st.counters,
-        at_go,
-        at_stop,
-        window_secs: go_time.map_or(0.0, |g| (stop_time - g).as_secs_f64()),
-        held_min: if held_min == u64::MAX {
-            st.counters.authenticated
+        .map_err(|e| anyhow::anyhow!("the signing secret is unusable: {e}"))?;
+        let hist = || {
+            Histogram::<u64>::new_with_bounds(1, crate::conn::LATENCY_MAX_US, 3)
+                .expect("valid bounds")
+        };
+        let clock = Clock::new()?;
+        let now = clock.epoch;
+        let poll = Poll::new().context("creating the epoll instance")?;
+        let registry = poll.registry().try_clone()?;
+        let commands = spawn_stdin_reader(Waker::new(poll.registry(), STDIN_TOKEN)?);
+        let connections = spec.connections() as u64;
+        let open_gap = Duration::from_secs_f64(1.0 / spec.connect_rate.max(1.0));
+        let progress_every = if spec.convs.is_some() {
+            CONVS_PROGRESS_EVERY
         } else {
-            held_min
-        },
-        errors: st.errors.clone(),
-        verdict,
-        ack_hist: serialize(&st.ack_hist)?,
-        deliver_hist: serialize(&st.deliver_hist)?,
-    })
+            PROGRESS_EVERY
+        };
+        Ok(Worker {
+            poll,
+            ctx: Ctx {
+                clock,
+                signer,
+                state: State {
+                    counters: Counters::default(),
+                    errors: BTreeMap::new(),
+                    ledger: Ledger::default(),
+                    ack_hist: hist(),
+                    deliver_hist: hist(),
+                    in_window: false,
+                    outboxes: 0,
+                    verify_planned: 0,
+                    verify_open: 0,
+                    owed: 0,
+                    made: 0,
+                },
+                phase: Phase::Connecting,
+                registry,
+                timers: Timers::new(now),
+                scratch: vec![0; READ_CHUNK],
+                cmsg: nix::cmsg_space!(nix::sys::time::TimeSpec),
+                spec,
+            },
+            conns: Vec::with_capacity(connections as usize),
+            commands,
+            open_unit: 0,
+            open_member: 0,
+            next_open: now,
+            open_gap,
+            connections,
+            stage: Stage::Loading,
+            // The first line goes out at once, as the parent expects one early.
+            next_progress: now,
+            progress_every,
+            told_ready: false,
+            at_go: Counters::default(),
+            go_time: None,
+            at_stop: Counters::default(),
+            stop_time: None,
+            held_min: u64::MAX,
+        })
+    }
+
+    /// The loop: socket events, connection timers, the parent's commands, the opener and
+    /// the progress lines, one tick at a time (see the module doc), until the run is over;
+    /// then the report.
+    fn run(mut self) -> Result<Report> {
+        let mut events = Events::with_capacity(EVENTS_PER_POLL);
+        let mut due = Vec::new();
+        loop {
+            let now = Instant::now();
+            self.open_due(now);
+            if !self.advance(now)? {
+                break;
+            }
+            let wanted = [
+                self.ctx.timers.next_deadline(),
+                self.driver_deadline(),
+                Some(now + POLL_IDLE_MAX),
+            ]
+            .into_iter()
+            .flatten()
+            .min()
+            .expect("the idle bound is always there");
+            // Sleep to the next boundary: this tick's work is done, and what arrives
+            // meanwhile is the next tick's. Then block in epoll until something arrives or
+            // the first wanted boundary (at once, when either has come already).
+            let boundary = self.ctx.clock.tick_floor(now) + TICK;
+            std::thread::sleep(boundary.saturating_duration_since(Instant::now()));
+            let until = self.ctx.clock.tick_ceil(wanted).max(boundary);
+            let timeout = until.saturating_duration_since(Instant::now());
+            match self.poll.poll(&mut events, Some(timeout)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e).context("waiting for socket events"),
+            }
+            self.ctx.clock.sync();
+            for ev in events.iter() {
+                if ev.token() == STDIN_TOKEN {
+                    self.commands()?;
+                    continue;
+                }
+                let (slot, generation) = untoken(ev.token());
+                if let Some(conn) = self.conns.get_mut(slot as usize) {
+                    conn.handle_event(&mut self.ctx, ev, generation);
+                }
+            }
+            // Timers due by the boundary just passed, not by `now`: a send fired between
+            // boundaries would be stamped with the next one, still to come.
+            let now = Instant::now();
+            let due_by = self.ctx.clock.tick_floor(now);
+            due.clear();
+            self.ctx.timers.take_due(due_by, &mut due);
+            for &slot in &due {
+                self.conns[slot as usize].handle_timer(&mut self.ctx, now, due_by);
+            }
+        }
+        self.set_phase(Phase::Done, Instant::now());
+        self.report()
+    }
+
+    /// Opens the connections whose time has come (while loading).
+    fn open_due(&mut self, now: Instant) {
+        while matches!(self.stage, Stage::Loading) && self.next_open <= now {
+            let Some(unit) = self.ctx.spec.units.get(self.open_unit) else {
+                return;
+            };
+            let Some(&index) = unit.members.get(self.open_member) else {
+                self.open_unit += 1;
+                self.open_member = 0;
+                continue;
+            };
+            self.open_member += 1;
+            self.next_open += self.open_gap;
+            let slot = self.conns.len() as u32;
+            let mut conn = Conn::new(&self.ctx, unit, index, slot, now);
+            conn.open(&mut self.ctx, now);
+            self.conns.push(conn);
+        }
+    }
+
+    /// The next time the worker itself must act: a connection to open, a progress line,
+    /// the end of a stage.
+    fn driver_deadline(&self) -> Option<Instant> {
+        let opening = self.open_unit < self.ctx.spec.units.len();
+        match self.stage {
+            Stage::Loading => Some(if opening {
+                self.next_open.min(self.next_progress)
+            } else {
+                self.next_progress
+            }),
+            Stage::Settling { until } | Stage::Pausing { until } | Stage::Verifying { until } => {
+                Some(until)
+            }
+        }
+    }
+
+    /// The parent's commands that arrived.
+    fn commands(&mut self) -> Result<()> {
+        while let Ok(cmd) = self.commands.try_recv() {
+            if !matches!(self.stage, Stage::Loading) {
+                continue; // After `stop`, nothing more is asked.
+            }
+            let cmd = cmd?.unwrap_or_else(|| "stop".into());
+            let now = Instant::now();
+            let counters = self.ctx.state.counters;
+            match cmd.trim() {
+                "go" if self.go_time.is_none() => {
+                    self.at_go = counters;
+                    self.ctx.state.in_window = true;
+                    self.go_time = Some(now);
+                    self.set_phase(Phase::Running, now);
+                }
+                "stop" => {
+                    self.ctx.state.in_window = false;
+                    self.at_stop = counters;
+                    self.stop_time = Some(now);
+                    self.stage = Stage::Settling {
+                        until: now + Duration::from_secs(self.ctx.spec.drain_secs),
+                    };
+                    self.set_phase(Phase::Draining, now);
+                }
+                other => anyhow::bail!("unknown command from the parent: {other:?}"),
+            }
+        }
+        Ok(())
+    }
+
+    /// Moves the run on when its time or condition has come; `false` when it is over.
+    fn advance(&mut self, now: Instant) -> Result<bool> {
+        let st = &self.ctx.state;
+        match self.stage {
+            Stage::Loading => {
+                // While connecting, a progress line also goes out the moment the last
+                // connection is up, so the parent times the connect phase to the
+                // millisecond, not the second.
+                if !self.told_ready && st.counters.authenticated == self.connections {
+                    self.told_ready = true;
+                    emit(&WorkerLine::Progress(st.counters));
+                }
+                if now >= self.next_progress {
+                    if self.go_time.is_some() {
+                        self.held_min = self.held_min.min(st.counters.authenticated);
+                    }
+                    emit(&WorkerLine::Progress(st.counters));
+                    self.next_progress += self.progress_every;
+                    if self.next_progress <= now {
+                        self.next_progress = now + self.progress_every;
+                    }
+                }
+            }
+            Stage::Settling { until } => {
+                // Settled: every connection back up, every message acked (or finally
+                // refused) and every owed reception made.
+                let settled = st.counters.authenticated == self.connections
+                    && st.outboxes == 0
+                    && st.made >= st.owed;
+                if settled || now >= until {
+                    let verify = self
+                        .ctx
+                        .spec
+                        .convs
+                        .is_some_and(|c| c.verify_per_connection > 0);
+                    if !verify {
+                        return Ok(false);
+                    }
+                    self.stage = Stage::Pausing {
+                        until: now + VERIFY_PAUSE,
+                    };
+                }
+            }
+            Stage::Pausing { until } => {
+                if now >= until {
+                    let wait = Duration::from_secs(self.ctx.spec.drain_secs).max(VERIFY_MIN);
+                    self.stage = Stage::Verifying { until: now + wait };
+                    self.set_phase(Phase::Verifying, now);
+                }
+            }
+            Stage::Verifying { until } => {
+                let done = st.verify_planned == self.connections && st.verify_open == 0;
+                if done || now >= until {
+                    let st = &mut self.ctx.state;
+                    let (open, unplanned) = (st.verify_open, self.connections - st.verify_planned);
+                    if open > 0 || unplanned > 0 {
+                        st.error(
+                            format!(
+                                "read-back unfinished: {open} reads open, {unplanned} connections never read"
+                            ),
+                            open.max(1),
+                        );
+                    }
+                    return Ok(false);
+                }
+            }
+        }
+        Ok(true)
+    }
+
+    /// Tells every connection the run moved to `phase`.
+    fn set_phase(&mut self, phase: Phase, now: Instant) {
+        self.ctx.phase = phase;
+        if phase == Phase::Done {
+            return; // The report is made now; nothing the connections do would count.
+        }
+        for conn in &mut self.conns {
+            conn.handle_phase(&mut self.ctx, now);
+        }
+    }
+
+    fn report(self) -> Result<Report> {
+        let st = &self.ctx.state;
+        let expectations: Vec<(u32, &[u32])> = self
+            .ctx
+            .spec
+            .units
+            .iter()
+            .flat_map(|u| u.senders.iter().map(move |&s| (s, &u.members[..])))
+            .collect();
+        let verdict = st.ledger.verdict(expectations, st.outboxes as u64);
+        let serialize = |h: &Histogram<u64>| -> Result<Vec<u8>> {
+            let mut buf = Vec::new();
+            V2Serializer::new()
+                .serialize(h, &mut buf)
+                .map_err(|e| anyhow::anyhow!("serializing a histogram: {e:?}"))?;
+            Ok(buf)
+        };
+        let window_secs = match (self.go_time, self.stop_time) {
+            (Some(g), Some(s)) => (s - g).as_secs_f64(),
+            _ => 0.0,
+        };
+        Ok(Report {
+            totals: st.counters,
+            at_go: self.at_go,
+            at_stop: self.at_stop,
+            window_secs,
+            held_min: if self.held_min == u64::MAX {
+                st.counters.authenticated
+            } else {
+                self.held_min
+            },
+            errors: st.errors.clone(),
+            verdict,
+            ack_hist: serialize(&st.ack_hist)?,
+            deliver_hist: serialize(&st.deliver_hist)?,
+        })
+    }
 }
 
-/// Why a session ended.
-enum End {
-    /// The socket failed or the gateway closed it.
-    Broken,
-    /// A drop the scenario asked for: reconnect at once.
-    Planned,
-    /// The run is over.
-    Finished,
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-/// A message awaiting its Ack: what restores it into a rebuilt client engine, and what
-/// the ledger and the latency histogram need when it is acked.
-struct Sent {
-    /// Intended send time, ns since the worker's epoch.
-    intended: u64,
-    /// The sender's number for it.
-    number: u32,
-    /// Sent in the load window (see `State::in_window`).
-    in_window: bool,
-    conv: ConvId,
-    payload: Bytes,
-}
+    #[test]
+    fn ticks_round_to_the_boundaries_of_the_epoch() {
+        let clock = Clock::new().unwrap();
+        let at = |us: u64| clock.epoch + Duration::from_micros(us);
+        assert_eq!(clock.tick_ceil(at(0)), at(0));
+        assert_eq!(clock.tick_ceil(at(1)), at(1000));
+        assert_eq!(clock.tick_ceil(at(1000)), at(1000));
+        assert_eq!(clock.tick_floor(at(1999)), at(1000));
+        assert_eq!(clock.tick_floor(at(2000)), at(2000));
+    }
 
-/// One connection: its client engine and its place in the load.
-struct Conn {
-    index: u32,
-    conv: Option<ConvId>,
-    /// Other members' connections in this worker (receivers of this one's messages).
-    peers: u32,
-    source: Ipv4Addr,
-    client: Client,
-    /// Client engines built before this one (`Convs` rebuilds it after a disconnect).
-    rebuilds: u64,
-    /// Messages awaiting their Ack.
-    pending: HashMap<ClientMsgId, Sent>,
-    /// The `Convs` plan, this connection's user, and the next conversation of its share.
-    convs: Option<ConvsSpec>,
-    user: UserId,
-    next_j: u64,
-    /// Conversations to write again, and from when (`Convs`).
-    again: VecDeque<(Instant, ConvId)>,
-    /// Conversations to read back, whether they were chosen yet, and reads in flight by
-    /// request number (`Convs`).
-    verify_queue: VecDeque<ConvId>,
-    verify_planned: bool,
-    verify_pending: HashMap<u32, ConvId>,
-    next_number: u32,
-    /// Outbox length last told to the shared state.
-    outbox_told: usize,
-    authenticated: bool,
-    payload: Bytes,
-    send_every: Option<Duration>,
-    drop_every: Option<Duration>,
-    next_send: Option<Instant>,
-    next_drop: Option<Instant>,
-    rng: u64,
-}
-
-impl Conn {
-    fn new(shared: &Shared, unit: &Unit, index: u32) -> Conn {
-        let spec = &shared.spec;
-        let user = UserId(spec.user_base + u64::from(index));
-        let token = shared.signer.mint(
-            user,
-            DeviceId(1),
-            shared.core_now() + Duration::from_secs(spec.token_ttl_secs),
+    #[test]
+    fn a_receive_stamp_becomes_the_instant_that_far_back() {
+        let mut clock = Clock::new().unwrap();
+        clock.sync();
+        let (mono, wall) = clock.synced;
+        let stamp = wall - Duration::from_micros(300);
+        assert_eq!(
+            clock.instant_of_stamp(stamp),
+            mono - Duration::from_micros(300)
         );
-        let config = ClientConfig {
-            token,
-            device: DeviceId(1),
-            seed: spec.user_base ^ (u64::from(index) << 32) ^ 0x1D6A7E,
-            heartbeat_interval: Duration::from_secs(spec.heartbeat_secs),
-            ..ClientConfig::default()
-        };
-        let sends = unit.senders.contains(&index) && spec.send_rate_per_sender > 0.0;
-        let convs = spec.convs.filter(|_| spec.scenario == Scenario::Convs);
-        let drops = spec.scenario == Scenario::Reconnect && spec.drop_rate_per_conn > 0.0;
-        Conn {
-            index,
-            conv: unit.conv,
-            peers: unit.members.len().saturating_sub(1) as u32,
-            source: spec.sources[index as usize % spec.sources.len()],
-            client: Client::new(config, BTreeMap::new()),
-            rebuilds: 0,
-            pending: HashMap::new(),
-            convs,
-            user,
-            next_j: 0,
-            again: VecDeque::new(),
-            verify_queue: VecDeque::new(),
-            verify_planned: false,
-            verify_pending: HashMap::new(),
-            next_number: 1,
-            outbox_told: 0,
-            authenticated: false,
-            payload: Bytes::from(vec![0x5a; spec.payload_bytes.max(PAYLOAD_HEADER)]),
-            send_every: sends.then(|| Duration::from_secs_f64(1.0 / spec.send_rate_per_sender)),
-            drop_every: drops.then(|| Duration::from_secs_f64(1.0 / spec.drop_rate_per_conn)),
-            next_send: None,
-            next_drop: None,
-            rng: u64::from(index).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1,
-        }
+        // A stamp from after the sync (a wall clock stepped back) is the sync itself.
+        let later = wall + Duration::from_secs(5);
+        assert_eq!(clock.instant_of_stamp(later), mono);
     }
-
-    /// A uniform fraction of `d`, to spread schedules.
-    fn jitter(&mut self, d: Duration) -> Duration {
-        self.rng ^= self.rng << 13;
-        self.rng ^= self.rng >> 7;
-        self.rng ^= self.rng << 17;
-        d.mul_f64((self.rng >> 11) as f64 / (1u64 << 53) as f64)
-    }
-
-    async fn run(mut self, shared: Rc<Shared>, mut phase: watch::Receiver<Phase>) {
-        let mut backoff = BACKOFF_MIN;
-        loop {
-            if *phase.borrow() == Phase::Done {
-                break;
-            }
-            let end = match self.connect(&shared).await {
-                Ok(mut stream) => {
-                    self.client.handle_connected(shared.core_now());
-                    let end = self.session(&mut stream, &shared, &mut phase).await;
-                    if matches!(end, End::Planned) {
-                        // An abrupt drop, as a phone losing its network: RST, no TIME_WAIT.
-                        // tokio deprecates SO_LINGER because a non-zero linger blocks the
-                        // thread on drop; a zero linger never does.
-                        #[allow(deprecated)]
-                        let _ = stream.set_linger(Some(Duration::ZERO));
-                    }
-                    end
-                }
-                Err(e) => {
-                    shared.state.borrow_mut().error(format!("connect: {e}"), 1);
-                    End::Broken
-                }
-            };
-            self.client.handle_disconnected(shared.core_now());
-            if self.authenticated {
-                self.authenticated = false;
-                shared.state.borrow_mut().counters.authenticated -= 1;
-            }
-            let _ = self.process_events(&shared);
-            if self.convs.is_some() && !matches!(end, End::Finished) {
-                self.rebuild_client(&shared);
-            }
-            match end {
-                End::Finished => break,
-                End::Planned => backoff = BACKOFF_MIN,
-                End::Broken => {
-                    let wait = backoff + self.jitter(backoff);
-                    backoff = (backoff * 2).min(BACKOFF_MAX);
-                    tokio::select! {
-                        _ = tokio::time::sleep(wait) => {}
-                        _ = phase.wait_for(|p| *p == Phase::Done) => break,
-                    }
-                }
-            }
-        }
-    }
-
-    async fn connect(&self, shared: &Shared) -> std::io::Result<TcpStream> {
-        let socket = TcpSocket::new_v4()?;
-        socket.bind(SocketAddr::new(self.source.into(), 0))?;
-        let stream = tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(shared.spec.gateway))
-            .await
-            .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "timed out"))??;
-        stream.set_nodelay(true)?;
-        Ok(stream)
-    }
-
-    async fn session(
-        &mut self,
-        stream: &mut TcpStream,
-        shared: &Shared,
-        phase: &mut watch::Receiver<Phase>,
-    ) -> End {
-        let mut rbuf = BytesMut::new();
-        let mut out = BytesMut::new();
-        loop {
-            if *phase.borrow() == Phase::Verifying {
-                self.verify_step(shared);
-            }
-            // Write what the engine queued, then act on its events.
-            while let Some(b) = self.client.poll_transmit() {
-                out.extend_from_slice(&b);
-            }
-            if !out.is_empty() {
-                if let Err(e) = stream.write_all(&out).await {
-                    shared
-                        .state
-                        .borrow_mut()
-                        .error(format!("write: {}", e.kind()), 1);
-                    return End::Broken;
-                }
-                out.clear();
-            }
-            if let Some(end) = self.process_events(shared) {
-                // Flush what the engine queued last (an Error frame), best effort.
-                while let Some(b) = self.client.poll_transmit() {
-                    let _ = stream.write_all(&b).await;
-                }
-                return end;
-            }
-
-            let now_phase = *phase.borrow();
-            if now_phase == Phase::Done {
-                return End::Finished;
-            }
-            self.arm_schedules(now_phase);
-            let engine_timer = self.client.poll_timeout().map(|t| shared.instant_of(t));
-            let wake = [engine_timer, self.next_send, self.next_drop]
-                .into_iter()
-                .flatten()
-                .min()
-                .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
-
-            tokio::select! {
-                r = stream.readable() => {
-                    if let Err(e) = r {
-                        shared.state.borrow_mut().error(format!("read: {}", e.kind()), 1);
-                        return End::Broken;
-                    }
-                    match read_available(stream, &mut rbuf) {
-                        Ok(true) => self.client.handle_bytes(shared.core_now(), &mut rbuf),
-                        Ok(false) => {
-                            if now_phase < Phase::Done {
-                                shared.state.borrow_mut().error("closed by the gateway without a frame", 1);
-                            }
-                            return End::Broken;
-                        }
-                        Err(e) => {
-                            shared.state.borrow_mut().error(format!("read: {}", e.kind()), 1);
-                            return End::Broken;
-                        }
-                    }
-                }
-                _ = sleep_until(wake) => {
-                    let now = Instant::now();
-                    if engine_timer.is_some_and(|t| t <= now) {
-                        self.client.handle_timeout(shared.core_now());
-                    }
-                    if self.next_send.is_some_and(|t| t <= now) {
-                        self.send_due(shared, now, now_phase);
-                    }
-                    if self.next_drop.is_some_and(|t| t <= now) {
-                        self.next_drop = self.next_drop.zip(self.drop_every).map(|(t, d)| (t + d).max(now));
-                        // A connection still logging in skips this drop; its timer moved on
-                        // either way, so the loop never spins on a past deadline.
-                        if self.authenticated {
-                            shared.state.borrow_mut().counters.drops += 1;
-                            return End::Planned;
-                        }
-                    }
-                }
-                _ = phase.changed() => {}
-            }
-        }
-    }
-
-    /// Starts the send and drop schedules when the load starts; stops them after (a
-    /// `Convs` connection keeps sending while it has conversations to write again).
-    fn arm_schedules(&mut self, phase: Phase) {
-        let now = Instant::now();
-        match self.send_every.filter(|_| self.has_work(phase)) {
-            None => self.next_send = None,
-            Some(every) => {
-                if self.next_send.is_none() {
-                    self.next_send = Some(now + self.jitter(every));
-                }
-            }
-        }
-        if phase != Phase::Running {
-            self.next_drop = None;
-        } else if self.next_drop.is_none() {
-            if let Some(every) = self.drop_every {
-                self.next_drop = Some(now + self.jitter(every));
-            }
-        }
-    }
-
-    /// Whether there is anything to send in `phase`.
-    fn has_work(&self, phase: Phase) -> bool {
-        match self.convs {
-            None => phase == Phase::Running && self.conv.is_some(),
-            Some(c) => {
-                (phase == Phase::Running && self.next_j < c.share(self.index))
-                    || (matches!(phase, Phase::Running | Phase::Draining) && !self.again.is_empty())
-            }
-        }
-    }
-
-    /// The conversation the next send goes to, if any is due: the connection's one, or in
-    /// `Convs` a conversation due to be written again, else (while running) a new one.
-    fn next_conv(&mut self, now: Instant, phase: Phase) -> Option<ConvId> {
-        let Some(c) = self.convs else {
-            return self.conv;
-        };
-        if self.again.front().is_some_and(|&(t, _)| t <= now) {
-            return self.again.pop_front().map(|(_, conv)| conv);
-        }
-        if phase == Phase::Running && self.next_j < c.share(self.index) {
-            let k = c.k(self.index, self.next_j);
-            self.next_j += 1;
-            return Some(ConvId::direct(self.user, UserId(c.peer_base + k)));
-        }
-        None
-    }
-
-    /// Sends every message whose intended time has come.
-    fn send_due(&mut self, shared: &Shared, now: Instant, phase: Phase) {
-        let Some(every) = self.send_every else {
-            return;
-        };
-        let mut sent = 0;
-        while let Some(at) = self.next_send.filter(|&t| t <= now) {
-            if sent == CATCH_UP_MAX {
-                let behind = (now - at).as_secs_f64() / every.as_secs_f64();
-                shared
-                    .state
-                    .borrow_mut()
-                    .error("send backlog dropped", behind as u64);
-                self.next_send = Some(now + every);
-                break;
-            }
-            let Some(conv) = self.next_conv(now, phase) else {
-                // Nothing due: wait for the next conversation to write again, if any
-                // (`arm_schedules` starts the schedule again when there is new work).
-                self.next_send = self.again.front().map(|&(t, _)| t.max(at + every));
-                break;
-            };
-            self.next_send = Some(at + every);
-            sent += 1;
-            let intended = shared.nanos_since_epoch(at);
-            let number = self.next_number;
-            let mut payload = BytesMut::from(&self.payload[..]);
-            payload[0..8].copy_from_slice(&intended.to_le_bytes());
-            payload[8..12].copy_from_slice(&self.index.to_le_bytes());
-            payload[12..16].copy_from_slice(&number.to_le_bytes());
-            let payload = payload.freeze();
-            match self
-                .client
-                .send(shared.core_now(), conv, payload.clone(), Priority::Normal)
-            {
-                Ok(id) => {
-                    self.next_number += 1;
-                    let mut st = shared.state.borrow_mut();
-                    let sent = Sent {
-                        intended,
-                        number,
-                        in_window: st.in_window,
-                        conv,
-                        payload,
-                    };
-                    self.pending.insert(id, sent);
-                    st.counters.sent += 1;
-                }
-                Err(ClientError::OutboxFull { .. }) if self.convs.is_some() => {
-                    // Backpressure from a slow gateway: this conversation waits its turn.
-                    let wait = RETRY_AFTER + self.jitter(RETRY_AFTER);
-                    self.again.push_back((now + wait, conv));
-                }
-                Err(e) => shared.state.borrow_mut().error(format!("send: {e}"), 1),
-            }
-        }
-    }
-
-    /// After a disconnect (`Convs`): a new client engine, with no cursors, holding the
-    /// unacked messages under their own ids (so a message that became durable before the
-    /// disconnect is answered by dedupe, not stored twice). The old engine's cursors, one
-    /// per conversation written, would make the reconnect's Sync longer than the gateway
-    /// takes.
-    fn rebuild_client(&mut self, shared: &Shared) {
-        self.rebuilds += 1;
-        let mut config = self.client.config().clone();
-        // A new seed: the new engine must not draw the ids the old one drew.
-        config.seed = config
-            .seed
-            .wrapping_add(self.rebuilds.wrapping_mul(0x9E37_79B9_7F4A_7C15));
-        let mut client = Client::new(config, BTreeMap::new());
-        let mut unacked: Vec<(&ClientMsgId, &Sent)> = self.pending.iter().collect();
-        unacked.sort_by_key(|(_, p)| p.number);
-        let mut st = shared.state.borrow_mut();
-        for (id, p) in unacked {
-            if let Err(e) = client.restore_unacked(*id, p.conv, p.payload.clone(), Priority::Normal)
-            {
-                st.error(format!("restoring an unacked message: {e}"), 1);
-            }
-        }
-        self.client = client;
-        // Reads in flight died with the connection: they go again.
-        for (_, conv) in self.verify_pending.drain() {
-            self.verify_queue.push_back(conv);
-        }
-    }
-
-    /// `Convs` read-back: chooses the conversations to read (once, spread evenly over
-    /// those this connection wrote) and keeps as many Pulls in flight as the engine allows.
-    fn verify_step(&mut self, shared: &Shared) {
-        let Some(c) = self.convs else {
-            return;
-        };
-        if !self.verify_planned {
-            self.verify_planned = true;
-            let written = self.next_j;
-            let v = c.verify_per_connection.min(written);
-            for t in 0..v {
-                let j = t * written / v;
-                let k = c.k(self.index, j);
-                self.verify_queue
-                    .push_back(ConvId::direct(self.user, UserId(c.peer_base + k)));
-            }
-            let mut st = shared.state.borrow_mut();
-            st.verify_planned += 1;
-            st.verify_open += v;
-        }
-        while let Some(&conv) = self.verify_queue.front() {
-            // Not ready or at the engine's bound of Pulls: the rest go on a later turn.
-            let Ok(req) = self.client.pull(shared.core_now(), conv, Seq(1), 1) else {
-                break;
-            };
-            self.verify_queue.pop_front();
-            self.verify_pending.insert(req, conv);
-        }
-    }
-
-    /// Handles the engine's events; says if the session must end.
-    fn process_events(&mut self, shared: &Shared) -> Option<End> {
-        let mut end = None;
-        let mut st = shared.state.borrow_mut();
-        while let Some(ev) = self.client.poll_event() {
-            match ev {
-                ClientEvent::Authenticated { .. } => {
-                    if !self.authenticated {
-                        self.authenticated = true;
-                        st.counters.authenticated += 1;
-                    }
-                    st.counters.logins += 1;
-                }
-                ClientEvent::Acked { client_msg_id, .. } => {
-                    if let Some(sent) = self.pending.remove(&client_msg_id) {
-                        if sent.in_window {
-                            let lat = shared
-                                .nanos_since_epoch(Instant::now())
-                                .saturating_sub(sent.intended);
-                            st.ack_hist
-                                .saturating_record((lat / 1000).clamp(1, LATENCY_MAX_US));
-                        }
-                        st.ledger.acked(self.index, sent.number);
-                        st.counters.acked += 1;
-                        st.owed += u64::from(self.peers);
-                    }
-                }
-                ClientEvent::Nacked {
-                    client_msg_id,
-                    conv,
-                    code,
-                    retriable,
-                    ..
-                } if self.convs.is_some() && code == ErrorCode::RateLimited && !retriable => {
-                    // Refused, not stored: written again later, as a new message.
-                    if self.pending.remove(&client_msg_id).is_some() {
-                        st.counters.rate_limited += 1;
-                        let wait = RETRY_AFTER + self.jitter(RETRY_AFTER);
-                        self.again.push_back((Instant::now() + wait, conv));
-                    }
-                }
-                ClientEvent::Nacked {
-                    client_msg_id,
-                    code,
-                    retriable,
-                    ..
-                } => {
-                    st.error(format!("nack: {code:?}"), 1);
-                    if retriable {
-                        self.client.retry(shared.core_now(), client_msg_id);
-                    } else {
-                        self.pending.remove(&client_msg_id);
-                    }
-                }
-                ClientEvent::SendFailed {
-                    client_msg_id,
-                    reason,
-                    ..
-                } => {
-                    // After a disconnect the engine re-sends by itself after AuthOk.
-                    if reason == SendFailure::Timeout {
-                        st.error("send timeout", 1);
-                        self.client.retry(shared.core_now(), client_msg_id);
-                    }
-                }
-                // Convs: nobody else writes to these conversations, so this is one of this
-                // connection's own messages, replayed by a read-back Pull.
-                ClientEvent::Message { .. } if self.convs.is_some() => {}
-                ClientEvent::Message { payload, .. } => {
-                    if payload.len() < PAYLOAD_HEADER {
-                        st.error("message without a loadgen header", 1);
-                        continue;
-                    }
-                    let intended = u64::from_le_bytes(payload[0..8].try_into().unwrap());
-                    let sender = u32::from_le_bytes(payload[8..12].try_into().unwrap());
-                    let number = u32::from_le_bytes(payload[12..16].try_into().unwrap());
-                    let lat = shared
-                        .nanos_since_epoch(Instant::now())
-                        .saturating_sub(intended);
-                    st.deliver_hist
-                        .saturating_record((lat / 1000).clamp(1, LATENCY_MAX_US));
-                    st.counters.delivered += 1;
-                    if st.ledger.received(self.index, sender, number) != Seen::Repeat {
-                        st.made += 1;
-                    }
-                }
-                ClientEvent::HistoryGap {
-                    from_seq, to_seq, ..
-                } => st.error("history gap", to_seq.0 - from_seq.0 + 1),
-                ClientEvent::SyncFailed { reason, .. } => {
-                    st.error(format!("sync failed: {reason:?}"), 1)
-                }
-                ClientEvent::PullDone {
-                    req, latest_seq, ..
-                } => {
-                    if self.verify_pending.remove(&req).is_some() {
-                        st.verify_open -= 1;
-                        if latest_seq >= Seq(1) {
-                            st.counters.verified += 1;
-                        } else {
-                            st.counters.verify_missing += 1;
-                        }
-                    }
-                }
-                ClientEvent::PullFailed { req, conv, reason } => {
-                    let what = match &reason {
-                        RequestFailure::Rejected { code, .. } => format!("{code:?}"),
-                        other => format!("{other:?}"),
-                    };
-                    st.error(format!("pull failed: {what}"), 1);
-                    if self.verify_pending.remove(&req).is_some() {
-                        // Read again (a disconnect or a timeout); the deadline bounds it.
-                        self.verify_queue.push_back(conv);
-                    }
-                }
-                ClientEvent::Closed { code, message, .. } => {
-                    st.error(format!("closed: {code:?}: {message}"), 1);
-                    end = Some(End::Broken);
-                }
-                ClientEvent::Dead => {
-                    st.error("gateway silent for two heartbeats", 1);
-                    end = Some(End::Broken);
-                }
-                ClientEvent::Notify { .. }
-                | ClientEvent::SyncDone { .. }
-                | ClientEvent::Signal { .. } => {}
-            }
-        }
-        let outbox = self.client.outbox_len() + self.again.len();
-        st.outboxes = st.outboxes + outbox - self.outbox_told;
-        self.outbox_told = outbox;
-        end
-    }
-}
-
-thread_local! {
-    static SCRATCH: RefCell<Vec<u8>> = RefCell::new(vec![0; READ_CHUNK]);
-}
-
-/// Reads what the socket holds into `rbuf` through the shared scratch buffer, so an idle
-/// connection keeps no buffer of its own. `Ok(false)`: end of stream.
-fn read_available(stream: &TcpStream, rbuf: &mut BytesMut) -> std::io::Result<bool> {
-    SCRATCH.with(|s| {
-        let mut s = s.borrow_mut();
-        let mut any = false;
-        loop {
-            match stream.try_read(&mut s) {
-                Ok(0) => return Ok(any),
-                Ok(n) => {
-                    rbuf.extend_from_slice(&s[..n]);
-                    any = true;
-                    if n < s.len() {
-                        return Ok(true);
-                    }
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(true),
-                Err(e) => return Err(e),
-            }
-        }
-    })
 }
