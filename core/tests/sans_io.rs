@@ -1,10 +1,18 @@
 //! Architecture invariant: imgate-core does no I/O of its own, so it must not depend,
-//! directly or through any crate, on an async runtime or a simulator.
+//! directly or through any crate, on an async runtime, an event loop or io_uring binding,
+//! or a simulator.
 
 use std::collections::{BTreeSet, VecDeque};
 use std::process::Command;
 
-const FORBIDDEN: [&str; 4] = ["glommio", "tokio", "turmoil", "async-std"];
+const FORBIDDEN: [&str; 6] = [
+    "glommio",
+    "tokio",
+    "turmoil",
+    "async-std",
+    "io-uring",
+    "mio",
+];
 
 #[test]
 fn core_depends_on_no_runtime_or_simulator() {

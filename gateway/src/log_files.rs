@@ -109,9 +109,6 @@
 //! operations in flight, and dropping a cached handle changes nothing but the cost of the
 //! next operation.
 
-// Until the reactor drives the log through this module instead of `storage.rs` (glommio),
-// only its tests and the examples use it.
-
 use crate::uring::{AlignedBuf, Done, Owned, Ring};
 use bytes::Bytes;
 use imgate_core::log_engine::{

@@ -7,7 +7,7 @@
 //! where, when to sync, when a segment is sealed, how a failure is undone, what recovery
 //! keeps, where a read looks, and what retention removes. It emits I/O operations ([`Op`])
 //! tagged with an [`IoId`]; the driver performs each and reports its completion or error
-//! with [`LogEngine::handle_completion`]. The gateway executes them on glommio's files, the
+//! with [`LogEngine::handle_completion`]. The gateway executes them on its shard's io_uring, the
 //! sim on `turmoil::fs`, core's tests on [`mem_disk`]: all three run the same decisions.
 //!
 //! # Driving it
