@@ -54,6 +54,7 @@ fn deliver_meta() -> Meta {
         sender_device: DeviceId(3),
         client_msg_id: ClientMsgId(*b"0123456789abcdef"),
         priority: Priority::Normal,
+        ts_ms: 0,
     })
 }
 

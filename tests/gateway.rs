@@ -185,6 +185,7 @@ fn after_kill_9_every_acked_message_comes_back_once_in_order() {
                 conv,
                 from_seq: cursor.next(),
                 limit: 200,
+                backward: false,
             }),
             &[],
         );
@@ -414,6 +415,7 @@ fn sigterm_sends_goaway_exits_zero_and_loses_nothing_acked() {
             conv,
             from_seq: Seq(1),
             limit: 100,
+            backward: false,
         }),
         &[],
     );

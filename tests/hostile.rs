@@ -406,6 +406,7 @@ fn a_pull_of_200_large_messages_gets_all_of_them() {
             conv,
             from_seq: Seq(1),
             limit: COUNT as u32,
+            backward: false,
         }),
         &[],
     );

@@ -61,7 +61,7 @@ use crate::limits::Limits;
 use crate::time::Instant;
 use bytes::{Bytes, BytesMut};
 use imgate_proto::frame::{Decoder, Encoder, Frame, HEADER_LEN};
-use imgate_proto::meta::{self, Cursor, CursorRefusal, Gap, Meta};
+use imgate_proto::meta::{self, Cursor, CursorRefusal, Gap, InboxEntry, Meta};
 use imgate_proto::{ClientMsgId, ConvId, DeviceId, ErrorCode, Seq, UserId};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::Duration;
@@ -135,6 +135,13 @@ pub struct ClientConfig {
     /// Largest payload [`Client::send`] and [`Client::signal`] accept (the gateway's AuthOk may
     /// lower it). Default: [`Limits::payload_bytes_max`] (64 KiB).
     pub payload_bytes_max: u32,
+    /// Messages a conversation new to this device starts with: its latest page; older
+    /// history is for [`Client::pull_before`]. Default: the gateway's,
+    /// [`Limits::newest_page`] (50).
+    pub newest_page: u32,
+    /// Cursors per Sync; more are split over Syncs sent one after another. Default: the
+    /// gateway's bound, [`Limits::sync_cursors_max`] (4096).
+    pub sync_cursors_max: usize,
 }
 
 impl Default for ClientConfig {
@@ -155,6 +162,8 @@ impl Default for ClientConfig {
             delivery_ack_delay: Duration::from_millis(200),
             max_frame_bytes: limits.frame_bytes_max,
             payload_bytes_max: limits.payload_bytes_max,
+            newest_page: limits.newest_page,
+            sync_cursors_max: limits.sync_cursors_max,
         }
     }
 }
@@ -170,8 +179,8 @@ impl ClientConfig {
                 "inflight_sends_max, outbox_max and pulls_inflight_max must be positive".into(),
             );
         }
-        if self.pull_limit == 0 {
-            return Err("pull_limit must be positive".into());
+        if self.pull_limit == 0 || self.newest_page == 0 || self.sync_cursors_max == 0 {
+            return Err("pull_limit, newest_page and sync_cursors_max must be positive".into());
         }
         if (self.max_frame_bytes as usize) < HEADER_LEN {
             return Err(format!("max_frame_bytes must be at least {HEADER_LEN}"));
@@ -212,6 +221,9 @@ pub enum ClientError {
     /// The conversation id is not a valid one.
     #[error("{0} is not a valid conversation id")]
     InvalidConversation(ConvId),
+    /// [`Client::pull_before`] a seq with nothing before it.
+    #[error("no message comes before seq {}", .0 .0)]
+    NothingBefore(Seq),
 }
 
 /// Why a Send got no answer. The message stays in the outbox.
@@ -313,8 +325,37 @@ pub enum ClientEvent {
         client_msg_id: ClientMsgId,
         /// Its priority.
         priority: Priority,
+        /// When its owner sequenced it (ms since the Unix epoch; 0: not stamped).
+        ts_ms: u64,
         /// Its body, a slice of the receive buffer.
         payload: Bytes,
+    },
+    /// An older message the app asked for with [`Client::pull_before`]: below the cursor,
+    /// so not a `Message`; reported for every seq the Pull returns, in ascending order.
+    History {
+        /// Its conversation.
+        conv: ConvId,
+        /// Its seq.
+        seq: Seq,
+        /// Who sent it.
+        sender: UserId,
+        /// From which device.
+        sender_device: DeviceId,
+        /// The sender's id for it.
+        client_msg_id: ClientMsgId,
+        /// When its owner sequenced it.
+        ts_ms: u64,
+        /// Its body.
+        payload: Bytes,
+    },
+    /// A page of the user's inbox, listed after AuthOk (before the Sync): the app's
+    /// conversation list. `more` says whether another page follows.
+    Inbox {
+        /// The conversations of this page, with their latest seq and timestamp, the user's
+        /// read cursor and unread count.
+        entries: Vec<InboxEntry>,
+        /// Another page follows.
+        more: bool,
     },
     /// The gateway announced messages up to `latest_seq` (read diffusion).
     Notify {
@@ -457,6 +498,7 @@ pub struct Client {
     deadlines: BTreeSet<(Instant, u32)>,
     syncs_pending: usize,
     pulls_in_flight: usize,
+    lists_pending: usize,
 
     /// Per conversation: the highest seq delivered to the app contiguously.
     cursors: BTreeMap<ConvId, Seq>,
@@ -467,6 +509,10 @@ pub struct Client {
     ack_due: Option<Instant>,
     /// Conversations an automatic Pull should look at.
     pull_wanted: BTreeSet<ConvId>,
+    /// After AuthOk: the inbox is being listed; the Syncs and the outbox wait for it.
+    listing: bool,
+    /// Cursors for the Syncs still to send on this connection, one Sync at a time.
+    syncs_queued: VecDeque<Vec<Cursor>>,
     stats: ClientStats,
 }
 
@@ -523,6 +569,7 @@ enum PendingKind {
         cursor_at_issue: Seq,
         auto: bool,
     },
+    ListInbox,
 }
 
 #[derive(Default)]
@@ -537,6 +584,9 @@ struct ConvState {
     auto_pull_req: Option<u32>,
     /// Pull at least once more even if nothing looks missing (`SyncDone.more`).
     pull_forced: bool,
+    /// The app's backward Pull in flight: its request and the seqs it asked for, which
+    /// come as `History`.
+    history: Option<(u32, Seq, Seq)>,
 }
 
 enum Slot {
@@ -550,6 +600,7 @@ struct Delivered {
     sender_device: DeviceId,
     client_msg_id: ClientMsgId,
     priority: Priority,
+    ts_ms: u64,
     payload: Bytes,
 }
 
@@ -619,11 +670,14 @@ impl Client {
             deadlines: BTreeSet::new(),
             syncs_pending: 0,
             pulls_in_flight: 0,
+            lists_pending: 0,
             cursors,
             convs: BTreeMap::new(),
             ack_dirty: BTreeSet::new(),
             ack_due: None,
             pull_wanted: BTreeSet::new(),
+            listing: false,
+            syncs_queued: VecDeque::new(),
             stats: ClientStats::default(),
         }
     }
@@ -698,6 +752,8 @@ impl Client {
         self.state = State::Disconnected;
         self.out.clear();
         self.ack_dirty.clear();
+        self.listing = false;
+        self.syncs_queued.clear();
         self.ack_due = None;
         self.pull_wanted.clear();
         let mut sends: Vec<(u64, u32)> = Vec::new();
@@ -705,7 +761,9 @@ impl Client {
         for (&req, p) in &self.pending {
             match p.kind {
                 PendingKind::Send { order } => sends.push((order, req)),
-                PendingKind::Sync | PendingKind::Pull { .. } => others.push(req),
+                PendingKind::Sync | PendingKind::Pull { .. } | PendingKind::ListInbox => {
+                    others.push(req)
+                }
             }
         }
         sends.sort_unstable();
@@ -717,6 +775,7 @@ impl Client {
         }
         assert!(self.pending.is_empty() && self.deadlines.is_empty());
         assert!(self.sends_in_flight == 0 && self.syncs_pending == 0 && self.pulls_in_flight == 0);
+        assert!(self.lists_pending == 0);
     }
 
     /// Bytes arrived: decodes and handles every whole frame at the front of `buf`, leaving a
@@ -856,7 +915,10 @@ impl Client {
         if let SendState::InFlight { .. } = state {
             return RetryOutcome::InFlight;
         }
-        if self.is_authenticated() && self.sends_in_flight < self.config.inflight_sends_max {
+        if self.is_authenticated()
+            && !self.listing
+            && self.sends_in_flight < self.config.inflight_sends_max
+        {
             self.send_queue.remove(&order);
             self.transmit_send(order);
             RetryOutcome::Sent
@@ -891,7 +953,43 @@ impl Client {
                 max: self.config.pulls_inflight_max,
             });
         }
-        Ok(self.start_pull(conv, from, limit, false))
+        Ok(self.start_pull(conv, from, limit, false, false))
+    }
+
+    /// Asks for the up to `limit` messages of `conv` just before seq `before` (older
+    /// history, newest first: a device that started a conversation at its latest page pages
+    /// back with the lowest seq it holds). They come as [`ClientEvent::History`] in ascending
+    /// seq order, then `PullDone`; returns the request number. One at a time per
+    /// conversation.
+    pub fn pull_before(
+        &mut self,
+        now: Instant,
+        conv: ConvId,
+        before: Seq,
+        limit: u32,
+    ) -> Result<u32, ClientError> {
+        self.advance(now);
+        if conv.kind().is_none() {
+            return Err(ClientError::InvalidConversation(conv));
+        }
+        if before.0 <= 1 {
+            return Err(ClientError::NothingBefore(before));
+        }
+        if !self.is_authenticated() {
+            return Err(ClientError::NotReady);
+        }
+        let busy = self.convs.get(&conv).is_some_and(|st| st.history.is_some());
+        if busy || self.pulls_in_flight >= self.config.pulls_inflight_max {
+            return Err(ClientError::TooManyPulls {
+                max: self.config.pulls_inflight_max,
+            });
+        }
+        let limit = limit.clamp(1, self.config.pull_limit);
+        let to = Seq(before.0 - 1);
+        let from = Seq(to.0.saturating_sub(u64::from(limit) - 1).max(1));
+        let req = self.start_pull(conv, to, limit, false, true);
+        self.convs.entry(conv).or_default().history = Some((req, from, to));
+        Ok(req)
     }
 
     /// Sends an ephemeral signal (typing, presence). Signals are never queued across
@@ -972,7 +1070,12 @@ impl Client {
         let kind = meta.kind();
         if matches!(
             meta,
-            Meta::Auth(_) | Meta::Send(_) | Meta::DeliveryAck(_) | Meta::Sync(_) | Meta::Pull(_)
+            Meta::Auth(_)
+                | Meta::Send(_)
+                | Meta::DeliveryAck(_)
+                | Meta::Sync(_)
+                | Meta::Pull(_)
+                | Meta::ListInbox(_)
         ) {
             self.fail_connection(
                 ErrorCode::UnexpectedFrame,
@@ -1023,12 +1126,14 @@ impl Client {
                 Some(Duration::from_millis(u64::from(m.reconnect_after_ms))),
             ),
             Meta::Error(m) => self.on_error(m),
+            Meta::InboxPage(m) => self.on_inbox_page(m),
             // Rejected above.
             Meta::Auth(_)
             | Meta::Send(_)
             | Meta::DeliveryAck(_)
             | Meta::Sync(_)
-            | Meta::Pull(_) => {}
+            | Meta::Pull(_)
+            | Meta::ListInbox(_) => {}
         }
     }
 
@@ -1056,19 +1161,85 @@ impl Client {
             heartbeat_interval: heartbeat,
             max_payload_bytes: m.max_payload_bytes,
         });
-        let cursors = self
+        // The inbox first: it names the conversations this device does not know yet.
+        self.listing = true;
+        self.list_inbox(None);
+    }
+
+    fn list_inbox(&mut self, after: Option<ConvId>) {
+        let req = self.start_request(PendingKind::ListInbox);
+        let list = Meta::ListInbox(meta::ListInbox {
+            req,
+            after,
+            limit: 0,
+        });
+        self.queue_frame(&list, Bytes::new());
+    }
+
+    fn on_inbox_page(&mut self, m: meta::InboxPage) {
+        if self
+            .take_request(m.req, |k| matches!(k, PendingKind::ListInbox))
+            .is_none()
+        {
+            self.stats.stale_responses += 1;
+            return;
+        }
+        for e in &m.entries {
+            if !self.check_conv(e.conv) {
+                return;
+            }
+            if !self.cursors.contains_key(&e.conv) {
+                // New to this device: it starts at the latest page (I9, newest first).
+                let start = e
+                    .latest_seq
+                    .0
+                    .saturating_sub(u64::from(self.config.newest_page));
+                self.cursors.insert(e.conv, Seq(start));
+            }
+            let st = self.convs.entry(e.conv).or_default();
+            st.latest_known = st.latest_known.max(e.latest_seq);
+        }
+        let next = m.entries.last().map(|e| e.conv).filter(|_| m.more);
+        self.events.push_back(ClientEvent::Inbox {
+            entries: m.entries,
+            more: m.more,
+        });
+        match next {
+            Some(after) => self.list_inbox(Some(after)),
+            None => self.start_syncs(),
+        }
+    }
+
+    /// The inbox is listed (or could not be): Sync every known conversation, in Syncs of
+    /// at most `sync_cursors_max` cursors sent one after another, then the outbox.
+    fn start_syncs(&mut self) {
+        if !self.listing {
+            return;
+        }
+        self.listing = false;
+        let cursors: Vec<Cursor> = self
             .cursors
             .iter()
             .map(|(&conv, &seq)| Cursor { conv, seq })
             .collect();
-        let req = self.start_request(PendingKind::Sync);
-        self.queue_frame(&Meta::Sync(meta::Sync { req, cursors }), Bytes::new());
-        // Everything unacked goes again, in original send order, after the Sync.
+        self.syncs_queued = cursors
+            .chunks(self.config.sync_cursors_max)
+            .map(<[Cursor]>::to_vec)
+            .collect();
+        self.next_sync();
+        // Everything unacked goes again, in original send order, after the first Sync.
         for (&order, entry) in self.outbox.iter_mut() {
             assert!(!matches!(entry.state, SendState::InFlight { .. }));
             entry.state = SendState::Queued;
             self.send_queue.insert(order);
         }
+    }
+
+    /// Sends the next queued Sync (an empty one if none is queued and none was sent).
+    fn next_sync(&mut self) {
+        let cursors = self.syncs_queued.pop_front().unwrap_or_default();
+        let req = self.start_request(PendingKind::Sync);
+        self.queue_frame(&Meta::Sync(meta::Sync { req, cursors }), Bytes::new());
     }
 
     fn on_ack(&mut self, m: meta::Ack) {
@@ -1150,11 +1321,29 @@ impl Client {
             });
         }
         let conv = m.conv;
-        let cursor = *self.cursors.entry(conv).or_default();
+        // A conversation new to this device starts where the gateway starts it: at its
+        // latest page (the first Deliver of a conversation not in the Sync).
+        let cursor = *self
+            .cursors
+            .entry(conv)
+            .or_insert(Seq(m.seq.0.saturating_sub(1)));
         let st = self.convs.entry(conv).or_default();
         st.latest_known = st.latest_known.max(m.seq);
         if m.seq <= cursor {
-            self.stats.duplicates_dropped += 1;
+            match st.history {
+                Some((_, from, to)) if (from..=to).contains(&m.seq) => {
+                    self.events.push_back(ClientEvent::History {
+                        conv,
+                        seq: m.seq,
+                        sender: m.sender,
+                        sender_device: m.sender_device,
+                        client_msg_id: m.client_msg_id,
+                        ts_ms: m.ts_ms,
+                        payload,
+                    });
+                }
+                _ => self.stats.duplicates_dropped += 1,
+            }
             return;
         }
         let slot = Slot::Message(Delivered {
@@ -1162,6 +1351,7 @@ impl Client {
             sender_device: m.sender_device,
             client_msg_id: m.client_msg_id,
             priority: m.priority,
+            ts_ms: m.ts_ms,
             payload,
         });
         if m.seq == succ(cursor) {
@@ -1236,6 +1426,9 @@ impl Client {
             more: m.more,
             refused: m.refused,
         });
+        if !self.syncs_queued.is_empty() && self.syncs_pending == 0 && self.is_authenticated() {
+            self.next_sync();
+        }
     }
 
     fn on_pull_result(&mut self, m: meta::PullResult) {
@@ -1253,6 +1446,11 @@ impl Client {
         if m.available_from.0 > 1 {
             self.add_gone(conv, Seq(1), Seq(m.available_from.0 - 1));
             self.drain(conv);
+        }
+        if let Some(st) = self.convs.get_mut(&conv) {
+            if st.history.is_some_and(|h| h.0 == m.req) {
+                st.history = None;
+            }
         }
         if let Some(PendingKind::Pull {
             cursor_at_issue, ..
@@ -1278,7 +1476,11 @@ impl Client {
         if !self.check_conv(m.conv) {
             return;
         }
-        let cursor = *self.cursors.entry(m.conv).or_default();
+        let newest_page = u64::from(self.config.newest_page);
+        let cursor = *self
+            .cursors
+            .entry(m.conv)
+            .or_insert(Seq(m.latest_seq.0.saturating_sub(newest_page)));
         let st = self.convs.entry(m.conv).or_default();
         st.latest_known = st.latest_known.max(m.latest_seq);
         self.events.push_back(ClientEvent::Notify {
@@ -1324,14 +1526,20 @@ impl Client {
             PendingKind::Send { .. } => self.sends_in_flight += 1,
             PendingKind::Sync => self.syncs_pending += 1,
             PendingKind::Pull { .. } => self.pulls_in_flight += 1,
+            PendingKind::ListInbox => self.lists_pending += 1,
         }
         self.pending.insert(req, Pending { deadline, kind });
         self.deadlines.insert((deadline, req));
         assert!(self.sends_in_flight <= self.config.inflight_sends_max);
         assert!(self.pulls_in_flight <= self.config.pulls_inflight_max);
-        assert!(self.syncs_pending <= 1, "one Sync per connection");
+        assert!(self.syncs_pending <= 1, "one Sync at a time");
+        assert!(self.lists_pending <= 1, "one ListInbox at a time");
         assert!(
-            self.pending.len() == self.sends_in_flight + self.syncs_pending + self.pulls_in_flight
+            self.pending.len()
+                == self.sends_in_flight
+                    + self.syncs_pending
+                    + self.pulls_in_flight
+                    + self.lists_pending
         );
         req
     }
@@ -1365,6 +1573,7 @@ impl Client {
         match p.kind {
             PendingKind::Send { .. } => self.sends_in_flight -= 1,
             PendingKind::Sync => self.syncs_pending -= 1,
+            PendingKind::ListInbox => self.lists_pending -= 1,
             PendingKind::Pull { conv, auto, .. } => {
                 self.pulls_in_flight -= 1;
                 if auto {
@@ -1417,8 +1626,22 @@ impl Client {
                 .events
                 .push_back(ClientEvent::SyncFailed { req, reason }),
             PendingKind::Pull { conv, .. } => {
+                if let Some(st) = self.convs.get_mut(&conv) {
+                    if st.history.is_some_and(|h| h.0 == req) {
+                        st.history = None;
+                    }
+                }
                 self.events
                     .push_back(ClientEvent::PullFailed { req, conv, reason });
+            }
+            // The Syncs go on with the conversations the device knows; the next
+            // connection lists the inbox again.
+            PendingKind::ListInbox => {
+                if self.is_authenticated() {
+                    self.start_syncs();
+                } else {
+                    self.listing = false;
+                }
             }
         }
     }
@@ -1454,6 +1677,10 @@ impl Client {
 
     /// Sends queued messages, in send order, while there is room in flight.
     fn pump_sends(&mut self) {
+        if self.listing {
+            // The outbox goes after the first Sync, which waits for the inbox.
+            return;
+        }
         if !self.is_authenticated() {
             return;
         }
@@ -1489,7 +1716,14 @@ impl Client {
         self.queue_frame(&send, payload);
     }
 
-    fn start_pull(&mut self, conv: ConvId, from: Seq, limit: u32, auto: bool) -> u32 {
+    fn start_pull(
+        &mut self,
+        conv: ConvId,
+        from: Seq,
+        limit: u32,
+        auto: bool,
+        backward: bool,
+    ) -> u32 {
         let cursor_at_issue = self.cursor(conv);
         let req = self.start_request(PendingKind::Pull {
             conv,
@@ -1507,6 +1741,7 @@ impl Client {
             conv,
             from_seq: from,
             limit,
+            backward,
         });
         self.queue_frame(&pull, Bytes::new());
         req
@@ -1534,7 +1769,7 @@ impl Client {
             self.pull_wanted.remove(&conv);
             if self.needs_pull(conv) {
                 let from = succ(self.cursor(conv));
-                self.start_pull(conv, from, self.config.pull_limit, true);
+                self.start_pull(conv, from, self.config.pull_limit, true, false);
             }
         }
     }
@@ -1660,6 +1895,7 @@ impl Client {
                         sender_device: m.sender_device,
                         client_msg_id: m.client_msg_id,
                         priority: m.priority,
+                        ts_ms: m.ts_ms,
                         payload: m.payload,
                     });
                 }
@@ -1837,6 +2073,7 @@ mod tests {
             sender_device: DeviceId(3),
             client_msg_id: ClientMsgId([seq as u8; 16]),
             priority: Priority::Normal,
+            ts_ms: 0,
         })
     }
 
@@ -1878,20 +2115,48 @@ mod tests {
         assert!(matches!(sent_metas(&mut c)[..], [Meta::Auth(_)]));
         feed(&mut c, T0, auth_ok(), &[]);
         let frames = sent_metas(&mut c);
+        let [Meta::ListInbox(list)] = &frames[..] else {
+            panic!("ListInbox alone after AuthOk, got {frames:?}");
+        };
+        assert_eq!(list.after, None);
+        let page = Meta::InboxPage(meta::InboxPage {
+            req: list.req,
+            entries: Vec::new(),
+            more: false,
+        });
+        feed(&mut c, T0, page, &[]);
+        let frames = sent_metas(&mut c);
         let Some(Meta::Sync(sync)) = frames.first() else {
-            panic!("Sync first after AuthOk, got {frames:?}");
+            panic!("Sync first after the inbox, got {frames:?}");
         };
         let req = sync.req;
         assert!(matches!(
             events(&mut c)[..],
-            [ClientEvent::Authenticated { .. }]
+            [ClientEvent::Authenticated { .. }, ClientEvent::Inbox { .. }]
         ));
         (c, req)
     }
 
-    /// An authenticated client whose Sync was answered with nothing.
+    /// Feeds AuthOk, checks that ListInbox alone follows, and answers it with an empty
+    /// page; the Authenticated and Inbox events stay queued.
+    fn auth_ok_and_empty_inbox(c: &mut Client, now: Instant) {
+        feed(c, now, auth_ok(), &[]);
+        let frames = sent_metas(c);
+        let [Meta::ListInbox(list)] = &frames[..] else {
+            panic!("ListInbox alone after AuthOk, got {frames:?}");
+        };
+        let page = Meta::InboxPage(meta::InboxPage {
+            req: list.req,
+            entries: Vec::new(),
+            more: false,
+        });
+        feed(c, now, page, &[]);
+    }
+
+    /// An authenticated client that knows `conv()` from seq 0, whose Sync was answered with
+    /// nothing.
     fn synced(config: ClientConfig) -> Client {
-        let (mut c, req) = authenticated(config, BTreeMap::new());
+        let (mut c, req) = authenticated(config, BTreeMap::from([(conv(), Seq::ZERO)]));
         feed(&mut c, T0, sync_done(req, vec![], vec![]), &[]);
         assert!(matches!(events(&mut c)[..], [ClientEvent::SyncDone { .. }]));
         assert!(sent(&mut c).is_empty());
@@ -1958,14 +2223,17 @@ mod tests {
         assert!(sent(&mut c).is_empty(), "only Auth before AuthOk");
         assert!(!c.is_authenticated());
 
-        feed(&mut c, T0 + ms(5), auth_ok(), &[]);
+        auth_ok_and_empty_inbox(&mut c, T0 + ms(5));
         assert!(c.is_authenticated());
         assert!(matches!(
             events(&mut c)[..],
-            [ClientEvent::Authenticated {
-                user: UserId(1),
-                ..
-            }]
+            [
+                ClientEvent::Authenticated {
+                    user: UserId(1),
+                    ..
+                },
+                ClientEvent::Inbox { more: false, .. }
+            ]
         ));
         let frames = sent(&mut c);
         let kinds: Vec<_> = frames.iter().map(|f| f.kind()).collect();
@@ -2016,6 +2284,184 @@ mod tests {
         );
         assert_eq!(c.stats().duplicates_dropped, 2);
         assert_eq!(c.cursors()[&conv()], Seq(2));
+    }
+
+    fn entry(conv: ConvId, latest: u64) -> InboxEntry {
+        InboxEntry {
+            conv,
+            latest_seq: Seq(latest),
+            latest_ts_ms: 1_000 + latest,
+            read_seq: Seq::ZERO,
+            unread: latest,
+        }
+    }
+
+    fn third_conv() -> ConvId {
+        ConvId::group(77)
+    }
+
+    #[test]
+    fn the_inbox_is_listed_page_by_page_and_new_conversations_start_at_their_latest_page() {
+        let mut c = Client::new(
+            ClientConfig {
+                newest_page: 10,
+                sync_cursors_max: 2,
+                ..config()
+            },
+            BTreeMap::from([(conv(), Seq(3))]),
+        );
+        c.handle_connected(T0);
+        sent(&mut c);
+        let a = send_text(&mut c, T0, "queued before AuthOk");
+        feed(&mut c, T0, auth_ok(), &[]);
+        let [Meta::ListInbox(first)] = &sent_metas(&mut c)[..] else {
+            panic!("ListInbox alone after AuthOk");
+        };
+        let page = Meta::InboxPage(meta::InboxPage {
+            req: first.req,
+            entries: vec![entry(conv(), 8), entry(other_conv(), 25)],
+            more: true,
+        });
+        feed(&mut c, T0, page, &[]);
+        let [Meta::ListInbox(second)] = &sent_metas(&mut c)[..] else {
+            panic!("the next page is asked for, and nothing else yet");
+        };
+        assert_eq!(second.after, Some(other_conv()));
+        let page = Meta::InboxPage(meta::InboxPage {
+            req: second.req,
+            entries: vec![entry(third_conv(), 4)],
+            more: false,
+        });
+        feed(&mut c, T0, page, &[]);
+        let inbox_events: Vec<_> = events(&mut c)
+            .into_iter()
+            .filter_map(|e| match e {
+                ClientEvent::Inbox { entries, more } => Some((entries.len(), more)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(inbox_events, vec![(2, true), (1, false)]);
+        // Known: its own cursor. New: the latest page (25 - 10), or all of a short one.
+        assert_eq!(c.cursors()[&conv()], Seq(3));
+        assert_eq!(c.cursors()[&other_conv()], Seq(15));
+        assert_eq!(c.cursors()[&third_conv()], Seq(0));
+        // Three cursors in Syncs of two: the first Sync, then the outbox.
+        let frames = sent_metas(&mut c);
+        let Meta::Sync(sync) = &frames[0] else {
+            panic!("Sync first after the inbox, got {frames:?}");
+        };
+        assert_eq!(sync.cursors.len(), 2);
+        assert_eq!(
+            sends(&frames)
+                .iter()
+                .map(|s| s.client_msg_id)
+                .collect::<Vec<_>>(),
+            vec![a]
+        );
+        feed(&mut c, T0, sync_done(sync.req, vec![], vec![]), &[]);
+        let frames = sent_metas(&mut c);
+        let [Meta::Sync(rest)] = &frames[..] else {
+            panic!("the second Sync after the first is answered, got {frames:?}");
+        };
+        let all: BTreeMap<ConvId, Seq> = sync
+            .cursors
+            .iter()
+            .chain(&rest.cursors)
+            .map(|c| (c.conv, c.seq))
+            .collect();
+        assert_eq!(&all, c.cursors(), "every cursor once over the two Syncs");
+        feed(&mut c, T0, sync_done(rest.req, vec![], vec![]), &[]);
+        assert!(sent_metas(&mut c)
+            .iter()
+            .all(|m| !matches!(m, Meta::Sync(_))));
+    }
+
+    #[test]
+    fn a_listing_that_fails_lets_the_sync_go_on_with_what_is_known() {
+        let mut c = Client::new(config(), BTreeMap::from([(conv(), Seq(3))]));
+        c.handle_connected(T0);
+        sent(&mut c);
+        feed(&mut c, T0, auth_ok(), &[]);
+        assert!(matches!(sent_metas(&mut c)[..], [Meta::ListInbox(_)]));
+        c.handle_timeout(T0 + config().request_timeout);
+        let frames = sent_metas(&mut c);
+        let Some(Meta::Sync(sync)) = frames.first() else {
+            panic!("Sync after the listing timed out, got {frames:?}");
+        };
+        assert_eq!(
+            sync.cursors,
+            vec![Cursor {
+                conv: conv(),
+                seq: Seq(3)
+            }]
+        );
+    }
+
+    #[test]
+    fn a_conversation_first_met_live_starts_at_its_first_deliver() {
+        let mut c = synced(config());
+        feed_deliver(&mut c, T0, other_conv(), 41);
+        feed_deliver(&mut c, T0, other_conv(), 42);
+        let got: Vec<u64> = messages(&events(&mut c)).iter().map(|m| m.1).collect();
+        assert_eq!(got, vec![41, 42], "no pull of the 40 before it");
+        assert!(pulls(&sent_metas(&mut c)).is_empty());
+        assert_eq!(c.cursors()[&other_conv()], Seq(42));
+    }
+
+    #[test]
+    fn older_history_comes_backwards_as_history_events() {
+        let mut c = synced(ClientConfig {
+            auto_pull: false,
+            ..config()
+        });
+        feed_deliver(&mut c, T0, other_conv(), 41);
+        events(&mut c);
+        sent(&mut c);
+        assert!(matches!(
+            c.pull_before(T0, other_conv(), Seq(1), 5),
+            Err(ClientError::NothingBefore(_))
+        ));
+        let req = c.pull_before(T0, other_conv(), Seq(41), 5).unwrap();
+        let p = pulls(&sent_metas(&mut c));
+        assert_eq!(p.len(), 1);
+        assert!(p[0].backward);
+        assert_eq!((p[0].from_seq, p[0].limit), (Seq(40), 5));
+        assert!(
+            c.pull_before(T0, other_conv(), Seq(41), 5).is_err(),
+            "one backward pull per conversation at a time"
+        );
+        for seq in 36..=41 {
+            feed_deliver(&mut c, T0, other_conv(), seq);
+        }
+        let result = Meta::PullResult(meta::PullResult {
+            req,
+            conv: other_conv(),
+            from_seq: Seq(36),
+            to_seq: Seq(40),
+            latest_seq: Seq(41),
+            available_from: Seq(0),
+        });
+        feed(&mut c, T0, result, &[]);
+        let ev = events(&mut c);
+        let history: Vec<u64> = ev
+            .iter()
+            .filter_map(|e| match e {
+                ClientEvent::History { seq, .. } => Some(seq.0),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            history,
+            vec![36, 37, 38, 39, 40],
+            "41 is a duplicate, not history"
+        );
+        assert!(messages(&ev).is_empty());
+        assert_eq!(c.cursors()[&other_conv()], Seq(41));
+        feed_deliver(&mut c, T0, other_conv(), 39);
+        assert!(
+            events(&mut c).is_empty(),
+            "after the PullDone a repeat is a duplicate"
+        );
     }
 
     #[test]
@@ -2205,7 +2651,7 @@ mod tests {
 
     #[test]
     fn gap_pulls_wait_for_the_sync_to_be_answered() {
-        let (mut c, sync_req) = authenticated(config(), BTreeMap::new());
+        let (mut c, sync_req) = authenticated(config(), BTreeMap::from([(conv(), Seq::ZERO)]));
         feed_deliver(&mut c, T0, conv(), 3);
         assert!(
             pulls(&sent_metas(&mut c)).is_empty(),
@@ -2337,7 +2783,7 @@ mod tests {
         assert!(sent(&mut c).is_empty(), "nothing before AuthOk");
         c.handle_connected(T0);
         assert!(matches!(sent_metas(&mut c)[..], [Meta::Auth(_)]));
-        feed(&mut c, T0, auth_ok(), &[]);
+        auth_ok_and_empty_inbox(&mut c, T0);
         let frames = sent(&mut c);
         assert_eq!(frames[0].kind(), imgate_proto::FrameKind::Sync);
         let metas: Vec<Meta> = frames.iter().map(|f| f.meta.clone()).collect();
@@ -2479,7 +2925,7 @@ mod tests {
 
         c.handle_connected(T0 + ms(30));
         assert!(matches!(sent_metas(&mut c)[..], [Meta::Auth(_)]));
-        feed(&mut c, T0 + ms(40), auth_ok(), &[]);
+        auth_ok_and_empty_inbox(&mut c, T0 + ms(40));
         let frames = sent(&mut c);
         assert_eq!(frames[0].kind(), imgate_proto::FrameKind::Sync);
         let metas: Vec<Meta> = frames.iter().map(|f| f.meta.clone()).collect();
@@ -2529,7 +2975,8 @@ mod tests {
 
         c.handle_disconnected(T0 + config().request_timeout);
         c.handle_connected(T0 + config().request_timeout);
-        feed(&mut c, T0 + config().request_timeout, auth_ok(), &[]);
+        assert!(matches!(sent_metas(&mut c)[..], [Meta::Auth(_)]));
+        auth_ok_and_empty_inbox(&mut c, T0 + config().request_timeout);
         let again = sends(&sent_metas(&mut c));
         assert_eq!(
             again.iter().map(|s| s.client_msg_id).collect::<Vec<_>>(),
@@ -2925,7 +3372,7 @@ mod tests {
         // Whatever follows is ignored until the driver reconnects.
         feed_deliver(&mut c, T0, conv(), 1);
         assert!(events(&mut c).is_empty());
-        assert!(!c.cursors().contains_key(&conv()));
+        assert_eq!(c.cursors().get(&conv()), Some(&Seq::ZERO));
     }
 
     #[test]

@@ -29,6 +29,12 @@ pub struct Conversation {
     pub touched: u64,
     /// Log reads in flight for it: it stays in memory until they are answered.
     pub pinned: u32,
+    /// The server timestamp of the message at `durable_seq` (0: none, or not known since
+    /// it came back from the log).
+    pub last_ts: u64,
+    /// Its members' homes have it in their inboxes (I9): set once they confirmed, and for
+    /// any conversation with a message (its first message waited for that).
+    pub joined: bool,
     hot: VecDeque<StoredMessage>,
 }
 
@@ -51,6 +57,8 @@ impl Conversation {
             durable_seq: Seq::ZERO,
             touched: 0,
             pinned: 0,
+            last_ts: 0,
+            joined: false,
             hot: VecDeque::new(),
         }
     }
@@ -61,6 +69,7 @@ impl Conversation {
         let mut conv = Conversation::new(id, Vec::new());
         conv.last_seq = last_seq;
         conv.durable_seq = last_seq;
+        conv.joined = last_seq != Seq::ZERO;
         conv
     }
 
@@ -105,6 +114,7 @@ impl Conversation {
             "hot tier must stay contiguous"
         );
         self.durable_seq = msg.seq;
+        self.last_ts = msg.ts_ms;
         self.hot.push_back(msg);
         if self.hot.len() > per_conv_max {
             return self.hot.pop_front().map(|m| m.payload.len());

@@ -10,6 +10,7 @@ pub mod connection;
 pub mod conv;
 pub mod dedupe;
 pub mod hash;
+pub mod inbox;
 pub mod limits;
 pub mod log;
 pub mod log_engine;

@@ -123,6 +123,18 @@ pub struct Limits {
     /// Connections one shard holds; beyond, new ones get `TooManyConnections`. 100,000:
     /// above what one core serves well; the process-wide file limit usually binds first.
     pub connections_max: usize,
+    /// Conversations in one user's inbox. A direct conversation joins with its first
+    /// message, so anyone can add to someone's inbox; past this the first message of a
+    /// new conversation with the user is refused (`InboxFull`). 10,000.
+    pub inbox_entries_per_user_max: usize,
+    /// Entries of one InboxPage. 100.
+    pub inbox_page_max: u32,
+    /// Inbox listings a home shard gathers at once (each waits for its conversations'
+    /// owners); beyond, a ListInbox gets `RateLimited`. 1024.
+    pub inbox_listings_max: usize,
+    /// Messages a device new to a conversation gets first: the conversation's latest page
+    /// (older history is Pulled backwards on demand). 50.
+    pub newest_page: u32,
 }
 
 impl Default for Limits {
@@ -165,6 +177,10 @@ impl Default for Limits {
             signal_bytes_max: 1024,
             fetches_inflight_max: 1024,
             connections_max: 100_000,
+            inbox_entries_per_user_max: 10_000,
+            inbox_page_max: 100,
+            inbox_listings_max: 1024,
+            newest_page: 50,
         }
     }
 }
@@ -242,6 +258,17 @@ impl Limits {
         }
         if self.devices_per_user_max == 0 || self.pulls_queued_max == 0 {
             return Err("devices_per_user_max and pulls_queued_max must be positive".into());
+        }
+        if self.inbox_entries_per_user_max == 0
+            || self.inbox_page_max == 0
+            || self.inbox_listings_max == 0
+            || self.newest_page == 0
+        {
+            return Err(
+                "inbox_entries_per_user_max, inbox_page_max, inbox_listings_max and \
+                 newest_page must be positive"
+                    .into(),
+            );
         }
         if self.fetches_inflight_max == 0 {
             // History older than the hot tier would wait for a read forever.

@@ -54,6 +54,58 @@ pub struct StoredMessage {
     pub high_priority: bool,
     /// The app's message body, opaque to the gateway.
     pub payload: Bytes,
+    /// When its owner sequenced it: milliseconds since the Unix epoch by the gateway's
+    /// clock, never decreasing within a conversation (0: stored before messages were
+    /// stamped, in a [`Record::MessageV1`]).
+    pub ts_ms: u64,
+}
+
+/// A message as the first log format stored it, before server timestamps. Only read:
+/// [`decode_record`] turns it into a [`Record::Message`] stamped 0, so nothing past the
+/// decoder ever sees one.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredMessageV1 {
+    /// See [`StoredMessage`].
+    pub conv: ConvId,
+    /// See [`StoredMessage`].
+    pub seq: Seq,
+    /// See [`StoredMessage`].
+    pub sender: UserId,
+    /// See [`StoredMessage`].
+    pub sender_device: DeviceId,
+    /// See [`StoredMessage`].
+    pub client_msg_id: ClientMsgId,
+    /// See [`StoredMessage`].
+    pub high_priority: bool,
+    /// See [`StoredMessage`].
+    pub payload: Bytes,
+}
+
+impl From<StoredMessageV1> for StoredMessage {
+    fn from(m: StoredMessageV1) -> StoredMessage {
+        StoredMessage {
+            conv: m.conv,
+            seq: m.seq,
+            sender: m.sender,
+            sender_device: m.sender_device,
+            client_msg_id: m.client_msg_id,
+            high_priority: m.high_priority,
+            payload: m.payload,
+            ts_ms: 0,
+        }
+    }
+}
+
+/// One conversation in one user's inbox as a checkpoint records it: `user` (homed on the
+/// shard) is in `conv`, and has read it up to `read`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct InboxHead {
+    /// The user.
+    pub user: UserId,
+    /// The conversation.
+    pub conv: ConvId,
+    /// The user's read cursor there.
+    pub read: Seq,
 }
 
 /// One entry of the log.
@@ -63,8 +115,9 @@ pub struct StoredMessage {
 /// the end only. The same holds for the fields of each variant and of [`StoredMessage`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Record {
-    /// A message, durable once this record is.
-    Message(StoredMessage),
+    /// A message of the first format, without a timestamp: read from old logs only, and
+    /// turned into a [`Record::Message`] by [`decode_record`]; never written.
+    MessageV1(StoredMessageV1),
     /// A group came into being with these members.
     GroupCreated {
         /// The group (a [`ConvId`] of kind group).
@@ -104,6 +157,36 @@ pub enum Record {
         groups: Vec<GroupHead>,
         /// Entries of the dedupe window in this part, oldest first.
         dedupe: Vec<DedupeEntry>,
+        /// Whether this record ends the checkpoint.
+        last: bool,
+    },
+    /// A message, durable once this record is.
+    Message(StoredMessage),
+    /// Users homed on this shard joined `conv`: it is in their inboxes from now on (I9).
+    InboxJoined {
+        /// The conversation.
+        conv: ConvId,
+        /// The users, sorted, without repeats.
+        users: Vec<UserId>,
+    },
+    /// Users homed on this shard left `conv` (removed from the group).
+    InboxLeft {
+        /// The conversation.
+        conv: ConvId,
+        /// The users, sorted, without repeats.
+        users: Vec<UserId>,
+    },
+    /// The final part of a checkpoint (numbered after its [`Record::Checkpoint`] parts,
+    /// which then never say `last`), split like them when large: the inboxes of the users
+    /// homed on the shard, and the shard's message clock.
+    CheckpointInbox {
+        /// This record's place in its checkpoint.
+        part: u32,
+        /// The largest timestamp the shard had given a message: stamps after recovery
+        /// never go below it.
+        clock_ms: u64,
+        /// Inbox entries of this part, in ascending (user, conv) order.
+        entries: Vec<InboxHead>,
         /// Whether this record ends the checkpoint.
         last: bool,
     },
@@ -187,12 +270,23 @@ const CHECKPOINT_RECORD_OVERHEAD_MAX: usize = 1 + 5 + 3 + 3 + 1;
 /// (two u64 varints, 20), seq (10), sender (10), sender_device (a u32 varint, 5),
 /// client_msg_id (16 raw bytes), high_priority (1), payload length (a varint of 3 bytes:
 /// any length that fits is under 2^21).
-const MESSAGE_RECORD_OVERHEAD_MAX: usize = 1 + 20 + 10 + 10 + 5 + 16 + 1 + 3;
+const MESSAGE_RECORD_OVERHEAD_MAX: usize = 1 + 20 + 10 + 10 + 5 + 16 + 1 + 3 + 10;
 
 // The length field is a u32; the bound must fit in it with room for the header.
 const _: () = assert!(RECORD_BODY_MAX + RECORD_HEADER_LEN <= u32::MAX as usize);
 
 impl Record {
+    /// The part number and `last` flag of a checkpoint record ([`Record::Checkpoint`] or
+    /// [`Record::CheckpointInbox`]), `None` for any other record.
+    pub fn checkpoint_part(&self) -> Option<(u32, bool)> {
+        match self {
+            Record::Checkpoint { part, last, .. } | Record::CheckpointInbox { part, last, .. } => {
+                Some((*part, *last))
+            }
+            _ => None,
+        }
+    }
+
     /// Asserts what every record we write must satisfy. A violation is a bug in the code
     /// that built the record, never bad input, so it panics.
     fn assert_well_formed(&self) {
@@ -218,6 +312,23 @@ impl Record {
                     "checkpoint groups out of ascending order"
                 );
             }
+            Record::MessageV1(_) => panic!("a MessageV1 record is never written"),
+            Record::InboxJoined { conv, users } | Record::InboxLeft { conv, users } => {
+                assert!(
+                    conv.kind().is_some(),
+                    "inbox record for invalid conv {conv}"
+                );
+                assert!(
+                    users.windows(2).all(|w| w[0] < w[1]) && users.iter().all(|u| u.0 != 0),
+                    "inbox record users not sorted and unique"
+                );
+            }
+            Record::CheckpointInbox { entries, .. } => assert!(
+                entries
+                    .windows(2)
+                    .all(|w| (w[0].user, w[0].conv) < (w[1].user, w[1].conv)),
+                "checkpoint inbox entries out of ascending order"
+            ),
         }
     }
 }
@@ -235,7 +346,12 @@ fn assert_group(group: ConvId) {
 /// record, see [`GROUP_MEMBERS_PER_RECORD_MAX`]), parts numbered from 0, only the last one
 /// with `last: true`, and one empty record for an empty checkpoint. Nothing is encoded;
 /// the caller appends them in this order with [`encode_record`].
-pub fn checkpoint_records(groups: Vec<GroupHead>, dedupe: Vec<DedupeEntry>) -> Vec<Record> {
+pub fn checkpoint_records(
+    groups: Vec<GroupHead>,
+    dedupe: Vec<DedupeEntry>,
+    inbox: Vec<InboxHead>,
+    clock_ms: u64,
+) -> Vec<Record> {
     assert!(
         groups.windows(2).all(|w| w[0].group < w[1].group),
         "checkpoint groups out of ascending order"
@@ -276,9 +392,40 @@ pub fn checkpoint_records(groups: Vec<GroupHead>, dedupe: Vec<DedupeEntry>) -> V
         part_len += len;
         part_dedupe.push(entry);
     }
-    flush(&mut part_groups, &mut part_dedupe, true);
+    if !is_empty(&part_groups, &part_dedupe) {
+        flush(&mut part_groups, &mut part_dedupe, false);
+    }
+    // The inbox parts end the checkpoint; there is always at least one (it carries the
+    // clock).
+    let mut part_inbox = Vec::new();
+    let mut part_len = 0;
+    let mut push_inbox = |entries: &mut Vec<InboxHead>, last: bool| {
+        let part = u32::try_from(records.len()).expect("a checkpoint has fewer than 2^32 parts");
+        records.push(Record::CheckpointInbox {
+            part,
+            clock_ms,
+            entries: std::mem::take(entries),
+            last,
+        });
+    };
+    for head in inbox {
+        let len = postcard_len(&head);
+        if !part_inbox.is_empty()
+            && CHECKPOINT_INBOX_OVERHEAD_MAX + part_len + len > RECORD_BODY_MAX
+        {
+            push_inbox(&mut part_inbox, false);
+            part_len = 0;
+        }
+        part_len += len;
+        part_inbox.push(head);
+    }
+    push_inbox(&mut part_inbox, true);
     records
 }
+
+/// Worst-case postcard bytes of a [`Record::CheckpointInbox`] besides its entries: variant
+/// (1), part (5), clock (10), entry count (3), `last` (1).
+const CHECKPOINT_INBOX_OVERHEAD_MAX: usize = 1 + 5 + 10 + 3 + 1;
 
 /// Length of the postcard encoding of `value`.
 fn postcard_len<T: Serialize>(value: &T) -> usize {
@@ -417,7 +564,10 @@ pub fn decode_record(buf: &[u8]) -> Decoded {
     }
     match postcard::take_from_bytes::<Record>(body) {
         Ok((record, [])) => Decoded::Record {
-            record,
+            record: match record {
+                Record::MessageV1(m) => Record::Message(m.into()),
+                other => other,
+            },
             len: RECORD_HEADER_LEN + len,
         },
         Ok((_, trailing)) => Decoded::Corrupt(CorruptReason::TrailingBytes {
@@ -721,6 +871,7 @@ mod tests {
             client_msg_id: ClientMsgId([seq as u8; 16]),
             high_priority: seq.is_multiple_of(2),
             payload: Bytes::from_static(payload),
+            ts_ms: 0,
         })
     }
 
@@ -1104,16 +1255,79 @@ mod tests {
     }
 
     #[test]
-    fn a_checkpoint_of_no_groups_is_one_empty_last_record() {
+    fn a_checkpoint_of_nothing_is_one_inbox_record_with_the_clock() {
         assert_eq!(
-            checkpoint_records(Vec::new(), Vec::new()),
-            vec![Record::Checkpoint {
+            checkpoint_records(Vec::new(), Vec::new(), Vec::new(), 42),
+            vec![Record::CheckpointInbox {
                 part: 0,
-                groups: vec![],
-                dedupe: vec![],
+                clock_ms: 42,
+                entries: vec![],
                 last: true
             }]
         );
+    }
+
+    #[test]
+    fn inbox_parts_follow_the_group_parts_and_end_the_checkpoint() {
+        let head = |n: u64| InboxHead {
+            user: UserId(u64::MAX - 1_000_000 + n),
+            conv: ConvId::direct(UserId(u64::MAX - 1), UserId(u64::MAX)),
+            read: Seq(Seq::MAX.0 - n),
+        };
+        // Worst-case entries are 50 bytes: 30,000 of them need two records.
+        let inbox: Vec<_> = (0..30_000).map(head).collect();
+        let records = checkpoint_records(vec![biggest_head(1, 3)], Vec::new(), inbox.clone(), 7);
+        let parts: Vec<_> = records.iter().map(|r| r.checkpoint_part()).collect();
+        assert_eq!(
+            parts,
+            vec![Some((0, false)), Some((1, false)), Some((2, true))]
+        );
+        assert!(matches!(records[0], Record::Checkpoint { .. }));
+        let (bytes, _) = encode_all(&records);
+        let back: Vec<_> = scan(&bytes).records.into_iter().map(|(_, r)| r).collect();
+        assert_eq!(back, records);
+        let again: Vec<InboxHead> = back
+            .iter()
+            .flat_map(|r| match r {
+                Record::CheckpointInbox {
+                    entries, clock_ms, ..
+                } => {
+                    assert_eq!(*clock_ms, 7);
+                    entries.clone()
+                }
+                _ => Vec::new(),
+            })
+            .collect();
+        assert_eq!(again, inbox);
+    }
+
+    #[test]
+    fn a_message_of_the_first_format_decodes_as_a_message_stamped_zero() {
+        let old = StoredMessageV1 {
+            conv: ConvId::direct(UserId(1), UserId(2)),
+            seq: Seq(3),
+            sender: UserId(1),
+            sender_device: DeviceId(4),
+            client_msg_id: ClientMsgId([5; 16]),
+            high_priority: true,
+            payload: Bytes::from_static(b"written by an older gateway"),
+        };
+        // Variant 0 is the first format's message: encode it by hand as that gateway did.
+        let mut body = vec![0u8];
+        body.extend(postcard::to_allocvec(&old).expect("encodes"));
+        let mut frame = Vec::new();
+        frame.extend((body.len() as u32).to_le_bytes());
+        frame.extend(crc32c::crc32c(&body).to_le_bytes());
+        frame.extend(&body);
+        let Decoded::Record { record, len } = decode_record(&frame) else {
+            panic!("the old record decodes");
+        };
+        assert_eq!(len, frame.len());
+        assert_eq!(record, Record::Message(StoredMessage::from(old)));
+        let Record::Message(m) = record else {
+            unreachable!()
+        };
+        assert_eq!(m.ts_ms, 0);
     }
 
     #[test]
@@ -1126,14 +1340,14 @@ mod tests {
         };
         // Worst-case entries are 56 bytes: 50,000 of them need three records.
         let entries: Vec<_> = (0..50_000).map(entry).collect();
-        let records = checkpoint_records(vec![biggest_head(1, 10)], entries.clone());
-        assert_eq!(records.len(), 3);
+        let records = checkpoint_records(vec![biggest_head(1, 10)], entries.clone(), Vec::new(), 0);
+        assert_eq!(records.len(), 4);
         let (bytes, _) = encode_all(&records);
         let back: Vec<_> = scan(&bytes).records.into_iter().map(|(_, r)| r).collect();
         assert_eq!(back, records);
         let mut parts = Vec::new();
         let mut again = Vec::new();
-        for r in &back {
+        for r in &back[..3] {
             let Record::Checkpoint {
                 part, dedupe, last, ..
             } = r
@@ -1143,7 +1357,8 @@ mod tests {
             parts.push((*part, *last));
             again.extend_from_slice(dedupe);
         }
-        assert_eq!(parts, vec![(0, false), (1, false), (2, true)]);
+        assert_eq!(parts, vec![(0, false), (1, false), (2, false)]);
+        assert_eq!(back[3].checkpoint_part(), Some((3, true)));
         assert_eq!(again, entries);
     }
 
@@ -1152,7 +1367,7 @@ mod tests {
         // Three groups of 40% of a body each: two records, the first with two groups.
         let members = RECORD_BODY_MAX * 4 / 10 / 10;
         let heads: Vec<_> = (1..=3).map(|g| biggest_head(g, members)).collect();
-        let records = checkpoint_records(heads.clone(), Vec::new());
+        let records = checkpoint_records(heads.clone(), Vec::new(), Vec::new(), 9);
         assert_eq!(
             records,
             vec![
@@ -1166,6 +1381,12 @@ mod tests {
                     part: 1,
                     groups: heads[2..].to_vec(),
                     dedupe: vec![],
+                    last: false
+                },
+                Record::CheckpointInbox {
+                    part: 2,
+                    clock_ms: 9,
+                    entries: vec![],
                     last: true
                 },
             ]
@@ -1178,16 +1399,21 @@ mod tests {
         let heads: Vec<_> = (1..=2)
             .map(|g| biggest_head(g, GROUP_MEMBERS_PER_RECORD_MAX))
             .collect();
-        let records = checkpoint_records(heads, Vec::new());
-        assert_eq!(records.len(), 2);
+        let records = checkpoint_records(heads, Vec::new(), Vec::new(), 0);
+        assert_eq!(records.len(), 3);
         let (bytes, _) = encode_all(&records);
-        assert_eq!(scan(&bytes).records.len(), 2);
+        assert_eq!(scan(&bytes).records.len(), 3);
     }
 
     #[test]
     #[should_panic(expected = "ascending order")]
     fn a_checkpoint_of_groups_out_of_order_panics() {
-        checkpoint_records(vec![biggest_head(2, 0), biggest_head(1, 0)], Vec::new());
+        checkpoint_records(
+            vec![biggest_head(2, 0), biggest_head(1, 0)],
+            Vec::new(),
+            Vec::new(),
+            0,
+        );
     }
 
     #[test]
@@ -1200,6 +1426,7 @@ mod tests {
             client_msg_id: ClientMsgId([0xFF; 16]),
             high_priority: true,
             payload: Bytes::from(vec![7; PAYLOAD_BYTES_PER_RECORD_MAX]),
+            ts_ms: u64::MAX,
         });
         assert_eq!(encoded_len(&record), RECORD_HEADER_LEN + RECORD_BODY_MAX);
     }
@@ -1337,6 +1564,7 @@ mod tests {
                         client_msg_id: ClientMsgId(id),
                         high_priority: high,
                         payload: Bytes::from(payload),
+                        ts_ms: 0,
                     })
                 }),
             (arb_group(), members())

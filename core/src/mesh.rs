@@ -10,7 +10,7 @@
 //! interleave in any way.
 
 use crate::log::StoredMessage;
-use crate::proto::meta::{Priority, SignalKind};
+use crate::proto::meta::{InboxEntry, Priority, SignalKind};
 use crate::proto::{ClientMsgId, ConvId, DeviceId, ErrorCode, Seq, UserId};
 use crate::time::Instant;
 use bytes::Bytes;
@@ -91,6 +91,9 @@ pub enum CommandError {
     /// The log could not make the command durable; nothing changed.
     #[error("the command could not be made durable")]
     StorageFailed,
+    /// Too many commands wait for members' inboxes at the group's owner; retry.
+    #[error("too many group commands at once; retry")]
+    Busy,
 }
 
 /// One message between shards.
@@ -213,6 +216,51 @@ pub enum ShardMsg {
     CommandDone {
         token: u64,
         result: Result<(), CommandError>,
+    },
+    /// Owner -> a home: put `conv` in the inboxes of `users` (homed there), durably, then
+    /// answer `reply_to` with [`ShardMsg::InboxJoined`] and `join`. The owner stores the
+    /// first message of a direct conversation, or adds members to a group, only after
+    /// every member's home answered (I9).
+    InboxJoin {
+        reply_to: ShardId,
+        join: u64,
+        conv: ConvId,
+        users: Vec<UserId>,
+    },
+    /// Home -> owner: the join is durable, or failed (`InboxFull`, `StorageFailed`).
+    InboxJoined {
+        join: u64,
+        result: Result<(), ErrorCode>,
+    },
+    /// Owner -> a home: `users` were removed from the group `conv`.
+    InboxLeave { conv: ConvId, users: Vec<UserId> },
+    /// Connection shard -> the user's home: list a page of the user's inbox for `to`.
+    ListInbox {
+        to: ConnRef,
+        user: UserId,
+        req: u32,
+        after: Option<ConvId>,
+        limit: u32,
+    },
+    /// Home -> owner: the head of `conv` for the listing `listing`, as `user` sees it.
+    Head {
+        reply_to: ShardId,
+        listing: u64,
+        user: UserId,
+        conv: ConvId,
+    },
+    /// Owner -> home: `Ok(Some((latest durable seq, its timestamp)))`, `Ok(None)` if the
+    /// user is not a member, `Err` if the conversation could not be loaded now.
+    HeadIs {
+        listing: u64,
+        conv: ConvId,
+        result: Result<Option<(Seq, u64)>, ErrorCode>,
+    },
+    /// Home -> connection shard: the page of the inbox, and whether more follow.
+    InboxListed {
+        to: ConnRef,
+        req: u32,
+        result: Result<(Vec<InboxEntry>, bool), ErrorCode>,
     },
 }
 

@@ -64,9 +64,10 @@ use crate::connection::{Admit, Connection, ConvCursor, Phase, ReplayAsk, SyncPro
 use crate::conv::Conversation;
 use crate::dedupe::{Sequenced, Window};
 use crate::hash::{Map, SeededState};
+use crate::inbox::Inboxes;
 use crate::limits::Limits;
 use crate::log::{
-    checkpoint_records, encode_record, DedupeEntry, GroupHead, Record, StoredMessage,
+    checkpoint_records, encode_record, DedupeEntry, GroupHead, InboxHead, Record, StoredMessage,
 };
 use crate::mesh::{
     Command, CommandError, ConnId, ConnRef, ReplayBatch, ReplayPurpose, ShardId, ShardMsg,
@@ -176,6 +177,19 @@ pub enum RecoveryError {
     /// driver must start recovery at the first record of a whole checkpoint.
     #[error("the records start with an incomplete checkpoint")]
     IncompleteCheckpoint,
+    /// An inbox record names a user homed on another shard: the shard count changed.
+    #[error(
+        "inbox record of user {} in {conv} belongs to shard {home}, not this one (was the shard count changed?)",
+        user.0
+    )]
+    NotHome {
+        user: UserId,
+        conv: ConvId,
+        home: u16,
+    },
+    /// A checkpoint's inboxes differ from those the records before it build.
+    #[error("checkpoint does not match the log before it for the inboxes")]
+    InboxMismatch,
 }
 
 /// Counters for metrics. Monotonic except `connections`.
@@ -238,6 +252,55 @@ enum Pending {
         reply_to: ShardId,
         token: u64,
     },
+    /// Home: `users` join `conv`'s inbox entries once durable; then `reply` is answered.
+    InboxJoin {
+        conv: ConvId,
+        users: Vec<UserId>,
+        reply: (ShardId, u64),
+    },
+    /// Home: `users` leave `conv`.
+    InboxLeave { conv: ConvId, users: Vec<UserId> },
+}
+
+/// Owner: what waits for the members' homes to put a conversation in their inboxes.
+#[derive(Debug)]
+struct Join {
+    /// Homes that have not answered yet.
+    homes_left: usize,
+    /// The first failure a home answered.
+    failed: Option<ErrorCode>,
+    what: JoinFor,
+}
+
+#[derive(Debug)]
+enum JoinFor {
+    /// The first message(s) of a direct conversation.
+    Direct {
+        conv: ConvId,
+        waiting: Vec<ShardMsg>,
+    },
+    /// A command that adds members to a group.
+    Command {
+        command: Command,
+        reply_to: ShardId,
+        token: u64,
+    },
+}
+
+/// A conversation's latest durable seq and that message's timestamp.
+type Head = (Seq, u64);
+
+/// Home: an inbox page waiting for its conversations' owners.
+#[derive(Debug)]
+struct Listing {
+    to: ConnRef,
+    req: u32,
+    /// Per conversation of the page: its read cursor and, once its owner answered, its
+    /// head (`None` inside: the user is no longer a member).
+    items: Vec<(ConvId, Seq, Option<Option<Head>>)>,
+    missing: usize,
+    more: bool,
+    failed: Option<ErrorCode>,
 }
 
 /// A Replay whose first part must come from the log, waiting for a read slot or for its
@@ -261,37 +324,55 @@ struct CheckpointRun {
     next: Option<u32>,
     groups: Vec<GroupHead>,
     dedupe: Vec<DedupeEntry>,
+    inbox: Vec<InboxHead>,
+    clock_ms: u64,
 }
 
-/// A whole checkpoint: its groups and its dedupe window.
-type WholeCheckpoint = (Vec<GroupHead>, Vec<DedupeEntry>);
+/// A whole checkpoint.
+#[derive(Debug, Default)]
+struct WholeCheckpoint {
+    groups: Vec<GroupHead>,
+    dedupe: Vec<DedupeEntry>,
+    inbox: Vec<InboxHead>,
+    clock_ms: u64,
+}
 
 impl CheckpointRun {
     /// Takes the next checkpoint record; returns the whole checkpoint when it is `last`.
     /// Part 0 starts a new run; a part that does not follow the one before breaks the run
     /// (what was gathered is a run cut by a crash, which means nothing) until the next
     /// part 0.
-    fn push(
-        &mut self,
-        part: u32,
-        groups: Vec<GroupHead>,
-        dedupe: Vec<DedupeEntry>,
-        last: bool,
-    ) -> Option<WholeCheckpoint> {
+    fn push(&mut self, record: Record) -> Option<WholeCheckpoint> {
+        let Some((part, last)) = record.checkpoint_part() else {
+            unreachable!("only checkpoint records make a checkpoint run");
+        };
         if part == 0 {
             *self = CheckpointRun::default();
         } else if self.next != Some(part) {
             *self = CheckpointRun::default();
             return None;
         }
-        self.groups.extend(groups);
-        self.dedupe.extend(dedupe);
+        match record {
+            Record::Checkpoint { groups, dedupe, .. } => {
+                self.groups.extend(groups);
+                self.dedupe.extend(dedupe);
+            }
+            Record::CheckpointInbox {
+                clock_ms, entries, ..
+            } => {
+                self.inbox.extend(entries);
+                self.clock_ms = self.clock_ms.max(clock_ms);
+            }
+            _ => unreachable!("checked above"),
+        }
         if last {
-            let whole = (
-                std::mem::take(&mut self.groups),
-                std::mem::take(&mut self.dedupe),
-            );
-            self.next = None;
+            let whole = WholeCheckpoint {
+                groups: std::mem::take(&mut self.groups),
+                dedupe: std::mem::take(&mut self.dedupe),
+                inbox: std::mem::take(&mut self.inbox),
+                clock_ms: self.clock_ms,
+            };
+            *self = CheckpointRun::default();
             return Some(whole);
         }
         self.next = part.checked_add(1);
@@ -331,6 +412,26 @@ pub struct Shard {
     clock: u64,
     /// Direct conversations being loaded back from the log, with what waits for them.
     loading: BTreeMap<ConvId, Vec<ShardMsg>>,
+    /// Owner: conversations waiting for their members' homes to add them to the inboxes,
+    /// by join id; at most `loads_inflight_max`.
+    joins: BTreeMap<u64, Join>,
+    /// The join of each direct conversation in `joins`.
+    direct_joins: BTreeMap<ConvId, u64>,
+    next_join: u64,
+    /// Owner: a group command is waiting for a join; later commands wait behind it, so
+    /// that commands take effect in the order they came.
+    command_joining: bool,
+    commands_waiting: VecDeque<(Command, ShardId, u64)>,
+    /// Home: the inboxes of the users homed here.
+    inbox: Inboxes,
+    /// Home: inbox pages waiting for owners, by id; at most `inbox_listings_max`.
+    listings: BTreeMap<u64, Listing>,
+    next_listing: u64,
+    /// The wall clock (ms since the Unix epoch) as the driver last gave it.
+    wall_ms: u64,
+    /// The largest timestamp given to a message here: stamps never go below it, so they
+    /// never decrease within a conversation even if the wall clock steps back.
+    clock_ms: u64,
     dedupe: Window,
     /// For the senders homed here: the conversation each recent client_msg_id names.
     bindings: Window<ConvId>,
@@ -362,6 +463,10 @@ pub struct Shard {
     /// Planted bug for the simulator's oracle tests: skip the dedupe window.
     #[cfg(feature = "planted-bugs")]
     dedupe_off: bool,
+    /// Planted bug for the simulator's oracle tests: a home puts a conversation in an
+    /// inbox in memory only, and answers the join at once.
+    #[cfg(feature = "planted-bugs")]
+    inbox_not_durable: bool,
 }
 
 impl Shard {
@@ -395,6 +500,16 @@ impl Shard {
             lru: VecDeque::new(),
             clock: 0,
             loading: BTreeMap::new(),
+            joins: BTreeMap::new(),
+            direct_joins: BTreeMap::new(),
+            next_join: 0,
+            command_joining: false,
+            commands_waiting: VecDeque::new(),
+            inbox: Inboxes::new(hasher),
+            listings: BTreeMap::new(),
+            next_listing: 0,
+            wall_ms: 0,
+            clock_ms: 0,
             hot_order: VecDeque::new(),
             hot_bytes: 0,
             hot_count: 0,
@@ -412,7 +527,29 @@ impl Shard {
             stats: ShardStats::default(),
             #[cfg(feature = "planted-bugs")]
             dedupe_off: false,
+            #[cfg(feature = "planted-bugs")]
+            inbox_not_durable: false,
         }
+    }
+
+    /// Plants a bug: a home adds a conversation to an inbox in memory only (no log
+    /// record) and tells the owner at once, so a crash forgets it (I9). Only for proving
+    /// that the simulator's oracle catches it.
+    #[cfg(feature = "planted-bugs")]
+    pub fn plant_inbox_not_durable(&mut self) {
+        self.inbox_not_durable = true;
+    }
+
+    /// The wall clock, in milliseconds since the Unix epoch. The driver gives it before
+    /// its inputs (each loop turn); messages are stamped from it, never below a stamp
+    /// given before (so a clock that steps back does not reorder timestamps).
+    pub fn handle_wall_clock(&mut self, unix_ms: u64) {
+        self.wall_ms = unix_ms;
+    }
+
+    /// Conversations in the inboxes of the users homed here (gauge).
+    pub fn inbox_entries(&self) -> usize {
+        self.inbox.entries()
     }
 
     /// Plants a bug: Sends are sequenced without looking at the dedupe window, so a retry
@@ -481,27 +618,22 @@ impl Shard {
             .filter(|r| matches!(r, Record::Message(_)))
             .count();
         let mut records = records.into_iter().peekable();
-        if matches!(records.peek(), Some(Record::Checkpoint { .. })) {
+        if records
+            .peek()
+            .is_some_and(|r| r.checkpoint_part().is_some())
+        {
             self.recover_checkpoint_start(&mut records, tail_messages)?;
         }
         let mut run = CheckpointRun::default();
         for record in records {
-            match record {
-                Record::Checkpoint {
-                    part,
-                    groups,
-                    dedupe,
-                    last,
-                } => {
-                    if let Some((groups, _)) = run.push(part, groups, dedupe, last) {
-                        self.check_checkpoint(&groups)?;
-                    }
+            if record.checkpoint_part().is_some() {
+                if let Some(whole) = run.push(record) {
+                    self.check_checkpoint(&whole)?;
                 }
-                other => {
-                    // A run that another record interrupts was cut by a crash.
-                    run = CheckpointRun::default();
-                    self.recover_record(other)?;
-                }
+            } else {
+                // A run that another record interrupts was cut by a crash.
+                run = CheckpointRun::default();
+                self.recover_record(record)?;
             }
         }
         // Only now: a record for a conversation evicted halfway would look like a gap.
@@ -517,15 +649,9 @@ impl Shard {
         tail_messages: usize,
     ) -> Result<(), RecoveryError> {
         let mut run = CheckpointRun::default();
-        while let Some(Record::Checkpoint {
-            part,
-            groups,
-            dedupe,
-            last,
-        }) = records.next_if(|r| matches!(r, Record::Checkpoint { .. }))
-        {
-            if let Some((groups, dedupe)) = run.push(part, groups, dedupe, last) {
-                return self.start_at_checkpoint(groups, dedupe, tail_messages);
+        while let Some(record) = records.next_if(|r| r.checkpoint_part().is_some()) {
+            if let Some(whole) = run.push(record) {
+                return self.start_at_checkpoint(whole, tail_messages);
             }
         }
         Err(RecoveryError::IncompleteCheckpoint)
@@ -534,11 +660,21 @@ impl Shard {
     /// `tail_messages`: the message records that follow the checkpoint.
     fn start_at_checkpoint(
         &mut self,
-        groups: Vec<GroupHead>,
-        dedupe: Vec<DedupeEntry>,
+        whole: WholeCheckpoint,
         tail_messages: usize,
     ) -> Result<(), RecoveryError> {
+        let WholeCheckpoint {
+            groups,
+            dedupe,
+            inbox,
+            clock_ms,
+        } = whole;
         self.recovered_from_checkpoint = true;
+        self.clock_ms = self.clock_ms.max(clock_ms);
+        for head in inbox {
+            self.check_home(head.user, head.conv)?;
+            self.inbox.restore(head);
+        }
         // The window as it was, oldest first: every entry is durable now, as the
         // checkpoint after them is. The replay inserts `tail_messages` new keys after
         // them (a key before the checkpoint is never stored again after it), so the
@@ -574,7 +710,11 @@ impl Shard {
 
     /// A checkpoint met in the middle of the records must describe exactly the groups
     /// the records before it built.
-    fn check_checkpoint(&self, groups: &[GroupHead]) -> Result<(), RecoveryError> {
+    fn check_checkpoint(&self, whole: &WholeCheckpoint) -> Result<(), RecoveryError> {
+        let groups = &whole.groups;
+        if whole.inbox != self.inbox.heads() {
+            return Err(RecoveryError::InboxMismatch);
+        }
         let mut named = std::collections::BTreeSet::new();
         for head in groups {
             let group = head.group;
@@ -621,7 +761,35 @@ impl Shard {
                 }
                 self.apply_command(&Command::RemoveMembers { group, members });
             }
-            Record::Checkpoint { .. } => unreachable!("checkpoint records are gathered in runs"),
+            Record::InboxJoined { conv, users } => {
+                for user in users {
+                    self.check_home(user, conv)?;
+                    self.inbox.join(user, conv);
+                }
+            }
+            Record::InboxLeft { conv, users } => {
+                for user in users {
+                    self.check_home(user, conv)?;
+                    self.inbox.leave(user, conv);
+                }
+            }
+            Record::MessageV1(_) => unreachable!("the decoder turns MessageV1 into Message"),
+            Record::Checkpoint { .. } | Record::CheckpointInbox { .. } => {
+                unreachable!("checkpoint records are gathered in runs")
+            }
+        }
+        Ok(())
+    }
+
+    /// An inbox record names a user homed here, or the shard count changed.
+    fn check_home(&self, user: UserId, conv: ConvId) -> Result<(), RecoveryError> {
+        let home = Shard::home_of(user, self.shard_count);
+        if home != self.id {
+            return Err(RecoveryError::NotHome {
+                user,
+                conv,
+                home: home.0,
+            });
         }
         Ok(())
     }
@@ -653,6 +821,8 @@ impl Shard {
             });
         }
         conv.last_seq = msg.seq;
+        conv.joined = true;
+        self.clock_ms = self.clock_ms.max(msg.ts_ms);
         let id = msg.conv;
         self.touch(id);
         self.dedupe.insert(
@@ -870,6 +1040,9 @@ impl Shard {
                     token,
                 } => {
                     self.apply_command(&command);
+                    if let Command::RemoveMembers { group, members } = &command {
+                        self.leave_inboxes(*group, members);
+                    }
                     self.route(
                         reply_to,
                         ShardMsg::CommandDone {
@@ -877,6 +1050,24 @@ impl Shard {
                             result: Ok(()),
                         },
                     );
+                }
+                Pending::InboxJoin { conv, users, reply } => {
+                    for user in users {
+                        self.inbox.join(user, conv);
+                    }
+                    let (to, join) = reply;
+                    self.route(
+                        to,
+                        ShardMsg::InboxJoined {
+                            join,
+                            result: Ok(()),
+                        },
+                    );
+                }
+                Pending::InboxLeave { conv, users } => {
+                    for user in users {
+                        self.inbox.leave(user, conv);
+                    }
                 }
             }
         }
@@ -930,6 +1121,18 @@ impl Shard {
                         result: Err(CommandError::StorageFailed),
                     },
                 ),
+                Pending::InboxJoin {
+                    reply: (to, join), ..
+                } => self.route(
+                    to,
+                    ShardMsg::InboxJoined {
+                        join,
+                        result: Err(ErrorCode::StorageFailed),
+                    },
+                ),
+                // The user stays listed; the listing asks the owner, which says the user
+                // is no longer a member, and the entry is left out.
+                Pending::InboxLeave { .. } => {}
             }
         }
         self.finish();
@@ -1009,10 +1212,46 @@ impl Shard {
                 seq: seen.seq,
             })
             .collect();
-        for record in checkpoint_records(self.group_heads(), dedupe) {
+        let records = checkpoint_records(
+            self.group_heads(),
+            dedupe,
+            self.inbox_heads(),
+            self.clock_ms,
+        );
+        for record in records {
             encode_record(&record, &mut self.append_buf);
         }
         self.finish();
+    }
+
+    /// The inboxes as the log will have them once everything appended so far is replayed:
+    /// those in memory, changed by the joins and leaves still on their way to disk.
+    fn inbox_heads(&self) -> Vec<InboxHead> {
+        let mut heads: BTreeMap<(UserId, ConvId), Seq> = self
+            .inbox
+            .heads()
+            .into_iter()
+            .map(|h| ((h.user, h.conv), h.read))
+            .collect();
+        for (_, pending) in &self.pending {
+            match pending {
+                Pending::InboxJoin { conv, users, .. } => {
+                    for &user in users {
+                        heads.entry((user, *conv)).or_insert(Seq::ZERO);
+                    }
+                }
+                Pending::InboxLeave { conv, users } => {
+                    for &user in users {
+                        heads.remove(&(user, *conv));
+                    }
+                }
+                Pending::Message { .. } | Pending::Command { .. } => {}
+            }
+        }
+        heads
+            .into_iter()
+            .map(|((user, conv), read)| InboxHead { user, conv, read })
+            .collect()
     }
 
     /// Every group this shard owns as the log will have it once everything appended so
@@ -1375,6 +1614,17 @@ impl Shard {
             }
             Meta::Sync(sync) => self.on_sync(id, sync),
             Meta::Pull(pull) => self.on_pull(id, pull),
+            Meta::ListInbox(list) => {
+                let home = Shard::home_of(user, self.shard_count);
+                let msg = ShardMsg::ListInbox {
+                    to: self.me(id),
+                    user,
+                    req: list.req,
+                    after: list.after.filter(|c| c.kind().is_some()),
+                    limit: list.limit,
+                };
+                self.route(home, msg);
+            }
             Meta::Signal(signal) => {
                 if frame.payload.len() > self.limits.signal_bytes_max {
                     let e = error_meta(ErrorCode::PayloadTooLarge, "signal payload too large", 0);
@@ -1431,6 +1681,7 @@ impl Shard {
             }
             Meta::Sync(sync) => error_meta(ErrorCode::RateLimited, WHY, sync.req),
             Meta::Pull(pull) => error_meta(ErrorCode::RateLimited, WHY, pull.req),
+            Meta::ListInbox(list) => error_meta(ErrorCode::RateLimited, WHY, list.req),
             Meta::Ping(_) => error_meta(ErrorCode::RateLimited, WHY, 0),
             _ => return,
         };
@@ -1627,6 +1878,11 @@ impl Shard {
         let queued_max = self.limits.pulls_queued_max;
         let refusal = if pull.conv.kind().is_none() {
             Some((ErrorCode::BadRequest, "invalid conversation id"))
+        } else if pull.backward && pull.from_seq == Seq::ZERO {
+            Some((
+                ErrorCode::BadRequest,
+                "a backward Pull ends at a seq of at least 1",
+            ))
         } else if !pull.from_seq.is_valid() {
             Some((ErrorCode::BadRequest, "from_seq is over the maximum seq"))
         } else if self
@@ -1645,8 +1901,14 @@ impl Shard {
             self.push(id, &e, Bytes::new());
             return;
         }
-        let limit = pull.limit.clamp(1, self.limits.pull_limit_max);
-        let from = pull.from_seq.max(Seq(1));
+        let mut limit = pull.limit.clamp(1, self.limits.pull_limit_max);
+        let mut from = pull.from_seq.max(Seq(1));
+        if pull.backward {
+            // The `limit` messages that end at from_seq, in ascending order.
+            let end = pull.from_seq.0;
+            from = Seq(end.saturating_sub(u64::from(limit) - 1).max(1));
+            limit = u32::try_from(end - from.0 + 1).expect("at most `limit` seqs");
+        }
         if let Some(c) = self.conn_mut(id) {
             c.replays.push_back(ReplayAsk {
                 conv: pull.conv,
@@ -1782,6 +2044,9 @@ impl Shard {
         let Some(msg) = self.wait_for_load(msg) else {
             return;
         };
+        let Some(msg) = self.wait_for_join(msg) else {
+            return;
+        };
         match msg {
             ShardMsg::Submit { bound: false, .. } => self.on_submit_at_home(msg),
             ShardMsg::Bindings { entries } => {
@@ -1812,6 +2077,7 @@ impl Shard {
                     client_msg_id,
                     high_priority: priority == Priority::High,
                     payload,
+                    ts_ms: 0,
                 },
             ),
             ShardMsg::Acked {
@@ -1960,7 +2226,418 @@ impl Shard {
             ShardMsg::CommandDone { token, result } => self
                 .effects
                 .push_back(Effect::CommandDone { token, result }),
+            ShardMsg::InboxJoin {
+                reply_to,
+                join,
+                conv,
+                users,
+            } => self.on_inbox_join(reply_to, join, conv, users),
+            ShardMsg::InboxJoined { join, result } => {
+                let Some(j) = self.joins.get_mut(&join) else {
+                    unreachable!("a home answered join {join} twice or unasked");
+                };
+                if let Err(code) = result {
+                    j.failed.get_or_insert(code);
+                }
+                j.homes_left -= 1;
+                if j.homes_left == 0 {
+                    self.finish_join(join);
+                }
+            }
+            ShardMsg::InboxLeave { conv, users } => {
+                let users: Vec<UserId> = users
+                    .into_iter()
+                    .filter(|&u| self.inbox.contains(u, conv))
+                    .collect();
+                if !users.is_empty() {
+                    let record = Record::InboxLeft {
+                        conv,
+                        users: users.clone(),
+                    };
+                    encode_record(&record, &mut self.append_buf);
+                    let lsn = self.batch_lsn();
+                    self.pending
+                        .push_back((lsn, Pending::InboxLeave { conv, users }));
+                }
+            }
+            ShardMsg::ListInbox {
+                to,
+                user,
+                req,
+                after,
+                limit,
+            } => self.on_list_inbox(to, user, req, after, limit),
+            ShardMsg::Head {
+                reply_to,
+                listing,
+                user,
+                conv,
+            } => {
+                let head = match (self.convs.get(&conv), conv.kind()) {
+                    (Some(c), _) if c.is_member(user) => Some((c.durable_seq, c.last_ts)),
+                    (Some(_), _) => None,
+                    // Not in memory though the user is a member: new (wait_for_load
+                    // loads one that left memory), so no message yet.
+                    (None, Some(ConvKind::Direct(a, b))) if user == a || user == b => {
+                        Some((Seq::ZERO, 0))
+                    }
+                    (None, _) => None,
+                };
+                self.route(
+                    reply_to,
+                    ShardMsg::HeadIs {
+                        listing,
+                        conv,
+                        result: Ok(head),
+                    },
+                );
+            }
+            ShardMsg::HeadIs {
+                listing,
+                conv,
+                result,
+            } => self.on_head(listing, conv, result),
+            ShardMsg::InboxListed { to, req, result } => {
+                let answer = match result {
+                    Ok((entries, more)) => Meta::InboxPage(meta::InboxPage { req, entries, more }),
+                    Err(code) => error_meta(code, "the inbox could not be listed now; retry", req),
+                };
+                if self.conn(to.conn).is_some() {
+                    self.push(to.conn, &answer, Bytes::new());
+                }
+            }
         }
+    }
+
+    // ---------------------------------------------------------------------------------
+    // Inboxes (I9)
+    // ---------------------------------------------------------------------------------
+
+    /// Owner: holds the first message of a direct conversation until both members' homes
+    /// have it in their inboxes, durably; returns the message when it can go on. A
+    /// conversation with a message (or whose join finished) goes on at once.
+    fn wait_for_join(&mut self, msg: ShardMsg) -> Option<ShardMsg> {
+        let ShardMsg::Submit {
+            bound: true,
+            conv,
+            sender,
+            ..
+        } = &msg
+        else {
+            return Some(msg);
+        };
+        let (conv, sender) = (*conv, *sender);
+        let Some(ConvKind::Direct(a, b)) = conv.kind() else {
+            return Some(msg);
+        };
+        let joined = self
+            .convs
+            .get(&conv)
+            .is_some_and(|c| c.joined || c.last_seq != Seq::ZERO);
+        if joined || (sender != a && sender != b) {
+            // A non-member is refused by on_submit, with no state made.
+            return Some(msg);
+        }
+        if let Some(id) = self.direct_joins.get(&conv) {
+            let Some(Join {
+                what: JoinFor::Direct { waiting, .. },
+                ..
+            }) = self.joins.get_mut(id)
+            else {
+                unreachable!("a direct join is indexed by its conversation");
+            };
+            if waiting.len() < self.limits.load_waiters_max {
+                waiting.push(msg);
+            } else {
+                self.refuse_waiting(msg, ErrorCode::RateLimited);
+            }
+            return None;
+        }
+        if self.joins.len() >= self.limits.loads_inflight_max {
+            self.refuse_waiting(msg, ErrorCode::RateLimited);
+            return None;
+        }
+        let mut users = vec![a, b];
+        users.dedup();
+        let id = self.start_join(
+            conv,
+            users,
+            JoinFor::Direct {
+                conv,
+                waiting: vec![msg],
+            },
+        );
+        self.direct_joins.insert(conv, id);
+        None
+    }
+
+    /// Owner: asks the homes of `users` to put `conv` in their inboxes; `what` goes on
+    /// when all have answered ([`Shard::finish_join`]).
+    fn start_join(&mut self, conv: ConvId, users: Vec<UserId>, what: JoinFor) -> u64 {
+        let id = self.next_join;
+        self.next_join += 1;
+        let mut by_home: BTreeMap<ShardId, Vec<UserId>> = BTreeMap::new();
+        for user in users {
+            by_home
+                .entry(Shard::home_of(user, self.shard_count))
+                .or_default()
+                .push(user);
+        }
+        self.joins.insert(
+            id,
+            Join {
+                homes_left: by_home.len(),
+                failed: None,
+                what,
+            },
+        );
+        if by_home.is_empty() {
+            self.finish_join(id);
+            return id;
+        }
+        for (home, mut users) in by_home {
+            users.sort_unstable();
+            users.dedup();
+            self.route(
+                home,
+                ShardMsg::InboxJoin {
+                    reply_to: self.id,
+                    join: id,
+                    conv,
+                    users,
+                },
+            );
+        }
+        id
+    }
+
+    /// Owner: every home answered join `id`: what waited goes on, or is refused.
+    fn finish_join(&mut self, id: u64) {
+        let Some(join) = self.joins.remove(&id) else {
+            unreachable!("join {id} finished twice");
+        };
+        match join.what {
+            JoinFor::Direct { conv, waiting } => {
+                self.direct_joins.remove(&conv);
+                if let Some(code) = join.failed {
+                    for msg in waiting {
+                        self.refuse_waiting(msg, code);
+                    }
+                    return;
+                }
+                // A conversation with no message that left memory meanwhile is new again.
+                let created = !self.convs.contains_key(&conv);
+                self.convs
+                    .entry(conv)
+                    .or_insert_with(|| Conversation::new(conv, Vec::new()))
+                    .joined = true;
+                self.touch(conv);
+                for msg in waiting {
+                    self.on_shard_msg(msg);
+                }
+                if created {
+                    self.evict_idle(EVICT_ATTEMPTS);
+                }
+            }
+            JoinFor::Command {
+                command,
+                reply_to,
+                token,
+            } => {
+                self.command_joining = false;
+                match join.failed {
+                    Some(code) => {
+                        let error = if code == ErrorCode::InboxFull {
+                            CommandError::BadMembers(
+                                "a member's inbox holds the most conversations it may".into(),
+                            )
+                        } else {
+                            CommandError::StorageFailed
+                        };
+                        self.route(
+                            reply_to,
+                            ShardMsg::CommandDone {
+                                token,
+                                result: Err(error),
+                            },
+                        );
+                    }
+                    None => self.commit_command(command, reply_to, token),
+                }
+                while !self.command_joining {
+                    let Some((command, reply_to, token)) = self.commands_waiting.pop_front() else {
+                        break;
+                    };
+                    self.on_command(command, reply_to, token);
+                }
+            }
+        }
+    }
+
+    /// Home: puts `conv` in the inboxes of `users`, durably, then answers the owner.
+    fn on_inbox_join(&mut self, reply_to: ShardId, join: u64, conv: ConvId, users: Vec<UserId>) {
+        let answer = |result| ShardMsg::InboxJoined { join, result };
+        let new: Vec<UserId> = users
+            .into_iter()
+            .filter(|&u| u.0 != 0 && !self.inbox.contains(u, conv))
+            .collect();
+        let full = new
+            .iter()
+            .any(|&u| self.inbox.len_of(u) >= self.limits.inbox_entries_per_user_max);
+        if full {
+            self.route(reply_to, answer(Err(ErrorCode::InboxFull)));
+            return;
+        }
+        if new.is_empty() {
+            self.route(reply_to, answer(Ok(())));
+            return;
+        }
+        #[cfg(feature = "planted-bugs")]
+        if self.inbox_not_durable {
+            for &user in &new {
+                self.inbox.join(user, conv);
+            }
+            self.route(reply_to, answer(Ok(())));
+            return;
+        }
+        let record = Record::InboxJoined {
+            conv,
+            users: new.clone(),
+        };
+        encode_record(&record, &mut self.append_buf);
+        let lsn = self.batch_lsn();
+        self.pending.push_back((
+            lsn,
+            Pending::InboxJoin {
+                conv,
+                users: new,
+                reply: (reply_to, join),
+            },
+        ));
+    }
+
+    /// Owner: `members` were removed from `group`: their homes take it out of their
+    /// inboxes.
+    fn leave_inboxes(&mut self, group: ConvId, members: &[UserId]) {
+        let mut by_home: BTreeMap<ShardId, Vec<UserId>> = BTreeMap::new();
+        for &user in members {
+            by_home
+                .entry(Shard::home_of(user, self.shard_count))
+                .or_default()
+                .push(user);
+        }
+        for (home, mut users) in by_home {
+            users.sort_unstable();
+            users.dedup();
+            self.route(home, ShardMsg::InboxLeave { conv: group, users });
+        }
+    }
+
+    /// Home: a page of `user`'s inbox for `to`; each conversation's owner is asked for its
+    /// head, and the page goes out when all have answered ([`Shard::on_head`]).
+    fn on_list_inbox(
+        &mut self,
+        to: ConnRef,
+        user: UserId,
+        req: u32,
+        after: Option<ConvId>,
+        limit: u32,
+    ) {
+        let limit = if limit == 0 {
+            self.limits.inbox_page_max
+        } else {
+            limit.min(self.limits.inbox_page_max)
+        };
+        let (page, more) = self.inbox.page(user, after, limit as usize);
+        if page.is_empty() {
+            let result = Ok((Vec::new(), more));
+            self.route(to.shard, ShardMsg::InboxListed { to, req, result });
+            return;
+        }
+        if self.listings.len() >= self.limits.inbox_listings_max {
+            let result = Err(ErrorCode::RateLimited);
+            self.route(to.shard, ShardMsg::InboxListed { to, req, result });
+            return;
+        }
+        let listing = self.next_listing;
+        self.next_listing += 1;
+        let convs: Vec<ConvId> = page.iter().map(|&(c, _)| c).collect();
+        self.listings.insert(
+            listing,
+            Listing {
+                to,
+                req,
+                missing: page.len(),
+                items: page.into_iter().map(|(c, read)| (c, read, None)).collect(),
+                more,
+                failed: None,
+            },
+        );
+        for conv in convs {
+            let owner = Shard::owner_of(conv, self.shard_count);
+            self.route(
+                owner,
+                ShardMsg::Head {
+                    reply_to: self.id,
+                    listing,
+                    user,
+                    conv,
+                },
+            );
+        }
+    }
+
+    /// Home: an owner answered for one conversation of a listing.
+    fn on_head(
+        &mut self,
+        listing: u64,
+        conv: ConvId,
+        result: Result<Option<(Seq, u64)>, ErrorCode>,
+    ) {
+        let Some(l) = self.listings.get_mut(&listing) else {
+            unreachable!("an owner answered listing {listing} unasked");
+        };
+        match result {
+            Ok(head) => {
+                let item = l.items.iter_mut().find(|i| i.0 == conv && i.2.is_none());
+                let Some(item) = item else {
+                    unreachable!("an owner answered {conv} twice for listing {listing}");
+                };
+                item.2 = Some(head);
+            }
+            Err(code) => {
+                l.failed.get_or_insert(code);
+            }
+        }
+        l.missing -= 1;
+        if l.missing > 0 {
+            return;
+        }
+        let Some(l) = self.listings.remove(&listing) else {
+            unreachable!("the listing is there");
+        };
+        let result = match l.failed {
+            Some(code) => Err(code),
+            None => Ok((
+                l.items
+                    .into_iter()
+                    .filter_map(|(conv, read, head)| {
+                        let (latest, ts) = head.flatten()?;
+                        let read = read.min(latest);
+                        Some(meta::InboxEntry {
+                            conv,
+                            latest_seq: latest,
+                            latest_ts_ms: ts,
+                            read_seq: read,
+                            unread: latest.0 - read.0,
+                        })
+                    })
+                    .collect(),
+                l.more,
+            )),
+        };
+        let (to, req) = (l.to, l.req);
+        self.route(to.shard, ShardMsg::InboxListed { to, req, result });
     }
 
     /// Holds a Send or replay for a direct conversation that may have left memory until
@@ -1973,7 +2650,9 @@ impl Shard {
                 sender,
                 ..
             } => (*conv, *sender),
-            ShardMsg::Replay { conv, user, .. } => (*conv, *user),
+            ShardMsg::Replay { conv, user, .. } | ShardMsg::Head { conv, user, .. } => {
+                (*conv, *user)
+            }
             _ => return Some(msg),
         };
         let member = matches!(conv.kind(), Some(ConvKind::Direct(a, b)) if user == a || user == b);
@@ -2059,7 +2738,15 @@ impl Shard {
                     client_msg_id,
                     conv,
                     code,
-                    message: "the conversation could not be loaded now; retry",
+                    message: match code {
+                        ErrorCode::InboxFull => {
+                            "a member's inbox holds the most conversations it may"
+                        }
+                        ErrorCode::StorageFailed => {
+                            "the conversation could not be made durable now; retry"
+                        }
+                        _ => "the conversation could not be loaded now; retry",
+                    },
                 },
             ),
             ShardMsg::Replay {
@@ -2073,7 +2760,20 @@ impl Shard {
                     result: Err(code),
                 },
             ),
-            other => unreachable!("only Submit and Replay wait for a load, not {other:?}"),
+            ShardMsg::Head {
+                reply_to,
+                listing,
+                conv,
+                ..
+            } => self.route(
+                reply_to,
+                ShardMsg::HeadIs {
+                    listing,
+                    conv,
+                    result: Err(code),
+                },
+            ),
+            other => unreachable!("only Submit, Replay and Head wait, not {other:?}"),
         }
     }
 
@@ -2336,6 +3036,8 @@ impl Shard {
         );
         msg.seq = conv.last_seq.next();
         conv.last_seq = msg.seq;
+        self.clock_ms = self.clock_ms.max(self.wall_ms);
+        msg.ts_ms = self.clock_ms;
         self.touch(msg.conv);
         if created {
             self.evict_idle(EVICT_ATTEMPTS);
@@ -2892,6 +3594,7 @@ impl Shard {
             } else {
                 Priority::Normal
             },
+            ts_ms: m.ts_ms,
         });
         self.push(id, &deliver, m.payload.clone());
     }
@@ -2907,6 +3610,7 @@ impl Shard {
             return;
         }
         let cursors_max = self.limits.cursors_per_conn_max;
+        let newest_page = u64::from(self.limits.newest_page);
         let Some(c) = self.conn_mut(id) else {
             return;
         };
@@ -2916,7 +3620,13 @@ impl Shard {
             }
             return;
         }
+        let new = !c.convs.contains_key(&conv);
         let cursor: &mut ConvCursor = c.cursor(conv, cursors_max);
+        if new {
+            // A conversation new to the device (not in its Sync): it gets the latest
+            // page, and Pulls older history backwards if it wants it.
+            cursor.sent = Seq(msgs[0].seq.0.saturating_sub(newest_page));
+        }
         let mut to_send = Vec::new();
         let mut request = None;
         for m in msgs {
@@ -2989,7 +3699,50 @@ impl Shard {
     // Group commands
     // ---------------------------------------------------------------------------------
 
+    /// A group command at its owner: members it adds join their inboxes first (I9), so
+    /// it waits for their homes; commands after one that waits wait behind it.
     fn on_command(&mut self, command: Command, reply_to: ShardId, token: u64) {
+        if self.command_joining {
+            if self.commands_waiting.len() < self.limits.load_waiters_max {
+                self.commands_waiting.push_back((command, reply_to, token));
+            } else {
+                let error = CommandError::Busy;
+                let done = ShardMsg::CommandDone {
+                    token,
+                    result: Err(error),
+                };
+                self.route(reply_to, done);
+            }
+            return;
+        }
+        if let Err(e) = self.check_command(&command) {
+            let done = ShardMsg::CommandDone {
+                token,
+                result: Err(e),
+            };
+            self.route(reply_to, done);
+            return;
+        }
+        match &command {
+            Command::CreateGroup { group, members } | Command::AddMembers { group, members } => {
+                self.command_joining = true;
+                let (group, members) = (*group, members.clone());
+                self.start_join(
+                    group,
+                    members,
+                    JoinFor::Command {
+                        command,
+                        reply_to,
+                        token,
+                    },
+                );
+            }
+            Command::RemoveMembers { .. } => self.commit_command(command, reply_to, token),
+        }
+    }
+
+    /// Appends a checked command; it takes effect once durable.
+    fn commit_command(&mut self, command: Command, reply_to: ShardId, token: u64) {
         match self.check_command(&command) {
             Ok(record) => {
                 encode_record(&record, &mut self.append_buf);

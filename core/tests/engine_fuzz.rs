@@ -69,7 +69,7 @@ fn frame() -> impl Strategy<Value = (Meta, usize)> {
         ),
         3 => (any::<u32>(), conv(), seq(), prop_oneof![Just(0u32), 1..10u32, Just(u32::MAX)])
             .prop_map(|(req, conv, from_seq, limit)| {
-                (Meta::Pull(meta::Pull { req, conv, from_seq, limit }), 0)
+                (Meta::Pull(meta::Pull { req, conv, from_seq, limit, backward: false }), 0)
             }),
         2 => (conv(), seq())
             .prop_map(|(conv, seq)| (Meta::DeliveryAck(meta::DeliveryAck { conv, seq }), 0)),

@@ -27,6 +27,7 @@ fn pull(req: u32, conv: ConvId, from_seq: Seq, limit: u32) -> Meta {
         conv,
         from_seq,
         limit,
+        backward: false,
     })
 }
 

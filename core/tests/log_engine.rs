@@ -27,6 +27,7 @@ fn msg(conv: ConvId, seq: u64, payload: usize) -> Record {
         client_msg_id: ClientMsgId([seq as u8; 16]),
         high_priority: false,
         payload: Bytes::from(vec![seq as u8; payload]),
+        ts_ms: 0,
     })
 }
 

@@ -232,6 +232,7 @@ fn message(conv: ConvId, seq: u64, uid: u64, len: usize) -> Record {
         client_msg_id: ClientMsgId(id),
         high_priority: uid.is_multiple_of(3),
         payload: Bytes::from(vec![uid as u8; len]),
+        ts_ms: 0,
     })
 }
 

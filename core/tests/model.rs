@@ -5,6 +5,9 @@
 //! held, answered late or failed. After every step and at the end, I1-I5 must hold: in
 //! particular no device ever skips a seq, whatever the reads did.
 //!
+//! A device syncs only the conversations it knows and those its inbox lists (I9): every
+//! conversation with an acked message must be listed, or the device would never learn it.
+//!
 //! The model is deliberately simple: what each device has seen, what each sender was
 //! told, and what the logs hold. Failing cases are saved in `proptest-regressions/`.
 
@@ -85,6 +88,9 @@ fn limits() -> Limits {
         hot_messages_per_conv: 1,
         fetches_inflight_max: 1,
         heartbeat_interval: Duration::from_secs(600),
+        // A conversation new to a device comes from seq 1, so that the model can hold
+        // every device to every seq (newest-first starts are the sim's to check).
+        newest_page: 1_000_000,
         ..Limits::default()
     }
 }
@@ -98,6 +104,8 @@ struct Device {
     on_conn: BTreeMap<ConvId, Seq>,
     /// Messages it sent: id, conv, payload.
     sent: Vec<(ClientMsgId, ConvId, Bytes)>,
+    /// The inbox page that answered its last ListInbox.
+    inbox: Option<meta::InboxPage>,
 }
 
 struct Model {
@@ -186,16 +194,46 @@ impl Model {
                     );
                 }
                 self.devices[dev].on_conn.clear();
+                // The inbox first: it names what the device does not know yet.
+                let req = self.next_req;
+                self.next_req += 1;
+                let list = meta::ListInbox {
+                    req,
+                    after: None,
+                    limit: 0,
+                };
+                self.world.frame(c, Meta::ListInbox(list), &[]);
+                self.collect()?;
+                if self.devices[dev].conn != Some(c) {
+                    return Ok(());
+                }
+                let Some(page) = self.devices[dev].inbox.take() else {
+                    return Err(TestCaseError::fail("ListInbox got no InboxPage"));
+                };
+                prop_assert_eq!(page.req, req);
+                prop_assert!(!page.more, "three conversations fit one page");
+                let listed: BTreeSet<ConvId> = page.entries.iter().map(|e| e.conv).collect();
+                for (id, (conv, _)) in &self.acked {
+                    prop_assert!(
+                        !is_member(*conv, user) || listed.contains(conv),
+                        "I9: {:?} is acked in {} but user {}'s inbox does not list it",
+                        id,
+                        conv,
+                        user
+                    );
+                }
+                prop_assert!(
+                    listed.iter().all(|c| is_member(*c, user)),
+                    "I9: an inbox lists a conversation of another user"
+                );
+                let known = &self.devices[dev].cursor;
                 let cursors = convs()
                     .iter()
                     .filter(|c| is_member(**c, user))
+                    .filter(|c| listed.contains(c) || known.contains_key(c))
                     .map(|&conv| meta::Cursor {
                         conv,
-                        seq: self.devices[dev]
-                            .cursor
-                            .get(&conv)
-                            .copied()
-                            .unwrap_or_default(),
+                        seq: known.get(&conv).copied().unwrap_or_default(),
                     })
                     .collect();
                 let req = self.next_req;
@@ -291,6 +329,7 @@ impl Model {
                         );
                     }
                     Meta::Nack(n) => prop_assert!(false, "unexpected nack {:?}", n),
+                    Meta::InboxPage(p) => self.devices[dev].inbox = Some(p),
                     _ => {}
                 }
             }
@@ -343,6 +382,8 @@ impl Model {
     /// holds every seq of its conversations.
     fn heal(&mut self) -> Result<(), TestCaseError> {
         self.apply(&Op::HoldReads { on: false })?;
+        // Inbox entries first, then the messages that waited for them.
+        self.world.sync();
         self.world.sync();
         for dev in 0..self.devices.len() {
             self.apply(&Op::Connect {

@@ -139,6 +139,9 @@ fn ack_and_delivery_wait_for_durability() {
     let bob = w.login(1, 2, 1);
     let conv = ConvId::direct(UserId(1), UserId(2));
     w.send(alice, 1, conv, b"hi");
+    // The members' homes make their inbox entries durable (I9); then the message is
+    // appended.
+    w.sync();
     assert!(acks(&w.take(alice)).is_empty(), "acked before durable (I1)");
     assert!(
         delivers(&w.take(bob)).is_empty(),
@@ -157,6 +160,9 @@ fn an_acked_message_survives_a_crash_and_an_unsynced_one_is_never_acked() {
     let alice = w.login(0, 1, 1);
     let conv = ConvId::direct(UserId(1), UserId(2));
     w.send(alice, 1, conv, b"kept");
+    // The members' homes make their inbox entries durable (I9); then the message is
+    // appended.
+    w.sync();
     w.sync();
     assert_eq!(acks(&w.take(alice)).len(), 1);
     w.send(alice, 2, conv, b"lost");
@@ -179,6 +185,9 @@ fn a_failed_append_is_nacked_and_its_seq_is_handed_out_again() {
     let bob = w.login(0, 2, 1);
     let conv = ConvId::direct(UserId(1), UserId(2));
     w.send(alice, 1, conv, b"one");
+    // The members' homes make their inbox entries durable (I9); then the message is
+    // appended.
+    w.sync();
     w.sync();
     w.send(alice, 2, conv, b"two");
     // The driver could not sync: it truncates to the durable length and reports.
@@ -209,6 +218,9 @@ fn an_append_the_driver_has_not_taken_when_the_log_fails_never_reaches_the_log()
     let alice = w.login(0, 1, 1);
     let conv = ConvId::direct(UserId(1), UserId(2));
     w.send(alice, 1, conv, b"one");
+    // The members' homes make their inbox entries durable (I9); then the message is
+    // appended.
+    w.sync();
     w.sync();
     // "two" is sequenced and its append handed out, but the log fails (a write or sync
     // of appends before it) before the driver takes it.
@@ -276,6 +288,9 @@ fn a_retry_while_the_first_is_not_durable_waits_for_the_same_seq() {
     let conv = ConvId::direct(UserId(1), UserId(2));
     let id = w.send(alice, 1, conv, b"x");
     w.send_with_id(alice, 2, conv, id, b"x");
+    // The members' homes make their inbox entries durable (I9); then the message is
+    // appended.
+    w.sync();
     assert!(acks(&w.take(alice)).is_empty());
     w.sync();
     assert_eq!(acks(&w.take(alice)), vec![(1, Seq(1)), (2, Seq(1))]);
@@ -404,6 +419,7 @@ fn sync_reads_history_older_than_the_hot_tier_from_the_log_and_says_which_have_m
             conv,
             from_seq: Seq(4),
             limit: 100,
+            backward: false,
         }),
         &[],
     );
@@ -436,6 +452,7 @@ fn pull(w: &mut World, c: usize, req: u32, conv: ConvId, from: u64) {
         conv,
         from_seq: Seq(from),
         limit: 100,
+        backward: false,
     };
     w.frame(c, Meta::Pull(pull), &[]);
 }
@@ -718,6 +735,7 @@ fn pull_returns_history_and_a_pull_result() {
             conv,
             from_seq: Seq(2),
             limit: 3,
+            backward: false,
         }),
         &[],
     );
@@ -756,10 +774,28 @@ fn checkpoint_after(w: &World, records: Vec<Record>) -> Vec<u8> {
 }
 
 fn first_checkpoint(records: &[Record]) -> usize {
-    records
+    checkpoint_starts(records)[0]
+}
+
+/// Where each checkpoint in `records` starts (its part 0).
+fn checkpoint_starts(records: &[Record]) -> Vec<usize> {
+    let starts: Vec<usize> = records
         .iter()
-        .position(|r| matches!(r, Record::Checkpoint { .. }))
-        .expect("a checkpoint in the log")
+        .enumerate()
+        .filter(|(_, r)| matches!(r.checkpoint_part(), Some((0, _))))
+        .map(|(i, _)| i)
+        .collect();
+    assert!(!starts.is_empty(), "a checkpoint in the log");
+    starts
+}
+
+/// The index after the last part of the checkpoint that starts at `at`.
+fn checkpoint_end(records: &[Record], at: usize) -> usize {
+    at + 1
+        + records[at..]
+            .iter()
+            .position(|r| r.checkpoint_part().is_some_and(|(_, last)| last))
+            .expect("the checkpoint ends")
 }
 
 fn nacked(frames: &[(Meta, bytes::Bytes)], req: u32, code: ErrorCode) -> bool {
@@ -912,10 +948,14 @@ fn tampered(records: &[Record], at: usize, change: impl Fn(&mut Vec<GroupHead>))
 #[test]
 fn checkpoints_in_the_middle_of_the_log_are_checked_against_the_records_before_them() {
     let (mut w, records) = checkpointed_log();
-    let second = records.len() - 2;
+    let second = checkpoint_starts(&records)[1];
     assert!(matches!(
         records[second],
-        Record::Checkpoint { last: true, .. }
+        Record::Checkpoint { part: 0, .. }
+    ));
+    assert!(matches!(
+        records[checkpoint_end(&records, second) - 1],
+        Record::CheckpointInbox { last: true, .. }
     ));
     // The whole log, with its checkpoints, recovers; every conversation goes on.
     w.crash_all();
@@ -950,6 +990,18 @@ fn checkpoints_in_the_middle_of_the_log_are_checked_against_the_records_before_t
     // to check it against.
     let start = tampered(&records, second, |g| g[0].last_seq = Seq(9));
     assert_eq!(recover(start[second..].to_vec()), Ok(()));
+    // The inboxes are checked too: an entry dropped from a checkpoint in the middle.
+    let mut no_inbox = records.clone();
+    let end = checkpoint_end(&records, at);
+    let Record::CheckpointInbox { entries, .. } = &mut no_inbox[end - 1] else {
+        panic!("a checkpoint ends with its inbox part");
+    };
+    assert!(
+        !entries.is_empty(),
+        "users 1..=3 are homed here with their groups"
+    );
+    entries.pop();
+    assert_eq!(recover(no_inbox), Err(RecoveryError::InboxMismatch));
 }
 
 #[test]
@@ -982,7 +1034,7 @@ fn a_checkpoint_cut_by_a_crash_is_ignored_but_recovery_cannot_start_at_one() {
     assert_eq!(recover(with_cut(at)[at..].to_vec()), Ok(()));
     // But a start at a cut checkpoint has nothing to start from.
     let mut cut_start = vec![cut.clone()];
-    cut_start.extend(records[at + 1..].iter().cloned());
+    cut_start.extend(records[checkpoint_end(&records, at)..].iter().cloned());
     assert_eq!(recover(cut_start), Err(RecoveryError::IncompleteCheckpoint));
     assert_eq!(recover(vec![cut]), Err(RecoveryError::IncompleteCheckpoint));
 }
@@ -1002,9 +1054,7 @@ fn a_checkpoint_is_its_own_append_and_fails_or_becomes_durable_like_any_other() 
     assert_eq!(checkpoint, message + 1, "the checkpoint has its own Lsn");
     let own: Vec<_> = scan(&w.nodes[0].log.bytes()[end as usize..]).records;
     assert!(!own.is_empty());
-    assert!(own
-        .iter()
-        .all(|(_, r)| matches!(r, Record::Checkpoint { .. })));
+    assert!(own.iter().all(|(_, r)| r.checkpoint_part().is_some()));
     // The sync fails: the message is Nacked, and the checkpoint is gone with it.
     let node = &mut w.nodes[0];
     node.log.crash();
@@ -1012,10 +1062,7 @@ fn a_checkpoint_is_its_own_append_and_fails_or_becomes_durable_like_any_other() 
     node.shard.handle_log_failed(w.now);
     w.run();
     assert!(nacked(&w.take(alice), 1, ErrorCode::StorageFailed));
-    assert!(!w
-        .records(0)
-        .iter()
-        .any(|r| matches!(r, Record::Checkpoint { .. })));
+    assert!(!w.records(0).iter().any(|r| r.checkpoint_part().is_some()));
     // A command and a message on their way to disk, then a checkpoint: when it is
     // durable, so is everything before it, and it holds both.
     let created = ConvId::group(8);
@@ -1025,6 +1072,9 @@ fn a_checkpoint_is_its_own_append_and_fails_or_becomes_durable_like_any_other() 
     };
     w.nodes[0].shard.handle_command(w.now, create, 77);
     w.run();
+    // The member's inbox entry becomes durable (I9); then the command is appended.
+    w.sync();
+    assert_eq!(w.commands.get(&77), None, "not durable yet");
     w.send(alice, 2, group, b"kept");
     w.checkpoint(0);
     w.sync();
@@ -1263,6 +1313,9 @@ fn pipelined_sends_get_seqs_in_send_order_across_shards() {
     for req in 1..=20 {
         w.send(alice, req, conv, &[req as u8]);
     }
+    // The first syncs make the inbox entries durable (the Sends wait for them, in order),
+    // the second the messages.
+    w.sync();
     w.sync();
     let acked = acks(&w.take(alice));
     assert_eq!(acked.len(), 20);

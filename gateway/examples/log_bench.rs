@@ -225,6 +225,7 @@ fn message(seq: u64) -> Record {
         client_msg_id: ClientMsgId([seq as u8; 16]),
         high_priority: false,
         payload: Bytes::from(vec![seq as u8; PAYLOAD_BYTES]),
+        ts_ms: 0,
     })
 }
 
@@ -251,6 +252,7 @@ fn read_message(conv: ConvId, seq: u64) -> StoredMessage {
         client_msg_id: ClientMsgId([seq as u8; 16]),
         high_priority: false,
         payload: Bytes::from(vec![(conv.lo ^ seq) as u8; READ_PAYLOAD_BYTES]),
+        ts_ms: 0,
     }
 }
 

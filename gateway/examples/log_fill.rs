@@ -31,7 +31,7 @@
 //! `LogConfig::default()` with the executor's alignment, and pipelined syncs only with
 //! O_DIRECT. Messages go in appends of `--batch`, as a busy shard's group commit; whenever
 //! the engine emits `CheckpointDue` the generator appends a checkpoint the way the shard
-//! does (`Shard::handle_checkpoint_due`): `checkpoint_records(no groups, window)` in one
+//! does (`Shard::handle_checkpoint_due`): `checkpoint_records(no groups, window, no inboxes, clock 0)` in one
 //! append, where the window is the last `Limits::default().dedupe_window_entries`
 //! messages appended, oldest first. The engine's operations run as the reactor runs them:
 //! each started on the ring as soon as the engine issues it, several in flight, completions
@@ -215,6 +215,7 @@ impl Messages {
             client_msg_id: ClientMsgId(id),
             high_priority: false,
             payload: Bytes::copy_from_slice(&self.payload),
+            ts_ms: 0,
         }
     }
 }
@@ -397,7 +398,7 @@ fn fill(ring: &mut Ring, args: Args) -> anyhow::Result<()> {
             checkpoint_due = false;
             buf.clear();
             let dedupe: Vec<DedupeEntry> = window.iter().copied().collect();
-            for record in checkpoint_records(vec![], dedupe) {
+            for record in checkpoint_records(vec![], dedupe, vec![], 0) {
                 encode_record(&record, &mut buf);
             }
             let len = buf.len() as u64;

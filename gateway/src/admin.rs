@@ -31,7 +31,7 @@
 //!   The group routes answer 200 `{"ok":true}` or `{"error":"..."}` with 400 (bad JSON,
 //!   group id 0, [`CommandError::NotAGroup`], [`CommandError::BadMembers`]), 404
 //!   ([`CommandError::NoSuchGroup`]), 409 ([`CommandError::AlreadyExists`]), 503
-//!   ([`CommandError::StorageFailed`]) or 504 (no answer within [`COMMAND_TIMEOUT`]).
+//!   ([`CommandError::StorageFailed`], [`CommandError::Busy`]) or 504 (no answer within [`COMMAND_TIMEOUT`]).
 //! - `POST /drain`: 202; asks the runtime to drain (stop accepting, GoAway, exit).
 //! - With the cargo feature `fault-injection` only (tests; never shipped):
 //!   `POST /fault/shards/{i}/panic`, `.../stall`, `.../resume`: 202; see `fault.rs`.
@@ -955,7 +955,7 @@ async fn run_command(cmd: Command, server: &Server) -> Response {
                 CommandError::AlreadyExists(_) => 409,
                 CommandError::NoSuchGroup(_) => 404,
                 CommandError::NotAGroup(_) | CommandError::BadMembers(_) => 400,
-                CommandError::StorageFailed => 503,
+                CommandError::StorageFailed | CommandError::Busy => 503,
             };
             Response::json_error(status, &e.to_string())
         }

@@ -1387,6 +1387,7 @@ mod tests {
             client_msg_id: ClientMsgId([seq as u8; 16]),
             high_priority: false,
             payload: Bytes::from(vec![seq as u8; payload_len]),
+            ts_ms: 0,
         })
     }
 
@@ -1436,6 +1437,7 @@ mod tests {
             client_msg_id: ClientMsgId([(seq + salt) as u8; 16]),
             high_priority: seq.is_multiple_of(3),
             payload: Bytes::from(vec![(seq * 7 + salt) as u8; payload_len]),
+            ts_ms: 0,
         }
     }
 

@@ -398,6 +398,9 @@ impl Reactor {
         self.ring.read_eventfd(self.wake_fd, TAG_WAKE);
         self.arm_accept();
         loop {
+            // Messages sequenced this turn are stamped from it (core keeps stamps from
+            // going back if the wall clock does).
+            self.shard.handle_wall_clock(wall_clock_ms());
             let mut done = std::mem::take(&mut self.done);
             self.ring.complete(&mut done);
             for d in done.drain(..) {
@@ -1263,6 +1266,13 @@ fn set_nodelay(fd: RawFd) {
             std::mem::size_of::<libc::c_int>() as libc::socklen_t,
         )
     };
+}
+
+/// The wall clock in milliseconds since the Unix epoch (0 if it is before it).
+fn wall_clock_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 #[cfg(test)]

@@ -808,7 +808,9 @@ impl Conn {
                 }
                 ClientEvent::Notify { .. }
                 | ClientEvent::SyncDone { .. }
-                | ClientEvent::Signal { .. } => {}
+                | ClientEvent::Signal { .. }
+                | ClientEvent::Inbox { .. }
+                | ClientEvent::History { .. } => {}
             }
         }
         let outbox = self.client.outbox_len() + self.again.len();

@@ -58,6 +58,9 @@ pub enum ErrorCode {
     RateLimited = 27,
     /// A Sync cursor was ahead of the conversation's latest seq.
     CursorAhead = 28,
+    /// A member's inbox holds the most conversations it may; the first message of a new
+    /// conversation with that user was not stored.
+    InboxFull = 29,
     /// The connection could not drain its outbound queue within its budget.
     SlowConsumer = 30,
     /// The gateway is shutting down or draining.
@@ -70,7 +73,7 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every code, for exhaustive tests.
-    pub const ALL: [ErrorCode; 28] = [
+    pub const ALL: [ErrorCode; 29] = [
         ErrorCode::Unspecified,
         ErrorCode::BadMagic,
         ErrorCode::UnsupportedVersion,
@@ -95,6 +98,7 @@ impl ErrorCode {
         ErrorCode::ClientMsgIdReused,
         ErrorCode::RateLimited,
         ErrorCode::CursorAhead,
+        ErrorCode::InboxFull,
         ErrorCode::SlowConsumer,
         ErrorCode::ShuttingDown,
         ErrorCode::TooManyConnections,

@@ -35,11 +35,13 @@ pub enum FrameKind {
     Pong = 15,
     GoAway = 16,
     Error = 17,
+    ListInbox = 18,
+    InboxPage = 19,
 }
 
 impl FrameKind {
     /// Every kind, for exhaustive tests.
-    pub const ALL: [FrameKind; 17] = [
+    pub const ALL: [FrameKind; 19] = [
         FrameKind::Auth,
         FrameKind::AuthOk,
         FrameKind::Send,
@@ -57,11 +59,13 @@ impl FrameKind {
         FrameKind::Pong,
         FrameKind::GoAway,
         FrameKind::Error,
+        FrameKind::ListInbox,
+        FrameKind::InboxPage,
     ];
 
     /// The kind for a header byte, if it names one.
     pub fn from_u8(v: u8) -> Option<FrameKind> {
-        // The discriminants are 1..=17 in order.
+        // The discriminants are 1..=19 in order.
         FrameKind::ALL.get(usize::from(v).checked_sub(1)?).copied()
     }
 
@@ -174,6 +178,8 @@ pub struct Deliver {
     pub client_msg_id: ClientMsgId,
     /// The priority it was sent with.
     pub priority: Priority,
+    /// When the owner sequenced it (ms since the Unix epoch; 0: not stamped).
+    pub ts_ms: u64,
 }
 
 /// Client -> gateway: this device holds every seq of `conv` up to `seq`.
@@ -249,6 +255,8 @@ pub struct Pull {
     pub from_seq: Seq,
     /// At most this many messages.
     pub limit: u32,
+    /// The `limit` messages ending at `from_seq` (at least 1) instead of starting there.
+    pub backward: bool,
 }
 
 /// Gateway -> client: the Delivers answering a Pull have been sent.
@@ -315,6 +323,43 @@ pub struct GoAway {
     pub reconnect_after_ms: u32,
 }
 
+/// Client -> gateway: a page of the user's conversations.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ListInbox {
+    /// Request number, echoed in InboxPage.
+    pub req: u32,
+    /// List the conversations after this one (`None`: from the first).
+    pub after: Option<ConvId>,
+    /// At most this many (0: the gateway's page limit).
+    pub limit: u32,
+}
+
+/// One conversation of a user's inbox.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct InboxEntry {
+    /// The conversation.
+    pub conv: ConvId,
+    /// Its latest durable seq (0: none yet).
+    pub latest_seq: Seq,
+    /// That message's server timestamp (ms since the Unix epoch; 0: none).
+    pub latest_ts_ms: u64,
+    /// The user's read cursor.
+    pub read_seq: Seq,
+    /// Messages after the read cursor.
+    pub unread: u64,
+}
+
+/// Gateway -> client: a page of the inbox.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InboxPage {
+    /// The ListInbox's request number.
+    pub req: u32,
+    /// The entries, in ascending conversation id order.
+    pub entries: Vec<InboxEntry>,
+    /// More entries follow the last one.
+    pub more: bool,
+}
+
 /// Gateway -> client: a request failed or the connection is closing.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Error {
@@ -346,6 +391,8 @@ pub enum Meta {
     Pong(Pong),
     GoAway(GoAway),
     Error(Error),
+    ListInbox(ListInbox),
+    InboxPage(InboxPage),
 }
 
 /// Why verified meta bytes still do not make a valid frame.
@@ -385,6 +432,8 @@ impl Meta {
             Meta::Pong(_) => FrameKind::Pong,
             Meta::GoAway(_) => FrameKind::GoAway,
             Meta::Error(_) => FrameKind::Error,
+            Meta::ListInbox(_) => FrameKind::ListInbox,
+            Meta::InboxPage(_) => FrameKind::InboxPage,
         }
     }
 
@@ -445,6 +494,7 @@ impl Meta {
                     sender_device: DeviceId(t.sender_device()),
                     client_msg_id: msg_id_from(t.client_msg_id()),
                     priority: priority_from(t.priority())?,
+                    ts_ms: t.ts_ms(),
                 })
             }
             FrameKind::DeliveryAck => {
@@ -505,6 +555,7 @@ impl Meta {
                     conv: conv_from(t.conv()),
                     from_seq: Seq(t.from_seq()),
                     limit: t.limit(),
+                    backward: t.backward(),
                 })
             }
             FrameKind::PullResult => {
@@ -554,6 +605,35 @@ impl Meta {
                     code: ErrorCode::from_u16(t.code().0),
                     message: t.message().unwrap_or_default().to_owned(),
                     req: t.req(),
+                })
+            }
+            FrameKind::ListInbox => {
+                let t = root::<wire::ListInbox>(bytes)?;
+                Meta::ListInbox(ListInbox {
+                    req: t.req(),
+                    after: t.after().map(conv_from),
+                    limit: t.limit(),
+                })
+            }
+            FrameKind::InboxPage => {
+                let t = root::<wire::InboxPage>(bytes)?;
+                Meta::InboxPage(InboxPage {
+                    req: t.req(),
+                    entries: t
+                        .entries()
+                        .map(|v| {
+                            v.iter()
+                                .map(|e| InboxEntry {
+                                    conv: conv_from(e.conv()),
+                                    latest_seq: Seq(e.latest_seq()),
+                                    latest_ts_ms: e.latest_ts_ms(),
+                                    read_seq: Seq(e.read_seq()),
+                                    unread: e.unread(),
+                                })
+                                .collect()
+                        })
+                        .unwrap_or_default(),
+                    more: t.more(),
                 })
             }
         })
@@ -629,6 +709,7 @@ impl Meta {
                         sender_device: m.sender_device.0,
                         client_msg_id: Some(&msg_id_to(m.client_msg_id)),
                         priority: priority_to(m.priority),
+                        ts_ms: m.ts_ms,
                     },
                 );
                 fbb.finish_minimal(root);
@@ -693,6 +774,7 @@ impl Meta {
                         conv: Some(&conv_to(m.conv)),
                         from_seq: m.from_seq.0,
                         limit: m.limit,
+                        backward: m.backward,
                     },
                 );
                 fbb.finish_minimal(root);
@@ -761,6 +843,42 @@ impl Meta {
                         code: wire::ErrorCode(m.code.as_u16()),
                         message: Some(message),
                         req: m.req,
+                    },
+                );
+                fbb.finish_minimal(root);
+            }
+            Meta::ListInbox(m) => {
+                let root = wire::ListInbox::create(
+                    fbb,
+                    &wire::ListInboxArgs {
+                        req: m.req,
+                        after: m.after.map(conv_to).as_ref(),
+                        limit: m.limit,
+                    },
+                );
+                fbb.finish_minimal(root);
+            }
+            Meta::InboxPage(m) => {
+                let entries: Vec<wire::InboxEntry> = m
+                    .entries
+                    .iter()
+                    .map(|e| {
+                        wire::InboxEntry::new(
+                            &conv_to(e.conv),
+                            e.latest_seq.0,
+                            e.latest_ts_ms,
+                            e.read_seq.0,
+                            e.unread,
+                        )
+                    })
+                    .collect();
+                let entries = fbb.create_vector(&entries);
+                let root = wire::InboxPage::create(
+                    fbb,
+                    &wire::InboxPageArgs {
+                        req: m.req,
+                        entries: Some(entries),
+                        more: m.more,
                     },
                 );
                 fbb.finish_minimal(root);
@@ -864,7 +982,7 @@ mod tests {
             assert_eq!(FrameKind::from_u8(kind as u8), Some(kind));
         }
         assert_eq!(FrameKind::from_u8(0), None);
-        assert_eq!(FrameKind::from_u8(18), None);
+        assert_eq!(FrameKind::from_u8(20), None);
         assert_eq!(wire::FrameKind::ENUM_VALUES.len(), FrameKind::ALL.len());
     }
 

@@ -87,16 +87,20 @@ fn meta() -> impl Strategy<Value = Meta> {
             any::<u64>(),
             any::<u32>(),
             msg_id(),
-            priority()
+            priority(),
+            any::<u64>()
         )
-            .prop_map(|(conv, seq, s, d, id, priority)| Meta::Deliver(Deliver {
-                conv,
-                seq,
-                sender: UserId(s),
-                sender_device: DeviceId(d),
-                client_msg_id: id,
-                priority,
-            })),
+            .prop_map(
+                |(conv, seq, s, d, id, priority, ts_ms)| Meta::Deliver(Deliver {
+                    conv,
+                    seq,
+                    sender: UserId(s),
+                    sender_device: DeviceId(d),
+                    client_msg_id: id,
+                    priority,
+                    ts_ms,
+                })
+            ),
         (conv(), seq()).prop_map(|(conv, seq)| Meta::DeliveryAck(DeliveryAck { conv, seq })),
         (any::<u32>(), proptest::collection::vec(cursor(), 0..40))
             .prop_map(|(req, cursors)| Meta::Sync(Sync { req, cursors })),
@@ -126,14 +130,40 @@ fn meta() -> impl Strategy<Value = Meta> {
                     })
                     .collect(),
             })),
-        (any::<u32>(), conv(), seq(), any::<u32>()).prop_map(|(req, conv, from_seq, limit)| {
-            Meta::Pull(Pull {
+        (any::<u32>(), conv(), seq(), any::<u32>(), any::<bool>()).prop_map(
+            |(req, conv, from_seq, limit, backward)| {
+                Meta::Pull(Pull {
+                    req,
+                    conv,
+                    from_seq,
+                    limit,
+                    backward,
+                })
+            }
+        ),
+        (any::<u32>(), proptest::option::of(conv()), any::<u32>())
+            .prop_map(|(req, after, limit)| Meta::ListInbox(ListInbox { req, after, limit })),
+        (
+            any::<u32>(),
+            proptest::collection::vec(
+                (conv(), seq(), any::<u64>(), seq(), any::<u64>()).prop_map(
+                    |(conv, latest_seq, latest_ts_ms, read_seq, unread)| InboxEntry {
+                        conv,
+                        latest_seq,
+                        latest_ts_ms,
+                        read_seq,
+                        unread,
+                    }
+                ),
+                0..4
+            ),
+            any::<bool>()
+        )
+            .prop_map(|(req, entries, more)| Meta::InboxPage(InboxPage {
                 req,
-                conv,
-                from_seq,
-                limit,
-            })
-        }),
+                entries,
+                more
+            })),
         (any::<u32>(), conv(), seq(), seq(), seq(), seq()).prop_map(
             |(req, conv, from_seq, to_seq, latest_seq, available_from)| {
                 Meta::PullResult(PullResult {

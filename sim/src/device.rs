@@ -466,6 +466,15 @@ fn flush(
                 sh.oracle.violations.push(v);
             }
             ClientEvent::Notify { .. } => sh.counts.notify_seen += 1,
+            ClientEvent::Authenticated { .. } => {
+                let convs = convs_of(user.0);
+                sh.oracle.handle_authenticated(index, &convs);
+            }
+            ClientEvent::Inbox { entries, more } => {
+                let convs = convs_of(user.0);
+                let entries: Vec<_> = entries.iter().map(|e| (e.conv, e.latest_seq)).collect();
+                sh.oracle.handle_inbox(index, &convs, &entries, more);
+            }
             ClientEvent::Closed { .. } | ClientEvent::Dead => {
                 if matches!(
                     ev,

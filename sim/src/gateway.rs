@@ -173,6 +173,9 @@ struct Gateway {
     frozen: bool,
     /// The tick at which a write first found the disk full (disk-full seeds).
     full_since: Option<u64>,
+    /// How far this run of the gateway's wall clock is behind sim time: after a restart
+    /// it may have stepped back, and message timestamps must not.
+    clock_behind_ms: u64,
 }
 
 fn verifier(limits: &Limits) -> TokenVerifier {
@@ -190,7 +193,13 @@ impl Gateway {
     fn boot(shared: &Rc<RefCell<Shared>>, shard_count: u16) -> Gateway {
         let mut sh = shared.borrow_mut();
         let restarts = sh.counts.crash;
-        let rng = Rng::new(sh.cfg.seed, 1000 + restarts);
+        let mut rng = Rng::new(sh.cfg.seed, 1000 + restarts);
+        // Every other restart comes up with its wall clock up to 10 s behind.
+        let clock_behind_ms = if restarts % 2 == 1 {
+            rng.range(0, 10_000)
+        } else {
+            0
+        };
         let planted = sh.cfg.planted;
         let limits = limits(&sh.rates);
         if !sh.booted {
@@ -271,6 +280,10 @@ impl Gateway {
             if planted == Some(Planted::DedupeOff) {
                 shard.plant_dedupe_off();
             }
+            #[cfg(test)]
+            if planted == Some(Planted::InboxNotDurable) {
+                shard.plant_inbox_not_durable();
+            }
             let n = records.len();
             if let Err(e) = shard.recover(records) {
                 let v = format!("I3: shard {i} refused its log: {e}");
@@ -309,6 +322,7 @@ impl Gateway {
             commands: BTreeMap::new(),
             frozen: refused,
             full_since: None,
+            clock_behind_ms,
         };
         if !booted {
             // Only the disk's own errors at boot: pump and commit until the command is
@@ -345,6 +359,10 @@ impl Gateway {
     fn turn(&mut self, shared: &Rc<RefCell<Shared>>, io: &Rc<RefCell<VecDeque<IoEvent>>>) {
         self.tick += 1;
         let now = core_now();
+        let wall = now.as_millis().saturating_sub(self.clock_behind_ms);
+        for node in &mut self.nodes {
+            node.shard.handle_wall_clock(wall);
+        }
         let events: Vec<IoEvent> = io.borrow_mut().drain(..).collect();
         for ev in events {
             match ev {

@@ -13,6 +13,12 @@
 //!   (conv, seq) never names two messages.
 //! - I2 as the user sees it: every payload the devices make is unique, so one payload in two
 //!   durable records is a message stored twice (an app that re-sent it under a new id).
+//! - I9: an inbox listing a device gets after logging in names every conversation of its
+//!   user that had a durable message when it logged in, each with a latest seq no older
+//!   than that and no newer than what is durable; after the heal every device has shown
+//!   every conversation of its user that has a message, from where it started (newest
+//!   first) to its last seq.
+//! - Server timestamps never decrease along a conversation's seqs.
 //!
 //! A device that crashes shows again what it showed after its last commit: the oracle's view
 //! of it is rolled back to that commit ([`Oracle::device_view`], [`Oracle::restore_device_view`]).
@@ -28,6 +34,7 @@ struct Durable {
     sender: UserId,
     client_msg_id: ClientMsgId,
     payload: Bytes,
+    ts_ms: u64,
 }
 
 /// What one device has shown: per conversation the seqs, and the last seq of a Message.
@@ -50,6 +57,11 @@ pub struct Oracle {
     last_message: BTreeMap<(usize, ConvId), Seq>,
     /// Every durable payload and the (conv, seq) that holds it.
     payloads: BTreeMap<Bytes, (ConvId, Seq)>,
+    /// Per device, the inbox listing under way since its last login: what must be in it
+    /// (conversation -> durable last seq at login) and what was listed so far.
+    listings: BTreeMap<usize, (BTreeMap<ConvId, Seq>, BTreeSet<ConvId>)>,
+    /// Inbox listings checked whole.
+    pub listings_checked: u64,
     /// Violations, first first.
     pub violations: Vec<String>,
 }
@@ -66,6 +78,7 @@ impl Oracle {
                 sender: m.sender,
                 client_msg_id: m.client_msg_id,
                 payload: m.payload.clone(),
+                ts_ms: m.ts_ms,
             };
             match self.durable.get(&(m.conv, m.seq)) {
                 Some(old) if *old == d => continue,
@@ -86,6 +99,19 @@ impl Oracle {
                     m.conv, m.seq.0, last.0
                 );
                 self.violate(v);
+            }
+            if let Some(before) = self.durable.get(&(m.conv, Seq(m.seq.0.wrapping_sub(1)))) {
+                if before.ts_ms > m.ts_ms {
+                    let v = format!(
+                        "timestamps: {} seq {} stamped {} after seq {} stamped {}",
+                        m.conv,
+                        m.seq.0,
+                        m.ts_ms,
+                        m.seq.0 - 1,
+                        before.ts_ms
+                    );
+                    self.violate(v);
+                }
             }
             self.last_seq.insert(m.conv, Seq(last.0.max(m.seq.0)));
             if let Some(&(c, s)) = self.payloads.get(&m.payload) {
@@ -238,17 +264,81 @@ impl Oracle {
         for &conv in convs {
             let n = self.last_seq.get(&conv).copied().unwrap_or(Seq(0)).0;
             let shown = self.shown.get(&(device, conv)).cloned().unwrap_or_default();
-            let missing: Vec<u64> = (1..=n).filter(|s| !shown.contains(&Seq(*s))).collect();
+            let Some(&Seq(start)) = shown.first() else {
+                if n > 0 {
+                    let v = format!(
+                        "I9: after the heal device {device} never learned {conv} (latest seq {n})"
+                    );
+                    self.violate(v);
+                }
+                continue;
+            };
+            // A device new to a conversation starts at its latest page (newest first);
+            // from there on it has every seq.
+            let missing: Vec<u64> = (start..=n).filter(|s| !shown.contains(&Seq(*s))).collect();
             if let Some(first) = missing.first() {
                 let v = format!(
-                    "I4: after the heal device {device} misses {} of {conv} (1..={n}), first seq {first}",
+                    "I4: after the heal device {device} misses {} of {conv} ({start}..={n}), first seq {first}",
                     missing.len()
                 );
                 self.violate(v);
             }
-            checked += n;
+            checked += n + 1 - start;
         }
         checked
+    }
+
+    /// Device `device` of a user in `convs` logged in: the inbox it lists next must name
+    /// every conversation that has a durable message now.
+    pub fn handle_authenticated(&mut self, device: usize, convs: &[ConvId]) {
+        let expect = convs
+            .iter()
+            .filter_map(|c| self.last_seq.get(c).map(|&s| (*c, s)))
+            .filter(|(_, s)| s.0 > 0)
+            .collect();
+        self.listings.insert(device, (expect, BTreeSet::new()));
+    }
+
+    /// A page of device `device`'s inbox listing; `convs` are its user's conversations.
+    pub fn handle_inbox(
+        &mut self,
+        device: usize,
+        convs: &[ConvId],
+        entries: &[(ConvId, Seq)],
+        more: bool,
+    ) {
+        let Some((expect, mut listed)) = self.listings.remove(&device) else {
+            return;
+        };
+        for &(conv, latest) in entries {
+            if !convs.contains(&conv) {
+                let v = format!("I9: dev{device}'s inbox lists {conv}, not its user's");
+                self.violate(v);
+                continue;
+            }
+            let durable = self.last_seq.get(&conv).copied().unwrap_or(Seq(0));
+            let at_login = expect.get(&conv).copied().unwrap_or(Seq(0));
+            if latest < at_login || latest > durable {
+                let v = format!(
+                    "I9: dev{device}'s inbox lists {conv} at seq {}, durable was {} at login and is {} now",
+                    latest.0, at_login.0, durable.0
+                );
+                self.violate(v);
+            }
+            listed.insert(conv);
+        }
+        if more {
+            self.listings.insert(device, (expect, listed));
+            return;
+        }
+        self.listings_checked += 1;
+        if let Some((conv, seq)) = expect.iter().find(|(c, _)| !listed.contains(c)) {
+            let v = format!(
+                "I9: dev{device}'s inbox does not list {conv}, which had seq {} durable when it logged in",
+                seq.0
+            );
+            self.violate(v);
+        }
     }
 
     /// What device `device` has shown so far.

@@ -178,6 +178,10 @@ pub enum Planted {
     /// sim's tests).
     #[cfg(test)]
     DedupeOff,
+    /// A home puts a conversation in an inbox in memory only, without a log record
+    /// (core's `planted-bugs` feature, on only in the sim's tests).
+    #[cfg(test)]
+    InboxNotDurable,
 }
 
 #[cfg(test)]

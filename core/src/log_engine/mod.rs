@@ -477,7 +477,8 @@ impl Open {
                     self.checkpoint_run = None;
                     self.push(m.conv, m.seq, offset, end, durable)?;
                 }
-                Record::Checkpoint { part, last, .. } => {
+                Record::Checkpoint { part, last, .. }
+                | Record::CheckpointInbox { part, last, .. } => {
                     if part == 0 {
                         self.checkpoint_run = Some(offset);
                     }
@@ -1409,9 +1410,6 @@ impl LogEngine {
 fn is_checkpoint(bytes: &[u8]) -> bool {
     matches!(
         decode_record(bytes),
-        Decoded::Record {
-            record: Record::Checkpoint { .. },
-            ..
-        }
+        Decoded::Record { record, .. } if record.checkpoint_part().is_some()
     )
 }

@@ -110,19 +110,19 @@ fn last_checkpoint(records: &[(u64, Record)]) -> Option<u64> {
     let mut run = None;
     let mut found = None;
     for (offset, record) in records {
-        match record {
-            Record::Checkpoint { part: 0, last, .. } if *last => found = Some(*offset),
-            Record::Checkpoint { part: 0, .. } => run = Some((*offset, 0)),
-            Record::Checkpoint { part, last, .. } => match run {
-                Some((start, before)) if before + 1 == *part => {
-                    run = (!*last).then_some((start, *part));
-                    if *last {
+        match record.checkpoint_part() {
+            Some((0, true)) => found = Some(*offset),
+            Some((0, false)) => run = Some((*offset, 0)),
+            Some((part, last)) => match run {
+                Some((start, before)) if before + 1 == part => {
+                    run = (!last).then_some((start, part));
+                    if last {
                         found = Some(start);
                     }
                 }
                 _ => run = None,
             },
-            _ => run = None,
+            None => run = None,
         }
     }
     found

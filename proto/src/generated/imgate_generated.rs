@@ -29,10 +29,10 @@ pub mod wire {
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 pub const ENUM_MIN_FRAME_KIND: u8 = 1;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
-pub const ENUM_MAX_FRAME_KIND: u8 = 17;
+pub const ENUM_MAX_FRAME_KIND: u8 = 19;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 #[allow(non_camel_case_types)]
-pub const ENUM_VALUES_FRAME_KIND: [FrameKind; 17] = [
+pub const ENUM_VALUES_FRAME_KIND: [FrameKind; 19] = [
   FrameKind::Auth,
   FrameKind::AuthOk,
   FrameKind::Send,
@@ -50,6 +50,8 @@ pub const ENUM_VALUES_FRAME_KIND: [FrameKind; 17] = [
   FrameKind::Pong,
   FrameKind::GoAway,
   FrameKind::Error,
+  FrameKind::ListInbox,
+  FrameKind::InboxPage,
 ];
 
 /// The frame kinds. The numeric values are the header's `kind` byte and never change.
@@ -75,9 +77,11 @@ impl FrameKind {
   pub const Pong: Self = Self(15);
   pub const GoAway: Self = Self(16);
   pub const Error: Self = Self(17);
+  pub const ListInbox: Self = Self(18);
+  pub const InboxPage: Self = Self(19);
 
   pub const ENUM_MIN: u8 = 1;
-  pub const ENUM_MAX: u8 = 17;
+  pub const ENUM_MAX: u8 = 19;
   pub const ENUM_VALUES: &'static [Self] = &[
     Self::Auth,
     Self::AuthOk,
@@ -96,6 +100,8 @@ impl FrameKind {
     Self::Pong,
     Self::GoAway,
     Self::Error,
+    Self::ListInbox,
+    Self::InboxPage,
   ];
   /// Returns the variant's name or "" if unknown.
   pub fn variant_name(self) -> Option<&'static str> {
@@ -117,6 +123,8 @@ impl FrameKind {
       Self::Pong => Some("Pong"),
       Self::GoAway => Some("GoAway"),
       Self::Error => Some("Error"),
+      Self::ListInbox => Some("ListInbox"),
+      Self::InboxPage => Some("InboxPage"),
       _ => None,
     }
   }
@@ -178,7 +186,7 @@ pub const ENUM_MIN_ERROR_CODE: u16 = 0;
 pub const ENUM_MAX_ERROR_CODE: u16 = 40;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 #[allow(non_camel_case_types)]
-pub const ENUM_VALUES_ERROR_CODE: [ErrorCode; 28] = [
+pub const ENUM_VALUES_ERROR_CODE: [ErrorCode; 29] = [
   ErrorCode::Unspecified,
   ErrorCode::BadMagic,
   ErrorCode::UnsupportedVersion,
@@ -203,6 +211,7 @@ pub const ENUM_VALUES_ERROR_CODE: [ErrorCode; 28] = [
   ErrorCode::ClientMsgIdReused,
   ErrorCode::RateLimited,
   ErrorCode::CursorAhead,
+  ErrorCode::InboxFull,
   ErrorCode::SlowConsumer,
   ErrorCode::ShuttingDown,
   ErrorCode::TooManyConnections,
@@ -265,6 +274,9 @@ impl ErrorCode {
   pub const RateLimited: Self = Self(27);
   /// A Sync cursor is ahead of the conversation's latest seq; the gateway moved it back.
   pub const CursorAhead: Self = Self(28);
+  /// A member's inbox holds the most conversations it may (the gateway's per-user limit);
+  /// the first message of a new conversation with that user was not stored.
+  pub const InboxFull: Self = Self(29);
   /// The connection could not drain its outbound queue within its budget.
   pub const SlowConsumer: Self = Self(30);
   /// The gateway is shutting down or draining; reconnect elsewhere or later.
@@ -301,6 +313,7 @@ impl ErrorCode {
     Self::ClientMsgIdReused,
     Self::RateLimited,
     Self::CursorAhead,
+    Self::InboxFull,
     Self::SlowConsumer,
     Self::ShuttingDown,
     Self::TooManyConnections,
@@ -333,6 +346,7 @@ impl ErrorCode {
       Self::ClientMsgIdReused => Some("ClientMsgIdReused"),
       Self::RateLimited => Some("RateLimited"),
       Self::CursorAhead => Some("CursorAhead"),
+      Self::InboxFull => Some("InboxFull"),
       Self::SlowConsumer => Some("SlowConsumer"),
       Self::ShuttingDown => Some("ShuttingDown"),
       Self::TooManyConnections => Some("TooManyConnections"),
@@ -1165,6 +1179,214 @@ impl<'a> Gap {
 
 }
 
+/// One conversation of a user's inbox.
+// struct InboxEntry, aligned to 8
+#[repr(transparent)]
+#[derive(Clone, Copy, PartialEq)]
+pub struct InboxEntry(pub [u8; 48]);
+impl Default for InboxEntry { 
+  fn default() -> Self { 
+    Self([0; 48])
+  }
+}
+impl core::fmt::Debug for InboxEntry {
+  fn fmt(&self, f: &mut core::fmt::Formatter) -> core::fmt::Result {
+    f.debug_struct("InboxEntry")
+      .field("conv", &self.conv())
+      .field("latest_seq", &self.latest_seq())
+      .field("latest_ts_ms", &self.latest_ts_ms())
+      .field("read_seq", &self.read_seq())
+      .field("unread", &self.unread())
+      .finish()
+  }
+}
+
+impl flatbuffers::SimpleToVerifyInSlice for InboxEntry {}
+impl<'a> flatbuffers::Follow<'a> for InboxEntry {
+  type Inner = &'a InboxEntry;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    <&'a InboxEntry>::follow(buf, loc)
+  }
+}
+impl<'a> flatbuffers::Follow<'a> for &'a InboxEntry {
+  type Inner = &'a InboxEntry;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    flatbuffers::follow_cast_ref::<InboxEntry>(buf, loc)
+  }
+}
+impl<'b> flatbuffers::Push for InboxEntry {
+    type Output = InboxEntry;
+    #[inline]
+    unsafe fn push(&self, dst: &mut [u8], _written_len: usize) {
+        let src = ::core::slice::from_raw_parts(self as *const InboxEntry as *const u8, Self::size());
+        dst.copy_from_slice(src);
+    }
+}
+
+impl<'a> flatbuffers::Verifiable for InboxEntry {
+  #[inline]
+  fn run_verifier(
+    v: &mut flatbuffers::Verifier, pos: usize
+  ) -> Result<(), flatbuffers::InvalidFlatbuffer> {
+    use self::flatbuffers::Verifiable;
+    v.in_buffer::<Self>(pos)
+  }
+}
+
+impl<'a> InboxEntry {
+  #[allow(clippy::too_many_arguments)]
+  pub fn new(
+    conv: &ConvId,
+    latest_seq: u64,
+    latest_ts_ms: u64,
+    read_seq: u64,
+    unread: u64,
+  ) -> Self {
+    let mut s = Self([0; 48]);
+    s.set_conv(conv);
+    s.set_latest_seq(latest_seq);
+    s.set_latest_ts_ms(latest_ts_ms);
+    s.set_read_seq(read_seq);
+    s.set_unread(unread);
+    s
+  }
+
+  pub fn conv(&self) -> &ConvId {
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid struct in this slot
+    unsafe { &*(self.0[0..].as_ptr() as *const ConvId) }
+  }
+
+  #[allow(clippy::identity_op)]
+  pub fn set_conv(&mut self, x: &ConvId) {
+    self.0[0..0 + 16].copy_from_slice(&x.0)
+  }
+
+  /// The conversation's latest durable seq when listed (0: no message yet).
+  pub fn latest_seq(&self) -> u64 {
+    let mut mem = core::mem::MaybeUninit::<<u64 as EndianScalar>::Scalar>::uninit();
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    EndianScalar::from_little_endian(unsafe {
+      core::ptr::copy_nonoverlapping(
+        self.0[16..].as_ptr(),
+        mem.as_mut_ptr() as *mut u8,
+        core::mem::size_of::<<u64 as EndianScalar>::Scalar>(),
+      );
+      mem.assume_init()
+    })
+  }
+
+  pub fn set_latest_seq(&mut self, x: u64) {
+    let x_le = x.to_little_endian();
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    unsafe {
+      core::ptr::copy_nonoverlapping(
+        &x_le as *const _ as *const u8,
+        self.0[16..].as_mut_ptr(),
+        core::mem::size_of::<<u64 as EndianScalar>::Scalar>(),
+      );
+    }
+  }
+
+  /// The server timestamp of that message (milliseconds since the Unix epoch; 0: none).
+  pub fn latest_ts_ms(&self) -> u64 {
+    let mut mem = core::mem::MaybeUninit::<<u64 as EndianScalar>::Scalar>::uninit();
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    EndianScalar::from_little_endian(unsafe {
+      core::ptr::copy_nonoverlapping(
+        self.0[24..].as_ptr(),
+        mem.as_mut_ptr() as *mut u8,
+        core::mem::size_of::<<u64 as EndianScalar>::Scalar>(),
+      );
+      mem.assume_init()
+    })
+  }
+
+  pub fn set_latest_ts_ms(&mut self, x: u64) {
+    let x_le = x.to_little_endian();
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    unsafe {
+      core::ptr::copy_nonoverlapping(
+        &x_le as *const _ as *const u8,
+        self.0[24..].as_mut_ptr(),
+        core::mem::size_of::<<u64 as EndianScalar>::Scalar>(),
+      );
+    }
+  }
+
+  /// The user's read cursor: every seq up to it was read on one of its devices.
+  pub fn read_seq(&self) -> u64 {
+    let mut mem = core::mem::MaybeUninit::<<u64 as EndianScalar>::Scalar>::uninit();
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    EndianScalar::from_little_endian(unsafe {
+      core::ptr::copy_nonoverlapping(
+        self.0[32..].as_ptr(),
+        mem.as_mut_ptr() as *mut u8,
+        core::mem::size_of::<<u64 as EndianScalar>::Scalar>(),
+      );
+      mem.assume_init()
+    })
+  }
+
+  pub fn set_read_seq(&mut self, x: u64) {
+    let x_le = x.to_little_endian();
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    unsafe {
+      core::ptr::copy_nonoverlapping(
+        &x_le as *const _ as *const u8,
+        self.0[32..].as_mut_ptr(),
+        core::mem::size_of::<<u64 as EndianScalar>::Scalar>(),
+      );
+    }
+  }
+
+  /// Messages after the read cursor: latest_seq - read_seq.
+  pub fn unread(&self) -> u64 {
+    let mut mem = core::mem::MaybeUninit::<<u64 as EndianScalar>::Scalar>::uninit();
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    EndianScalar::from_little_endian(unsafe {
+      core::ptr::copy_nonoverlapping(
+        self.0[40..].as_ptr(),
+        mem.as_mut_ptr() as *mut u8,
+        core::mem::size_of::<<u64 as EndianScalar>::Scalar>(),
+      );
+      mem.assume_init()
+    })
+  }
+
+  pub fn set_unread(&mut self, x: u64) {
+    let x_le = x.to_little_endian();
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    unsafe {
+      core::ptr::copy_nonoverlapping(
+        &x_le as *const _ as *const u8,
+        self.0[40..].as_mut_ptr(),
+        core::mem::size_of::<<u64 as EndianScalar>::Scalar>(),
+      );
+    }
+  }
+
+}
+
 pub enum AuthOffset {}
 #[derive(Copy, Clone, PartialEq)]
 
@@ -1937,6 +2159,7 @@ impl<'a> Deliver<'a> {
   pub const VT_SENDER_DEVICE: flatbuffers::VOffsetT = 10;
   pub const VT_CLIENT_MSG_ID: flatbuffers::VOffsetT = 12;
   pub const VT_PRIORITY: flatbuffers::VOffsetT = 14;
+  pub const VT_TS_MS: flatbuffers::VOffsetT = 16;
 
   #[inline]
   pub unsafe fn init_from_table(table: flatbuffers::Table<'a>) -> Self {
@@ -1948,6 +2171,7 @@ impl<'a> Deliver<'a> {
     args: &'args DeliverArgs<'args>
   ) -> flatbuffers::WIPOffset<Deliver<'bldr>> {
     let mut builder = DeliverBuilder::new(_fbb);
+    builder.add_ts_ms(args.ts_ms);
     builder.add_sender(args.sender);
     builder.add_seq(args.seq);
     if let Some(x) = args.client_msg_id { builder.add_client_msg_id(x); }
@@ -2002,6 +2226,16 @@ impl<'a> Deliver<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<Priority>(Deliver::VT_PRIORITY, Some(Priority::Normal)).unwrap()}
   }
+  /// When the conversation's owner sequenced it: milliseconds since the Unix epoch, by the
+  /// gateway's clock, never decreasing within a conversation (0: stored before the gateway
+  /// stamped messages).
+  #[inline]
+  pub fn ts_ms(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(Deliver::VT_TS_MS, Some(0)).unwrap()}
+  }
 }
 
 impl flatbuffers::Verifiable for Deliver<'_> {
@@ -2017,6 +2251,7 @@ impl flatbuffers::Verifiable for Deliver<'_> {
      .visit_field::<u32>("sender_device", Self::VT_SENDER_DEVICE, false)?
      .visit_field::<ClientMsgId>("client_msg_id", Self::VT_CLIENT_MSG_ID, true)?
      .visit_field::<Priority>("priority", Self::VT_PRIORITY, false)?
+     .visit_field::<u64>("ts_ms", Self::VT_TS_MS, false)?
      .finish();
     Ok(())
   }
@@ -2028,6 +2263,7 @@ pub struct DeliverArgs<'a> {
     pub sender_device: u32,
     pub client_msg_id: Option<&'a ClientMsgId>,
     pub priority: Priority,
+    pub ts_ms: u64,
 }
 impl<'a> Default for DeliverArgs<'a> {
   #[inline]
@@ -2039,6 +2275,7 @@ impl<'a> Default for DeliverArgs<'a> {
       sender_device: 0,
       client_msg_id: None, // required field
       priority: Priority::Normal,
+      ts_ms: 0,
     }
   }
 }
@@ -2073,6 +2310,10 @@ impl<'a: 'b, 'b> DeliverBuilder<'a, 'b> {
     self.fbb_.push_slot::<Priority>(Deliver::VT_PRIORITY, priority, Priority::Normal);
   }
   #[inline]
+  pub fn add_ts_ms(&mut self, ts_ms: u64) {
+    self.fbb_.push_slot::<u64>(Deliver::VT_TS_MS, ts_ms, 0);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut flatbuffers::FlatBufferBuilder<'a>) -> DeliverBuilder<'a, 'b> {
     let start = _fbb.start_table();
     DeliverBuilder {
@@ -2098,6 +2339,7 @@ impl core::fmt::Debug for Deliver<'_> {
       ds.field("sender_device", &self.sender_device());
       ds.field("client_msg_id", &self.client_msg_id());
       ds.field("priority", &self.priority());
+      ds.field("ts_ms", &self.ts_ms());
       ds.finish()
   }
 }
@@ -2260,8 +2502,12 @@ impl<'a> Sync<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<u32>(Sync::VT_REQ, Some(0)).unwrap()}
   }
-  /// One cursor per conversation the device knows. Conversations absent here are not
-  /// replayed now; the first live message of one makes the gateway send it from seq 1.
+  /// One cursor per conversation the device wants to catch up on, at most the gateway's
+  /// cursor limit per Sync (more: send further Syncs after this one's SyncDone). A device
+  /// learns its user's conversations from ListInbox; a conversation new to it starts at
+  /// its latest page (cursor = latest_seq minus the page) and older history is Pulled
+  /// backwards on demand. The first live message of a conversation absent here makes the
+  /// gateway send that conversation's latest page.
   #[inline]
   pub fn cursors(&self) -> Option<flatbuffers::Vector<'a, Cursor>> {
     // Safety:
@@ -2490,7 +2736,10 @@ impl core::fmt::Debug for SyncDone<'_> {
 pub enum PullOffset {}
 #[derive(Copy, Clone, PartialEq)]
 
-/// Client -> gateway: send me up to `limit` messages of `conv` from `from_seq` on.
+/// Client -> gateway: send me up to `limit` messages of `conv` from `from_seq` on, or with
+/// `backward`, the up to `limit` messages that end at `from_seq` (which must be at least
+/// 1: BadRequest otherwise), still delivered in ascending seq order. Backward Pulls page
+/// older history, newest first: a device holding seqs from F on asks for F - 1 backward.
 pub struct Pull<'a> {
   pub _tab: flatbuffers::Table<'a>,
 }
@@ -2508,6 +2757,7 @@ impl<'a> Pull<'a> {
   pub const VT_CONV: flatbuffers::VOffsetT = 6;
   pub const VT_FROM_SEQ: flatbuffers::VOffsetT = 8;
   pub const VT_LIMIT: flatbuffers::VOffsetT = 10;
+  pub const VT_BACKWARD: flatbuffers::VOffsetT = 12;
 
   #[inline]
   pub unsafe fn init_from_table(table: flatbuffers::Table<'a>) -> Self {
@@ -2523,6 +2773,7 @@ impl<'a> Pull<'a> {
     builder.add_limit(args.limit);
     if let Some(x) = args.conv { builder.add_conv(x); }
     builder.add_req(args.req);
+    builder.add_backward(args.backward);
     builder.finish()
   }
 
@@ -2555,6 +2806,13 @@ impl<'a> Pull<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<u32>(Pull::VT_LIMIT, Some(0)).unwrap()}
   }
+  #[inline]
+  pub fn backward(&self) -> bool {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<bool>(Pull::VT_BACKWARD, Some(false)).unwrap()}
+  }
 }
 
 impl flatbuffers::Verifiable for Pull<'_> {
@@ -2568,6 +2826,7 @@ impl flatbuffers::Verifiable for Pull<'_> {
      .visit_field::<ConvId>("conv", Self::VT_CONV, true)?
      .visit_field::<u64>("from_seq", Self::VT_FROM_SEQ, false)?
      .visit_field::<u32>("limit", Self::VT_LIMIT, false)?
+     .visit_field::<bool>("backward", Self::VT_BACKWARD, false)?
      .finish();
     Ok(())
   }
@@ -2577,6 +2836,7 @@ pub struct PullArgs<'a> {
     pub conv: Option<&'a ConvId>,
     pub from_seq: u64,
     pub limit: u32,
+    pub backward: bool,
 }
 impl<'a> Default for PullArgs<'a> {
   #[inline]
@@ -2586,6 +2846,7 @@ impl<'a> Default for PullArgs<'a> {
       conv: None, // required field
       from_seq: 0,
       limit: 0,
+      backward: false,
     }
   }
 }
@@ -2612,6 +2873,10 @@ impl<'a: 'b, 'b> PullBuilder<'a, 'b> {
     self.fbb_.push_slot::<u32>(Pull::VT_LIMIT, limit, 0);
   }
   #[inline]
+  pub fn add_backward(&mut self, backward: bool) {
+    self.fbb_.push_slot::<bool>(Pull::VT_BACKWARD, backward, false);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut flatbuffers::FlatBufferBuilder<'a>) -> PullBuilder<'a, 'b> {
     let start = _fbb.start_table();
     PullBuilder {
@@ -2634,6 +2899,7 @@ impl core::fmt::Debug for Pull<'_> {
       ds.field("conv", &self.conv());
       ds.field("from_seq", &self.from_seq());
       ds.field("limit", &self.limit());
+      ds.field("backward", &self.backward());
       ds.finish()
   }
 }
@@ -3419,6 +3685,277 @@ impl core::fmt::Debug for GoAway<'_> {
       ds.field("code", &self.code());
       ds.field("message", &self.message());
       ds.field("reconnect_after_ms", &self.reconnect_after_ms());
+      ds.finish()
+  }
+}
+pub enum ListInboxOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// Client -> gateway: list this user's conversations (its inbox), a page at a time, in
+/// ascending conversation id order. The inbox is kept by the user's home shard, durably: a
+/// direct conversation joins it with its first message, a group when the user is added,
+/// and it leaves when the user is removed.
+pub struct ListInbox<'a> {
+  pub _tab: flatbuffers::Table<'a>,
+}
+
+impl<'a> flatbuffers::Follow<'a> for ListInbox<'a> {
+  type Inner = ListInbox<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: flatbuffers::Table::new(buf, loc) }
+  }
+}
+
+impl<'a> ListInbox<'a> {
+  pub const VT_REQ: flatbuffers::VOffsetT = 4;
+  pub const VT_AFTER: flatbuffers::VOffsetT = 6;
+  pub const VT_LIMIT: flatbuffers::VOffsetT = 8;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: flatbuffers::Table<'a>) -> Self {
+    ListInbox { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr>(
+    _fbb: &'mut_bldr mut flatbuffers::FlatBufferBuilder<'bldr>,
+    args: &'args ListInboxArgs<'args>
+  ) -> flatbuffers::WIPOffset<ListInbox<'bldr>> {
+    let mut builder = ListInboxBuilder::new(_fbb);
+    builder.add_limit(args.limit);
+    if let Some(x) = args.after { builder.add_after(x); }
+    builder.add_req(args.req);
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn req(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(ListInbox::VT_REQ, Some(0)).unwrap()}
+  }
+  /// List the conversations after this one (absent: from the first).
+  #[inline]
+  pub fn after(&self) -> Option<&'a ConvId> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<ConvId>(ListInbox::VT_AFTER, None)}
+  }
+  /// At most this many entries; 0 or more than the gateway's page limit means its limit.
+  #[inline]
+  pub fn limit(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(ListInbox::VT_LIMIT, Some(0)).unwrap()}
+  }
+}
+
+impl flatbuffers::Verifiable for ListInbox<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut flatbuffers::Verifier, pos: usize
+  ) -> Result<(), flatbuffers::InvalidFlatbuffer> {
+    use self::flatbuffers::Verifiable;
+    v.visit_table(pos)?
+     .visit_field::<u32>("req", Self::VT_REQ, false)?
+     .visit_field::<ConvId>("after", Self::VT_AFTER, false)?
+     .visit_field::<u32>("limit", Self::VT_LIMIT, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct ListInboxArgs<'a> {
+    pub req: u32,
+    pub after: Option<&'a ConvId>,
+    pub limit: u32,
+}
+impl<'a> Default for ListInboxArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    ListInboxArgs {
+      req: 0,
+      after: None,
+      limit: 0,
+    }
+  }
+}
+
+pub struct ListInboxBuilder<'a: 'b, 'b> {
+  fbb_: &'b mut flatbuffers::FlatBufferBuilder<'a>,
+  start_: flatbuffers::WIPOffset<flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b> ListInboxBuilder<'a, 'b> {
+  #[inline]
+  pub fn add_req(&mut self, req: u32) {
+    self.fbb_.push_slot::<u32>(ListInbox::VT_REQ, req, 0);
+  }
+  #[inline]
+  pub fn add_after(&mut self, after: &ConvId) {
+    self.fbb_.push_slot_always::<&ConvId>(ListInbox::VT_AFTER, after);
+  }
+  #[inline]
+  pub fn add_limit(&mut self, limit: u32) {
+    self.fbb_.push_slot::<u32>(ListInbox::VT_LIMIT, limit, 0);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut flatbuffers::FlatBufferBuilder<'a>) -> ListInboxBuilder<'a, 'b> {
+    let start = _fbb.start_table();
+    ListInboxBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> flatbuffers::WIPOffset<ListInbox<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl core::fmt::Debug for ListInbox<'_> {
+  fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+    let mut ds = f.debug_struct("ListInbox");
+      ds.field("req", &self.req());
+      ds.field("after", &self.after());
+      ds.field("limit", &self.limit());
+      ds.finish()
+  }
+}
+pub enum InboxPageOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// Gateway -> client: one page of the inbox answering a ListInbox.
+pub struct InboxPage<'a> {
+  pub _tab: flatbuffers::Table<'a>,
+}
+
+impl<'a> flatbuffers::Follow<'a> for InboxPage<'a> {
+  type Inner = InboxPage<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: flatbuffers::Table::new(buf, loc) }
+  }
+}
+
+impl<'a> InboxPage<'a> {
+  pub const VT_REQ: flatbuffers::VOffsetT = 4;
+  pub const VT_ENTRIES: flatbuffers::VOffsetT = 6;
+  pub const VT_MORE: flatbuffers::VOffsetT = 8;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: flatbuffers::Table<'a>) -> Self {
+    InboxPage { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr>(
+    _fbb: &'mut_bldr mut flatbuffers::FlatBufferBuilder<'bldr>,
+    args: &'args InboxPageArgs<'args>
+  ) -> flatbuffers::WIPOffset<InboxPage<'bldr>> {
+    let mut builder = InboxPageBuilder::new(_fbb);
+    if let Some(x) = args.entries { builder.add_entries(x); }
+    builder.add_req(args.req);
+    builder.add_more(args.more);
+    builder.finish()
+  }
+
+
+  /// The ListInbox's `req`.
+  #[inline]
+  pub fn req(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(InboxPage::VT_REQ, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn entries(&self) -> Option<flatbuffers::Vector<'a, InboxEntry>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<flatbuffers::ForwardsUOffset<flatbuffers::Vector<'a, InboxEntry>>>(InboxPage::VT_ENTRIES, None)}
+  }
+  /// More conversations follow: ask again with `after` = the last entry's conv.
+  #[inline]
+  pub fn more(&self) -> bool {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<bool>(InboxPage::VT_MORE, Some(false)).unwrap()}
+  }
+}
+
+impl flatbuffers::Verifiable for InboxPage<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut flatbuffers::Verifier, pos: usize
+  ) -> Result<(), flatbuffers::InvalidFlatbuffer> {
+    use self::flatbuffers::Verifiable;
+    v.visit_table(pos)?
+     .visit_field::<u32>("req", Self::VT_REQ, false)?
+     .visit_field::<flatbuffers::ForwardsUOffset<flatbuffers::Vector<'_, InboxEntry>>>("entries", Self::VT_ENTRIES, false)?
+     .visit_field::<bool>("more", Self::VT_MORE, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct InboxPageArgs<'a> {
+    pub req: u32,
+    pub entries: Option<flatbuffers::WIPOffset<flatbuffers::Vector<'a, InboxEntry>>>,
+    pub more: bool,
+}
+impl<'a> Default for InboxPageArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    InboxPageArgs {
+      req: 0,
+      entries: None,
+      more: false,
+    }
+  }
+}
+
+pub struct InboxPageBuilder<'a: 'b, 'b> {
+  fbb_: &'b mut flatbuffers::FlatBufferBuilder<'a>,
+  start_: flatbuffers::WIPOffset<flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b> InboxPageBuilder<'a, 'b> {
+  #[inline]
+  pub fn add_req(&mut self, req: u32) {
+    self.fbb_.push_slot::<u32>(InboxPage::VT_REQ, req, 0);
+  }
+  #[inline]
+  pub fn add_entries(&mut self, entries: flatbuffers::WIPOffset<flatbuffers::Vector<'b , InboxEntry>>) {
+    self.fbb_.push_slot_always::<flatbuffers::WIPOffset<_>>(InboxPage::VT_ENTRIES, entries);
+  }
+  #[inline]
+  pub fn add_more(&mut self, more: bool) {
+    self.fbb_.push_slot::<bool>(InboxPage::VT_MORE, more, false);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut flatbuffers::FlatBufferBuilder<'a>) -> InboxPageBuilder<'a, 'b> {
+    let start = _fbb.start_table();
+    InboxPageBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> flatbuffers::WIPOffset<InboxPage<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl core::fmt::Debug for InboxPage<'_> {
+  fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+    let mut ds = f.debug_struct("InboxPage");
+      ds.field("req", &self.req());
+      ds.field("entries", &self.entries());
+      ds.field("more", &self.more());
       ds.finish()
   }
 }
