@@ -141,6 +141,16 @@ pub enum Effect {
         token: u64,
         result: Result<(), CommandError>,
     },
+    /// Home: a durable message reached members homed here with no device connected (for
+    /// a mobile push). Produced only when [`Shard::set_offline_push`] turned it on; one
+    /// per message, never for its sender.
+    Offline {
+        users: Vec<UserId>,
+        conv: ConvId,
+        seq: Seq,
+        sender: UserId,
+        ts_ms: u64,
+    },
 }
 
 /// Bytes to write to one connection.
@@ -432,6 +442,8 @@ pub struct Shard {
     /// The largest timestamp given to a message here: stamps never go below it, so they
     /// never decrease within a conversation even if the wall clock steps back.
     clock_ms: u64,
+    /// Whether to produce [`Effect::Offline`].
+    offline_push: bool,
     dedupe: Window,
     /// For the senders homed here: the conversation each recent client_msg_id names.
     bindings: Window<ConvId>,
@@ -510,6 +522,7 @@ impl Shard {
             next_listing: 0,
             wall_ms: 0,
             clock_ms: 0,
+            offline_push: false,
             hot_order: VecDeque::new(),
             hot_bytes: 0,
             hot_count: 0,
@@ -545,6 +558,12 @@ impl Shard {
     /// given before (so a clock that steps back does not reorder timestamps).
     pub fn handle_wall_clock(&mut self, unix_ms: u64) {
         self.wall_ms = unix_ms;
+    }
+
+    /// Turns [`Effect::Offline`] on (the gateway does when an offline push hook is
+    /// configured).
+    pub fn set_offline_push(&mut self, on: bool) {
+        self.offline_push = on;
     }
 
     /// Conversations in the inboxes of the users homed here (gauge).
@@ -2125,6 +2144,9 @@ impl Shard {
                 for id in self.local_sessions(&members) {
                     self.push_messages(id, conv, &msgs, sparse);
                 }
+                if self.offline_push {
+                    self.offline(conv, &members, &msgs);
+                }
             }
             ShardMsg::Notify {
                 conv,
@@ -2305,6 +2327,31 @@ impl Shard {
                 if self.conn(to.conn).is_some() {
                     self.push(to.conn, &answer, Bytes::new());
                 }
+            }
+        }
+    }
+
+    /// Home: for each message, the members homed here with no device logged in.
+    fn offline(&mut self, conv: ConvId, members: &[UserId], msgs: &[StoredMessage]) {
+        let offline: Vec<UserId> = members
+            .iter()
+            .copied()
+            .filter(|&u| Shard::home_of(u, self.shard_count) == self.id)
+            .filter(|u| !self.devices.contains_key(u))
+            .collect();
+        if offline.is_empty() {
+            return;
+        }
+        for m in msgs {
+            let users: Vec<UserId> = offline.iter().copied().filter(|&u| u != m.sender).collect();
+            if !users.is_empty() {
+                self.effects.push_back(Effect::Offline {
+                    users,
+                    conv,
+                    seq: m.seq,
+                    sender: m.sender,
+                    ts_ms: m.ts_ms,
+                });
             }
         }
     }

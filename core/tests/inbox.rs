@@ -303,3 +303,31 @@ fn a_device_new_to_a_long_conversation_gets_its_latest_page_and_pages_back() {
     w.frame(bob, Meta::Pull(pull), &[]);
     assert_eq!(error_code(&w.take(bob)), Some(ErrorCode::BadRequest));
 }
+
+#[test]
+fn members_with_no_device_connected_are_named_for_an_offline_push() {
+    let mut w = World::new(3, Limits::default());
+    for node in &mut w.nodes {
+        node.shard.set_offline_push(true);
+    }
+    let group = ConvId::group(5);
+    let members = (1..=4).map(UserId).collect();
+    w.command(Command::CreateGroup { group, members }).unwrap();
+    let alice = w.login(0, 1, 1);
+    let _bob = w.login(1, 2, 1);
+    w.send(alice, 1, group, b"who is around?");
+    let mut named: Vec<_> = w.offline.drain(..).collect();
+    named.sort();
+    assert_eq!(
+        named,
+        vec![
+            (UserId(3), group, Seq(1), UserId(1)),
+            (UserId(4), group, Seq(1), UserId(1)),
+        ],
+        "the offline members only, once each; never the sender"
+    );
+    // A device of user 3 connects: only user 4 is named for the next message.
+    let _carol = w.login(2, 3, 1);
+    w.send(alice, 2, group, b"carol is here");
+    assert_eq!(w.offline, vec![(UserId(4), group, Seq(2), UserId(1))]);
+}

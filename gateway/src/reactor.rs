@@ -1049,6 +1049,8 @@ impl Reactor {
             }
             Effect::ToShard { to, msg } => self.mesh_out[to.0 as usize].push(msg),
             Effect::CommandDone { token, result } => self.admin_replies.push_back((token, result)),
+            // Offline push is not turned on yet (no hook is wired).
+            Effect::Offline { .. } => {}
             Effect::Fetch {
                 fetch,
                 conv,

@@ -543,6 +543,8 @@ impl Gateway {
                         Effect::CommandDone { token, result } => {
                             self.commands.insert(token, result.is_ok());
                         }
+                        // The sim has no push hook (offline push stays off).
+                        Effect::Offline { .. } => {}
                     }
                 }
                 while let Some(t) = self.nodes[i].shard.poll_transmit() {

@@ -303,6 +303,7 @@ impl Node {
                         self.shard.handle_loaded(NOW, conv, Ok(last));
                     }
                     Effect::CommandDone { .. } => panic!("no commands in these models"),
+                    Effect::Offline { .. } => panic!("offline push is off in these models"),
                 }
             }
             while let Some(t) = self.shard.poll_transmit() {

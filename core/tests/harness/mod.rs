@@ -72,6 +72,8 @@ pub struct World {
     /// Hold log reads in `held_fetches` instead of answering them at once.
     pub hold_fetches: bool,
     pub held_fetches: VecDeque<HeldFetch>,
+    /// Offline pushes the shards asked for: (user, conv, seq, sender).
+    pub offline: Vec<(UserId, ConvId, Seq, UserId)>,
     encoder: Encoder,
     signer: TokenSigner,
 }
@@ -114,6 +116,7 @@ impl World {
             commands: BTreeMap::new(),
             hold_fetches: false,
             held_fetches: VecDeque::new(),
+            offline: Vec::new(),
             encoder: Encoder::new(),
             signer: TokenSigner::new(&SigningKey::Hs256 {
                 secret: SECRET.to_vec(),
@@ -309,6 +312,17 @@ impl World {
                         Effect::ToShard { to, msg } => self.mesh.push_back((to.0, msg)),
                         Effect::CommandDone { token, result } => {
                             self.commands.insert(token, result);
+                        }
+                        Effect::Offline {
+                            users,
+                            conv,
+                            seq,
+                            sender,
+                            ..
+                        } => {
+                            for user in users {
+                                self.offline.push((user, conv, seq, sender));
+                            }
                         }
                         Effect::Fetch {
                             fetch,
